@@ -1,0 +1,45 @@
+// Python-side controls that are not tensor ops: ISA selection and the ukernel registry.
+#include <torch/extension.h>
+
+#include "kernels/common/isa.h"
+#include "kernels/spmm/spmm.h"
+
+namespace {
+
+sparse_ext::Isa parse_isa(const std::string& name) {
+  sparse_ext::Isa isa;
+  TORCH_CHECK(sparse_ext::isa_from_name(name.c_str(), &isa), "unknown ISA '", name,
+              "': expected one of scalar, avx2, neon");
+  return isa;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("get_isa", [] { return std::string(sparse_ext::isa_name(sparse_ext::active_isa())); });
+  m.def("set_isa", [](const std::string& name) {
+    const sparse_ext::Isa isa = parse_isa(name);
+    TORCH_CHECK(sparse_ext::set_active_isa(isa), "ISA '", name,
+                "' is not supported by this CPU or build");
+  });
+  m.def("supported_isas", [] {
+    std::vector<std::string> names;
+    for (auto isa : {sparse_ext::Isa::kScalar, sparse_ext::Isa::kAvx2, sparse_ext::Isa::kNeon})
+      if (sparse_ext::isa_supported(isa)) names.emplace_back(sparse_ext::isa_name(isa));
+    return names;
+  });
+  m.def("isa_env_error", [] {
+    const char* e = sparse_ext::isa_env_error();
+    return e == nullptr ? std::string() : std::string(e);
+  });
+  m.def("spmm_registry", [] {
+    std::vector<std::tuple<std::string, std::string, int64_t, std::string, std::string>> rows;
+    for (int i = 0; i < sparse_ext::spmm_registry_size(); ++i) {
+      const auto& e = sparse_ext::spmm_registry_entry(i);
+      rows.emplace_back(sparse_ext::isa_name(e.isa),
+                        e.value_type == sparse_ext::ValueType::kF32 ? "float32" : "bfloat16",
+                        e.block_rows, e.kernels->gemv_name, e.kernels->tile_name);
+    }
+    return rows;
+  });
+}

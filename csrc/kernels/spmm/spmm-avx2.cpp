@@ -1,0 +1,247 @@
+// AVX2 + FMA ukernels. Compiled for every x86-64 build with a file-level target pragma and only
+// called after the runtime check in isa.cpp, so the default build runs on any x86-64 CPU.
+#include <cstring>
+
+#include "../common/bf16.h"
+#include "spmm.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define SPARSE_EXT_COMPILE_AVX2 1
+#endif
+
+#if SPARSE_EXT_COMPILE_AVX2
+#include <immintrin.h>
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+
+namespace sparse_ext {
+namespace {
+
+template <ValueType VT>
+inline __m256 load8_values(const void* values, int64_t i) {
+  if constexpr (VT == ValueType::kF32) {
+    return _mm256_loadu_ps(static_cast<const float*>(values) + i);
+  } else {
+    const __m128i raw =
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(values) + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+  }
+}
+
+template <ValueType VT>
+inline float load1_value(const void* values, int64_t i) {
+  if constexpr (VT == ValueType::kF32) {
+    return static_cast<const float*>(values)[i];
+  } else {
+    return bf16_to_float(static_cast<const uint16_t*>(values)[i]);
+  }
+}
+
+template <ValueType VT>
+inline __m256 broadcast_value(const void* values, int64_t i) {
+  if constexpr (VT == ValueType::kF32) {
+    return _mm256_broadcast_ss(static_cast<const float*>(values) + i);
+  } else {
+    const int32_t bits = static_cast<int32_t>(static_cast<const uint16_t*>(values)[i]) << 16;
+    return _mm256_castsi256_ps(_mm256_set1_epi32(bits));
+  }
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// R = 1: gather 8 activations per step, values are contiguous.
+template <ValueType VT>
+void gemv_r1(const SpmmWeight& w, const float* x, int64_t g0, int64_t g1, float* y) {
+  const int64_t KB = w.k_blocks();
+  for (int64_t g = g0; g < g1; ++g) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    float tail = 0.f;
+    const int32_t* seg = w.offsets + g * KB;
+    for (int64_t kb = 0; kb < KB; ++kb) {
+      const float* xb = x + kb * kSpmmKBlock;
+      int64_t j = seg[kb];
+      const int64_t j1 = seg[kb + 1];
+      for (; j + 16 <= j1; j += 16) {
+        const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.indices + j));
+        const __m256i i0 = _mm256_cvtepu8_epi32(raw);
+        const __m256i i1 = _mm256_cvtepu8_epi32(_mm_unpackhi_epi64(raw, raw));
+        acc0 = _mm256_fmadd_ps(load8_values<VT>(w.values, j), _mm256_i32gather_ps(xb, i0, 4), acc0);
+        acc1 = _mm256_fmadd_ps(load8_values<VT>(w.values, j + 8), _mm256_i32gather_ps(xb, i1, 4),
+                               acc1);
+      }
+      if (j + 8 <= j1) {
+        const __m256i i0 = _mm256_cvtepu8_epi32(
+            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.indices + j)));
+        acc0 = _mm256_fmadd_ps(load8_values<VT>(w.values, j), _mm256_i32gather_ps(xb, i0, 4), acc0);
+        j += 8;
+      }
+      for (; j < j1; ++j) tail += load1_value<VT>(w.values, j) * xb[w.indices[j]];
+    }
+    y[g] = hsum(_mm256_add_ps(acc0, acc1)) + tail;
+  }
+}
+
+// R = 8: one broadcast activation times one vector of 8 row values per entry.
+template <ValueType VT>
+void gemv_r8(const SpmmWeight& w, const float* x, int64_t g0, int64_t g1, float* y) {
+  const int64_t KB = w.k_blocks();
+  for (int64_t g = g0; g < g1; ++g) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    const int32_t* seg = w.offsets + g * KB;
+    for (int64_t kb = 0; kb < KB; ++kb) {
+      const float* xb = x + kb * kSpmmKBlock;
+      int64_t j = seg[kb];
+      const int64_t j1 = seg[kb + 1];
+      for (; j + 2 <= j1; j += 2) {
+        acc0 = _mm256_fmadd_ps(load8_values<VT>(w.values, j * 8),
+                               _mm256_set1_ps(xb[w.indices[j]]), acc0);
+        acc1 = _mm256_fmadd_ps(load8_values<VT>(w.values, j * 8 + 8),
+                               _mm256_set1_ps(xb[w.indices[j + 1]]), acc1);
+      }
+      if (j < j1)
+        acc0 = _mm256_fmadd_ps(load8_values<VT>(w.values, j * 8),
+                               _mm256_set1_ps(xb[w.indices[j]]), acc0);
+    }
+    _mm256_storeu_ps(y + g * 8, _mm256_add_ps(acc0, acc1));
+  }
+}
+
+// R = 2 and 4: scalar row values; the activation gather dominates and is shared by the rows.
+template <ValueType VT, int R>
+void gemv_rsmall(const SpmmWeight& w, const float* x, int64_t g0, int64_t g1, float* y) {
+  const int64_t KB = w.k_blocks();
+  for (int64_t g = g0; g < g1; ++g) {
+    float acc[R] = {};
+    const int32_t* seg = w.offsets + g * KB;
+    for (int64_t kb = 0; kb < KB; ++kb) {
+      const float* xb = x + kb * kSpmmKBlock;
+      for (int32_t j = seg[kb]; j < seg[kb + 1]; ++j) {
+        const float xv = xb[w.indices[j]];
+        for (int r = 0; r < R; ++r) acc[r] += load1_value<VT>(w.values, j * R + r) * xv;
+      }
+    }
+    for (int r = 0; r < R; ++r) y[g * R + r] = acc[r];
+  }
+}
+
+// Transposed tile: NV vectors of 8 tokens per row, R rows per entry. With U = 2, even and odd
+// entries feed separate accumulators so that R * NV * U >= 8 independent FMA chains hide latency.
+// Accumulators are plain locals (not a multi-dimensional array) so they stay in registers.
+template <ValueType VT, int R, int NV>
+inline void tile_entry(const SpmmWeight& w, const float* xr, int64_t j, __m256* acc) {
+  __m256 xv[NV];
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) xv[v] = _mm256_loadu_ps(xr + 8 * v);
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    const __m256 wv = broadcast_value<VT>(w.values, j * R + r);
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[r * NV + v] = _mm256_fmadd_ps(wv, xv[v], acc[r * NV + v]);
+  }
+}
+
+template <ValueType VT, int R, int NV, int U>
+void tile(const SpmmWeight& w, const float* xT, int64_t ldx, int64_t g0, int64_t g1,
+          float* ytile) {
+  constexpr int NT = 8 * NV, A = R * NV;
+  const int64_t KB = w.k_blocks();
+  const uint8_t* indices = w.indices;
+  std::memset(ytile, 0, sizeof(float) * (g1 - g0) * R * NT);
+  for (int64_t kb = 0; kb < KB; ++kb) {
+    const float* xb = xT + kb * kSpmmKBlock * ldx;
+    for (int64_t g = g0; g < g1; ++g) {
+      int64_t j = w.offsets[g * KB + kb];
+      const int64_t j1 = w.offsets[g * KB + kb + 1];
+      if (j == j1) continue;
+      float* yg = ytile + (g - g0) * R * NT;
+      __m256 acc[A], acc2[A];
+#pragma GCC unroll 16
+      for (int i = 0; i < A; ++i) {
+        acc[i] = _mm256_loadu_ps(yg + 8 * i);
+        acc2[i] = _mm256_setzero_ps();
+      }
+      if constexpr (U == 2) {
+        for (; j + 2 <= j1; j += 2) {
+          tile_entry<VT, R, NV>(w, xb + indices[j] * ldx, j, acc);
+          tile_entry<VT, R, NV>(w, xb + indices[j + 1] * ldx, j + 1, acc2);
+        }
+      }
+      for (; j < j1; ++j) tile_entry<VT, R, NV>(w, xb + indices[j] * ldx, j, acc);
+#pragma GCC unroll 16
+      for (int i = 0; i < A; ++i)
+        _mm256_storeu_ps(yg + 8 * i, U == 2 ? _mm256_add_ps(acc[i], acc2[i]) : acc[i]);
+    }
+  }
+}
+
+template <ValueType VT>
+void sddmm(const SpmmWeight& w, const float* dyT, const float* xT, int64_t ld, int64_t g0,
+           int64_t g1, float* dv) {
+  const int64_t R = w.block_rows, KB = w.k_blocks();
+  for (int64_t g = g0; g < g1; ++g)
+    for (int64_t kb = 0; kb < KB; ++kb)
+      for (int32_t j = w.offsets[g * KB + kb]; j < w.offsets[g * KB + kb + 1]; ++j) {
+        const float* xr = xT + (kb * kSpmmKBlock + w.indices[j]) * ld;
+        for (int64_t r = 0; r < R; ++r) {
+          const float* dr = dyT + (g * R + r) * ld;
+          __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+          int64_t n = 0;
+          for (; n + 16 <= ld; n += 16) {
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(dr + n), _mm256_loadu_ps(xr + n), a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(dr + n + 8), _mm256_loadu_ps(xr + n + 8), a1);
+          }
+          if (n < ld) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(dr + n), _mm256_loadu_ps(xr + n), a0);
+          dv[j * R + r] = hsum(_mm256_add_ps(a0, a1));
+        }
+      }
+}
+
+#define SE_AVX2_KERNELS(VT, vts, R, GEMV, NT, NV, U)                                    \
+  SpmmUkernels {                                                                        \
+    vts "-spmm-1x" #R "-avx2", GEMV, vts "-spmm-" #NT "x" #R "-avx2", tile<VT, R, NV, U>, NT, \
+        vts "-sddmm-" #R "-avx2", sddmm<VT>                                               \
+  }
+
+const SpmmUkernels kF32[4] = {
+    SE_AVX2_KERNELS(ValueType::kF32, "f32", 1, gemv_r1<ValueType::kF32>, 32, 4, 2),
+    SE_AVX2_KERNELS(ValueType::kF32, "f32", 2, (gemv_rsmall<ValueType::kF32, 2>), 32, 4, 1),
+    SE_AVX2_KERNELS(ValueType::kF32, "f32", 4, (gemv_rsmall<ValueType::kF32, 4>), 16, 2, 1),
+    SE_AVX2_KERNELS(ValueType::kF32, "f32", 8, gemv_r8<ValueType::kF32>, 8, 1, 1),
+};
+const SpmmUkernels kBF16[4] = {
+    SE_AVX2_KERNELS(ValueType::kBF16, "bf16", 1, gemv_r1<ValueType::kBF16>, 32, 4, 2),
+    SE_AVX2_KERNELS(ValueType::kBF16, "bf16", 2, (gemv_rsmall<ValueType::kBF16, 2>), 32, 4, 1),
+    SE_AVX2_KERNELS(ValueType::kBF16, "bf16", 4, (gemv_rsmall<ValueType::kBF16, 4>), 16, 2, 1),
+    SE_AVX2_KERNELS(ValueType::kBF16, "bf16", 8, gemv_r8<ValueType::kBF16>, 8, 1, 1),
+};
+
+}  // namespace
+
+const SpmmUkernels* spmm_ukernels_avx2(ValueType value_type, int64_t block_rows) {
+  int slot;
+  switch (block_rows) {
+    case 1: slot = 0; break;
+    case 2: slot = 1; break;
+    case 4: slot = 2; break;
+    case 8: slot = 3; break;
+    default: return nullptr;
+  }
+  if (value_type == ValueType::kF64) return nullptr;
+  return value_type == ValueType::kF32 ? &kF32[slot] : &kBF16[slot];
+}
+
+}  // namespace sparse_ext
+
+#pragma GCC pop_options
+#else
+
+namespace sparse_ext {
+const SpmmUkernels* spmm_ukernels_avx2(ValueType, int64_t) { return nullptr; }
+}  // namespace sparse_ext
+
+#endif

@@ -1,0 +1,75 @@
+// Shared helpers for the ATen glue: argument checks that name the argument, ISA lookup, and
+// nonzero-balanced work splits over ATen's thread pool.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <string>
+#include <vector>
+
+#include "../kernels/common/isa.h"
+
+namespace sparse_ext {
+
+inline void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got device ", t.device());
+}
+
+inline void check_dtype(const at::Tensor& t, const char* name,
+                        std::initializer_list<at::ScalarType> allowed) {
+  bool ok = false;
+  std::string names;
+  for (auto s : allowed) {
+    ok = ok || t.scalar_type() == s;
+    if (!names.empty()) names += " or ";
+    names += c10::toString(s);
+  }
+  TORCH_CHECK(ok, name, " must have dtype ", names, ", got ", t.scalar_type());
+}
+
+inline void check_1d(const at::Tensor& t, const char* name, int64_t expected_len) {
+  TORCH_CHECK(t.dim() == 1, name, " must be 1-D, got shape ", t.sizes());
+  TORCH_CHECK(t.size(0) == expected_len, name, " must have length ", expected_len, ", got ",
+              t.size(0));
+}
+
+inline int64_t round_up(int64_t value, int64_t multiple) {
+  return (value + multiple - 1) / multiple * multiple;
+}
+
+// Splits [0, items) into at most `parts` contiguous ranges of roughly equal cost, where
+// cost_prefix(i) is the (non-decreasing) cost of items [0, i). Returns parts + 1 boundaries.
+template <typename CostPrefix>
+std::vector<int64_t> balanced_split(int64_t items, int64_t parts, CostPrefix cost_prefix) {
+  std::vector<int64_t> bounds{0};
+  const double total = static_cast<double>(cost_prefix(items));
+  int64_t lo = 0;
+  for (int64_t p = 1; p < parts; ++p) {
+    const double target = total * static_cast<double>(p) / static_cast<double>(parts);
+    int64_t a = lo, b = items;
+    while (a < b) {
+      const int64_t mid = (a + b) / 2;
+      if (static_cast<double>(cost_prefix(mid)) < target) a = mid + 1; else b = mid;
+    }
+    lo = a;
+    bounds.push_back(a);
+  }
+  bounds.push_back(items);
+  return bounds;
+}
+
+// Runs fn(begin, end) over the ranges of `bounds` on ATen's pool: one parallel region, one range
+// per task.
+template <typename Fn>
+void parallel_ranges(const std::vector<int64_t>& bounds, const Fn& fn) {
+  const int64_t ranges = static_cast<int64_t>(bounds.size()) - 1;
+  at::parallel_for(0, ranges, 1, [&](int64_t b, int64_t e) {
+    for (int64_t p = b; p < e; ++p)
+      if (bounds[p + 1] > bounds[p]) fn(bounds[p], bounds[p + 1]);
+  });
+}
+
+inline int64_t work_parts() { return std::max<int64_t>(1, at::get_num_threads()); }
+
+}  // namespace sparse_ext

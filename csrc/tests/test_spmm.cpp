@@ -1,0 +1,183 @@
+// SpMM ukernels: every registry entry against a dense reference computed here, plus validation
+// of malformed structures.
+#include <algorithm>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "kernels/common/bf16.h"
+#include "kernels/spmm/spmm.h"
+#include "test_util.h"
+
+using namespace sparse_ext;
+using sparse_ext_test::Rng;
+
+namespace {
+
+struct Built {
+  std::vector<int32_t> offsets;
+  std::vector<uint8_t> indices;
+  std::vector<float> values_f32;
+  std::vector<uint16_t> values_bf16;
+  std::vector<float> dense;  // [M, K] exactly what the stored (possibly rounded) values mean
+  SpmmWeight weight(ValueType vt) const {
+    SpmmWeight w{};
+    w.offsets = offsets.data();
+    w.indices = indices.data();
+    w.value_type = vt;
+    w.values = vt == ValueType::kF32 ? static_cast<const void*>(values_f32.data())
+                                     : static_cast<const void*>(values_bf16.data());
+    return w;
+  }
+};
+
+Built build(int64_t M, int64_t K, int64_t R, double density, Rng& rng) {
+  Built b;
+  const int64_t G = M / R, KB = (K + kSpmmKBlock - 1) / kSpmmKBlock;
+  b.dense.assign(static_cast<size_t>(M * K), 0.f);
+  b.offsets.push_back(0);
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t kb = 0; kb < KB; ++kb) {
+      for (int64_t c = 0; c < kSpmmKBlock && kb * kSpmmKBlock + c < K; ++c) {
+        if (!rng.bernoulli(density)) continue;
+        b.indices.push_back(static_cast<uint8_t>(c));
+        for (int64_t r = 0; r < R; ++r) {
+          const uint16_t h = float_to_bf16(rng.uniform());
+          b.values_bf16.push_back(h);
+          b.values_f32.push_back(bf16_to_float(h));  // same numbers in both dtypes
+          b.dense[(g * R + r) * K + kb * kSpmmKBlock + c] = bf16_to_float(h);
+        }
+      }
+      b.offsets.push_back(static_cast<int32_t>(b.indices.size()));
+    }
+  return b;
+}
+
+void check_entry(const SpmmRegistryEntry& e, int64_t M, int64_t K, int64_t N, double density,
+                 Rng& rng) {
+  const int64_t R = e.block_rows;
+  if (M % R) return;
+  Built b = build(M, K, R, density, rng);
+  SpmmWeight w = b.weight(e.value_type);
+  w.rows = M;
+  w.cols = K;
+  w.block_rows = R;
+  w.nnz = static_cast<int64_t>(b.indices.size());
+  SE_EXPECT(spmm_validate(w).empty(), "valid weight rejected: %s", spmm_validate(w).c_str());
+  const int64_t Kp = w.padded_cols();
+  std::vector<float> x(static_cast<size_t>(N * K));
+  for (auto& v : x) v = rng.uniform();
+  std::vector<float> bias(static_cast<size_t>(M));
+  for (auto& v : bias) v = rng.uniform();
+  std::vector<float> ref(static_cast<size_t>(N * M));
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t m = 0; m < M; ++m) {
+      double acc = bias[m];
+      for (int64_t k = 0; k < K; ++k) acc += static_cast<double>(b.dense[m * K + k]) * x[n * K + k];
+      ref[n * M + m] = static_cast<float>(acc);
+    }
+  SpmmActivations a{};
+  a.tokens = N;
+  a.bias = bias.data();
+  std::vector<float> y(static_cast<size_t>(N * M), -7.f);
+  a.y = y.data();
+  a.ldy = M;
+  std::vector<float> xpad, xT;
+  if (N == 1) {
+    xpad.assign(static_cast<size_t>(Kp), 0.f);
+    std::copy(x.begin(), x.end(), xpad.begin());
+    a.x = xpad.data();
+  } else {
+    const int64_t nt = e.kernels->tile_cols;
+    a.ldx = (N + nt - 1) / nt * nt;
+    xT.assign(static_cast<size_t>(Kp * a.ldx), 0.f);
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t k = 0; k < K; ++k) xT[k * a.ldx + n] = x[n * K + k];
+    a.xT = xT.data();
+  }
+  // Two ranges, as two threads would run them.
+  const int64_t G = M / R;
+  spmm_run_groups(w, a, *e.kernels, 0, G / 2);
+  spmm_run_groups(w, a, *e.kernels, G / 2, G);
+  const double err = sparse_ext_test::max_rel_error(y.data(), ref.data(), y.size());
+  SE_EXPECT(err < 1e-4 * std::max<double>(1.0, std::sqrt(static_cast<double>(K))),
+            "%s/%s M=%ld K=%ld N=%ld R=%ld density=%.2f: error %g", isa_name(e.isa),
+            N == 1 ? e.kernels->gemv_name : e.kernels->tile_name, (long)M, (long)K, (long)N,
+            (long)R, density, err);
+
+  // SDDMM against the dense product dy^T x at stored positions.
+  if (N > 1) {
+    const int64_t ld = (N + 7) / 8 * 8;
+    std::vector<float> dyT(static_cast<size_t>(M * ld), 0.f), xT8(static_cast<size_t>(Kp * ld), 0.f);
+    std::vector<float> dy(static_cast<size_t>(N * M));
+    for (auto& v : dy) v = rng.uniform();
+    for (int64_t n = 0; n < N; ++n) {
+      for (int64_t m = 0; m < M; ++m) dyT[m * ld + n] = dy[n * M + m];
+      for (int64_t k = 0; k < K; ++k) xT8[k * ld + n] = x[n * K + k];
+    }
+    std::vector<float> dv(static_cast<size_t>(w.nnz * R), 0.f), dv_ref(dv.size(), 0.f);
+    e.kernels->sddmm(w, dyT.data(), xT8.data(), ld, 0, G, dv.data());
+    const int64_t KB = w.k_blocks();
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t kb = 0; kb < KB; ++kb)
+        for (int32_t j = b.offsets[g * KB + kb]; j < b.offsets[g * KB + kb + 1]; ++j)
+          for (int64_t r = 0; r < R; ++r) {
+            double acc = 0;
+            for (int64_t n = 0; n < N; ++n)
+              acc += static_cast<double>(dy[n * M + g * R + r]) * x[n * K + kb * kSpmmKBlock + b.indices[j]];
+            dv_ref[j * R + r] = static_cast<float>(acc);
+          }
+    const double derr = sparse_ext_test::max_rel_error(dv.data(), dv_ref.data(), dv.size());
+    SE_EXPECT(derr < 1e-4 * std::max<double>(1.0, std::sqrt(static_cast<double>(N))),
+              "%s sddmm M=%ld K=%ld N=%ld R=%ld: error %g", isa_name(e.isa), (long)M, (long)K,
+              (long)N, (long)R, derr);
+  }
+}
+
+void check_validation() {
+  Rng rng(3);
+  Built b = build(8, 300, 1, 0.5, rng);
+  SpmmWeight w = b.weight(ValueType::kF32);
+  w.rows = 8;
+  w.cols = 300;
+  w.block_rows = 1;
+  w.nnz = static_cast<int64_t>(b.indices.size());
+  SE_EXPECT(spmm_validate(w).empty(), "valid");
+  std::vector<int32_t> bad_offsets = b.offsets;
+  std::swap(bad_offsets[3], bad_offsets[4]);
+  if (bad_offsets[3] != bad_offsets[4]) {
+    w.offsets = bad_offsets.data();
+    SE_EXPECT(!spmm_validate(w).empty(), "decreasing offsets accepted");
+  }
+  w.offsets = b.offsets.data();
+  std::vector<uint8_t> bad_indices = b.indices;
+  // The last segment belongs to the partial block (columns 256..299): 60 is past K.
+  const int32_t last = b.offsets[b.offsets.size() - 2];
+  if (last < static_cast<int32_t>(bad_indices.size())) {
+    bad_indices[last] = 60;
+    w.indices = bad_indices.data();
+    SE_EXPECT(spmm_validate(w).find("out of range") != std::string::npos, "index past K accepted");
+  }
+  w.indices = b.indices.data();
+  w.nnz += 1;
+  SE_EXPECT(!spmm_validate(w).empty(), "length mismatch accepted");
+  w.nnz -= 1;
+  w.block_rows = 3;
+  SE_EXPECT(!spmm_validate(w).empty(), "block_rows 3 accepted");
+}
+
+}  // namespace
+
+int main() {
+  Rng rng(42);
+  for (int i = 0; i < spmm_registry_size(); ++i) {
+    const SpmmRegistryEntry& e = spmm_registry_entry(i);
+    if (!isa_supported(e.isa)) continue;
+    const int64_t shapes[][3] = {{8, 33, 1}, {16, 256, 1}, {8, 700, 1},  {16, 33, 7},
+                                 {24, 513, 40}, {64, 300, 65}, {8, 1, 9}, {8, 256, 32}};
+    for (const auto& s : shapes)
+      for (double density : {0.0, 0.05, 0.5, 1.0}) check_entry(e, s[0], s[1], s[2], density, rng);
+  }
+  check_validation();
+  return sparse_ext_test::finish("test_spmm");
+}

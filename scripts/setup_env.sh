@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Creates .venv (reusing an installed torch if the system has one, else the torch==2.13.0 CPU
+# wheel), installs the test/bench tools and builds the extension in place. Idempotent: a second
+# run only rebuilds what changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  if "$PY" -c "import torch" 2>/dev/null; then
+    "$PY" -m venv --system-site-packages .venv
+  else
+    "$PY" -m venv .venv
+  fi
+fi
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  # Pinned: a bare `pip install torch` would pull a multi-GB CUDA build.
+  .venv/bin/pip install -q torch==2.13.0
+fi
+if ! .venv/bin/python -c "import ninja, numpy, pytest, hypothesis, matplotlib, tqdm, expecttest" 2>/dev/null; then
+  .venv/bin/pip install -q ninja numpy pytest hypothesis matplotlib tqdm expecttest
+fi
+MAX_JOBS=${MAX_JOBS:-$(nproc)} .venv/bin/python setup.py -q build_ext --inplace > .venv/build.log 2>&1 \
+  || { tail -50 .venv/build.log; echo "build failed (full log: .venv/build.log)"; exit 1; }

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Every test: C++ kernel tests (ctest) and the Python suite. Extra args go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh
+cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release > build/cmake.log 2>&1 || { cat build/cmake.log; exit 1; }
+cmake --build build/cmake -j"$(nproc)" > build/cmake-build.log 2>&1 || { tail -50 build/cmake-build.log; exit 1; }
+ctest --test-dir build/cmake --output-on-failure
+.venv/bin/python -m pytest -q python_tests "$@"

@@ -1,0 +1,103 @@
+"""Mask builders: which weights survive pruning.
+
+Every function returns a ``torch.bool`` mask of the weight's shape where True means "kept".
+``sparsity`` is the fraction of zeros, in [0, 1].
+"""
+import re
+from typing import Optional, Tuple
+
+import torch
+
+_BLOCK = re.compile(r"^(\d+)x(\d+)$")
+_NM = re.compile(r"^(\d+):(\d+)$")
+
+
+def parse_pattern(pattern: str) -> Tuple[str, Tuple[int, int]]:
+    """``"unstructured"`` -> ("unstructured", (1, 1)); ``"4x1"`` -> ("block", (4, 1));
+    ``"2:4"`` -> ("nm", (2, 4)). Raises ``ValueError`` naming the accepted forms otherwise."""
+    if not isinstance(pattern, str):
+        raise TypeError(f"pattern must be a string, got {type(pattern).__name__}")
+    if pattern == "unstructured":
+        return "unstructured", (1, 1)
+    m = _BLOCK.match(pattern)
+    if m:
+        rows, cols = int(m.group(1)), int(m.group(2))
+        if rows < 1 or cols < 1:
+            raise ValueError(f"block pattern {pattern!r} needs positive sizes")
+        return "block", (rows, cols)
+    m = _NM.match(pattern)
+    if m:
+        n, mm = int(m.group(1)), int(m.group(2))
+        return "nm", (n, mm)
+    raise ValueError(
+        f"pattern must be 'unstructured', a block shape 'RxC' (e.g. '4x1') or 'N:M' (e.g. '2:4'), "
+        f"got {pattern!r}")
+
+
+def _check_sparsity(sparsity: float) -> float:
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+        raise TypeError(f"sparsity must be a number in [0, 1], got {type(sparsity).__name__}")
+    if not 0.0 <= float(sparsity) <= 1.0:
+        raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
+    return float(sparsity)
+
+
+def _keep_top(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Keeps the round((1 - sparsity) * numel) highest scores; ties broken by position."""
+    total = scores.numel()
+    keep = int(round((1.0 - sparsity) * total))
+    mask = torch.zeros(total, dtype=torch.bool, device=scores.device)
+    if keep > 0:
+        order = torch.argsort(scores.reshape(-1).float(), descending=True, stable=True)
+        mask[order[:keep]] = True
+    return mask.reshape(scores.shape)
+
+
+def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Keeps the largest-magnitude weights."""
+    return _keep_top(weight.detach().abs(), _check_sparsity(sparsity))
+
+
+def random_mask(weight: torch.Tensor, sparsity: float,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Keeps a uniformly random subset of exactly round((1 - sparsity) * numel) weights."""
+    scores = torch.rand(weight.shape, generator=generator, device=weight.device)
+    return _keep_top(scores, _check_sparsity(sparsity))
+
+
+def block_mask(weight: torch.Tensor, sparsity: float, block: Tuple[int, int],
+               method: str = "magnitude", generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Keeps whole ``block = (R, C)`` tiles of a 2-D (or flattened [out, -1]) weight, scored by
+    the tile's L2 norm (``method="magnitude"``) or at random. Edge tiles may be partial."""
+    sparsity = _check_sparsity(sparsity)
+    rows, cols = block
+    w = weight.detach().reshape(weight.shape[0], -1)
+    M, K = w.shape
+    gm, gk = -(-M // rows), -(-K // cols)
+    padded = torch.zeros(gm * rows, gk * cols, dtype=torch.float32, device=w.device)
+    padded[:M, :K] = w.float()
+    tiles = padded.reshape(gm, rows, gk, cols).permute(0, 2, 1, 3)
+    if method == "magnitude":
+        scores = tiles.pow(2).sum((-1, -2))
+    elif method == "random":
+        scores = torch.rand(gm, gk, generator=generator, device=w.device)
+    else:
+        raise ValueError(f"method must be 'magnitude' or 'random', got {method!r}")
+    keep = _keep_top(scores, sparsity)
+    full = keep[:, None, :, None].expand(gm, rows, gk, cols).reshape(gm * rows, gk * cols)
+    return full[:M, :K].reshape(weight.shape).contiguous()
+
+
+def build_mask(weight: torch.Tensor, sparsity: float, pattern: str = "unstructured",
+               method: str = "magnitude", generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Dispatches to the mask builder for ``pattern`` (unstructured or "RxC" blocks)."""
+    kind, shape = parse_pattern(pattern)
+    if kind == "unstructured":
+        if method == "magnitude":
+            return magnitude_mask(weight, sparsity)
+        if method == "random":
+            return random_mask(weight, sparsity, generator)
+        raise ValueError(f"method must be 'magnitude' or 'random', got {method!r}")
+    if kind == "block":
+        return block_mask(weight, sparsity, shape, method, generator)
+    raise ValueError(f"build_mask handles unstructured and block patterns, got {pattern!r}")
