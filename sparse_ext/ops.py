@@ -23,6 +23,9 @@ def spmm(x: torch.Tensor, weight: CSRWeight, bias: Optional[torch.Tensor] = None
 @torch.library.register_fake("sparse_ext::spmm")
 def _spmm_fake(x, offsets, indices, values, bias, out_features, block_rows):
     torch._check(x.dim() >= 1, lambda: "x must have at least one dimension")
+    for name, t in (("offsets", offsets), ("indices", indices), ("values", values), ("bias", bias)):
+        torch._check(t is None or t.device == x.device,
+                     lambda: f"{name} must be on x's device {x.device}, got {t.device}")
     return x.new_empty((*x.shape[:-1], out_features))
 
 

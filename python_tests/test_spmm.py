@@ -1,0 +1,321 @@
+"""SpMM family: kernels vs a dense masked reference, autograd, opcheck, compile, bad input."""
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sparse_ext as se
+from reference import assert_close_to_reference, linear_reference, max_abs_err
+
+SHAPES = [  # (out, in, leading dims of x)
+    (7, 33, (1,)),
+    (8, 256, (3,)),
+    (16, 300, (2, 5)),
+    (24, 513, (37,)),
+    (64, 1000, (1, 1)),
+    (32, 70, (70,)),
+]
+
+
+def _make(out_f, in_f, sparsity, pattern="unstructured", dtype=torch.float32, bias=True):
+    lin = nn.Linear(in_f, out_f, bias=bias)
+    sl = se.SparseLinear.from_dense(lin, sparsity=sparsity, pattern=pattern)
+    return sl.to(dtype)
+
+
+@pytest.mark.parametrize("out_f,in_f,lead", SHAPES)
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
+def test_matches_dense_reference(isa, out_f, in_f, lead, sparsity):
+    sl = _make(out_f, in_f, sparsity)
+    x = torch.randn(*lead, in_f)
+    dense = sl.weight_format().to_dense()
+    with torch.no_grad():
+        y = sl(x)
+    assert y.shape == (*lead, out_f)
+    assert_close_to_reference(y, linear_reference(x, dense, sl.bias))
+
+
+@pytest.mark.parametrize("pattern", ["2x1", "4x1", "8x1", "4x4", "1x4", "3x1"])
+@pytest.mark.parametrize("tokens", [1, 5, 40])
+def test_block_patterns(isa, pattern, tokens):
+    sl = _make(64, 300, 0.8, pattern)
+    x = torch.randn(tokens, 300)
+    dense = sl.weight_format().to_dense()
+    R, C = (int(v) for v in pattern.split("x"))
+    assert sl.block_rows == (R if R in (2, 4, 8) else 1)
+    # The kept pattern really is made of R x C tiles.
+    tiles = (dense != 0).reshape(64 // R if 64 % R == 0 else 1, -1) if R == 1 else None
+    del tiles
+    with torch.no_grad():
+        assert_close_to_reference(sl(x), linear_reference(x, dense, sl.bias))
+
+
+def test_empty_rows_and_columns(isa):
+    lin = nn.Linear(40, 16)
+    mask = torch.zeros(16, 40, dtype=torch.bool)
+    mask[3, 5] = mask[3, 39] = mask[9, :] = True
+    sl = se.SparseLinear.from_dense(lin, mask=mask)
+    for tokens in (1, 9):
+        x = torch.randn(tokens, 40)
+        with torch.no_grad():
+            y = sl(x)
+        assert_close_to_reference(y, linear_reference(x, lin.weight * mask, lin.bias))
+
+
+def test_noncontiguous_input(isa):
+    sl = _make(16, 64, 0.7)
+    x = torch.randn(64, 10).t()  # [10, 64], not contiguous
+    assert not x.is_contiguous()
+    with torch.no_grad():
+        assert_close_to_reference(sl(x), linear_reference(x, sl.weight_format().to_dense(), sl.bias))
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 33])
+def test_bf16_within_twice_torch_error(isa, tokens):
+    lin = nn.Linear(512, 96)
+    sl = se.SparseLinear.from_dense(lin, sparsity=0.7).to(torch.bfloat16)
+    dense_bf16 = sl.weight_format().to_dense()  # bf16
+    x = torch.randn(tokens, 512).to(torch.bfloat16)
+    ref = linear_reference(x, dense_bf16, sl.bias)
+    torch_bf16 = F.linear(x, dense_bf16, sl.bias)
+    with torch.no_grad():
+        ours = sl(x)
+    assert ours.dtype == torch.bfloat16
+    assert_close_to_reference(ours, ref, torch_same_dtype=torch_bf16, floor=1e-2)
+
+
+def test_bf16_weights_fp32_activations(isa):
+    lin = nn.Linear(300, 32)
+    csr = se.CSRWeight.from_dense(lin.weight.detach().bfloat16(), lin.weight.abs() > 0.03)
+    x = torch.randn(6, 300)
+    y = se.ops.spmm(x, csr)
+    assert y.dtype == torch.float32
+    assert_close_to_reference(y, linear_reference(x, csr.to_dense().float()))
+
+
+def test_isa_paths_agree():
+    if len(se.supported_isas()) < 2:
+        pytest.skip("one ISA only")
+    sl = _make(64, 700, 0.9)
+    x = torch.randn(20, 700)
+    outs = []
+    for name in se.supported_isas():
+        with se.use_isa(name), torch.no_grad():
+            outs.append(sl(x))
+    for o in outs[1:]:
+        assert max_abs_err(o, outs[0]) < 1e-4
+
+
+def test_zero_tokens_and_zero_features():
+    sl = _make(8, 16, 0.5)
+    assert sl(torch.randn(0, 16)).shape == (0, 8)
+    empty = se.CSRWeight.from_dense(torch.zeros(0, 16))
+    assert se.ops.spmm(torch.randn(3, 16), empty).shape == (3, 0)
+
+
+# ---- autograd ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("block_rows", [1, 4])
+def test_gradcheck_float64(block_rows):
+    w = torch.randn(8, 300, dtype=torch.float64)
+    mask = torch.rand(8, 300) < 0.3
+    csr = se.CSRWeight.from_dense(w, mask, block_rows=block_rows)
+    values = csr.values.clone().requires_grad_()
+    bias = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 3, 300, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, values, bias):
+        return torch.ops.sparse_ext.spmm(x, csr.offsets, csr.indices, values, bias, 8, block_rows)
+
+    assert torch.autograd.gradcheck(fn, (x, values, bias))
+
+
+def test_training_grads_match_dense(isa):
+    lin = nn.Linear(300, 24)
+    sl = se.SparseLinear.from_dense(lin, sparsity=0.6)
+    dense = sl.to_dense()
+    mask = dense.weight.detach() != 0
+    x = torch.randn(4, 7, 300, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    sl(x).square().sum().backward()
+    dense(x2).square().sum().backward()
+    assert max_abs_err(x.grad, x2.grad) < 1e-3
+    assert max_abs_err(sl.bias.grad, dense.bias.grad) < 1e-3
+    # Kept values get exactly the dense gradient at their positions.
+    grad_dense = sl.weight_format().to_dense().clone()
+    row, col = sl.weight_format().row_and_col()
+    g = torch.zeros_like(grad_dense)
+    g[row, col] = sl.values.grad
+    assert max_abs_err(g[mask], dense.weight.grad[mask]) < 1e-3
+
+
+def test_training_step_keeps_pattern():
+    sl = _make(16, 64, 0.75)
+    before = sl.weight_format().to_dense() != 0
+    opt = torch.optim.SGD(sl.parameters(), lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        sl(torch.randn(5, 64)).sum().backward()
+        opt.step()
+    after = sl.weight_format().to_dense() != 0
+    assert not (after & ~before).any()
+
+
+# ---- registration: opcheck and compile ----------------------------------------------------------
+def _op_samples():
+    w = torch.randn(16, 300)
+    csr = se.CSRWeight.from_dense(w, torch.rand(16, 300) < 0.3)
+    csr4 = se.CSRWeight.from_dense(w, torch.rand(16, 300) < 0.3, block_rows=4)
+    for c, R in ((csr, 1), (csr4, 4)):
+        for x in (torch.randn(5, 300), torch.randn(1, 300), torch.randn(2, 3, 300)):
+            yield "spmm", (x, c.offsets, c.indices, c.values.clone().requires_grad_(),
+                           torch.randn(16, requires_grad=True), 16, R)
+        yield "spmm_transpose_structure", (c.offsets, c.indices, 16, 300, R)
+        yield "spmm_sddmm", (torch.randn(4, 16), torch.randn(4, 300), c.offsets, c.indices, R)
+
+
+@pytest.mark.parametrize("name,args", list(_op_samples()))
+def test_opcheck(name, args):
+    torch.library.opcheck(getattr(torch.ops.sparse_ext, name).default, args)
+
+
+def test_torch_compile_fullgraph():
+    model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 16))
+    model[0] = se.SparseLinear.from_dense(model[0], sparsity=0.8)
+    model[2] = se.SparseLinear.from_dense(model[2], sparsity=0.5, pattern="4x1")
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        assert max_abs_err(compiled(x), model(x)) < 1e-5
+
+
+# ---- module behaviour ------------------------------------------------------------------------
+def test_state_dict_round_trip_and_save():
+    sl = _make(16, 64, 0.7)
+    other = _make(16, 64, 0.3)  # different nnz: loading must adopt the saved sizes
+    buf = io.BytesIO()
+    torch.save(sl.state_dict(), buf)
+    buf.seek(0)
+    other.load_state_dict(torch.load(buf))
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        assert torch.equal(other(x), sl(x))
+
+
+def test_to_dense_and_dtype_and_repr():
+    lin = nn.Linear(64, 16)
+    sl = se.SparseLinear.from_dense(lin, sparsity=0.9)
+    back = sl.to_dense()
+    assert isinstance(back, nn.Linear)
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        assert max_abs_err(back(x), sl(x)) < 1e-5
+    text = repr(sl)
+    assert "sparsity=0.900" in text and "weight_bytes=" in text
+    bf = sl.to(torch.bfloat16)
+    assert bf.values.dtype == torch.bfloat16 and bf.offsets.dtype == torch.int32
+
+
+def test_weight_bytes_at_90_percent():
+    lin = nn.Linear(4096, 512, bias=False)
+    sl = se.SparseLinear.from_dense(lin, sparsity=0.9)
+    assert sl.weight_nbytes <= 0.16 * 4096 * 512 * 4
+
+
+def test_magnitude_and_random_masks():
+    w = torch.randn(32, 64)
+    m = se.magnitude_mask(w, 0.75)
+    assert m.sum() == 512
+    assert w.abs()[m].min() >= w.abs()[~m].max()
+    r = se.random_mask(w, 0.5, generator=torch.Generator().manual_seed(1))
+    assert r.sum() == 1024
+    b = se.block_mask(w, 0.5, (4, 2))
+    tiles = b.reshape(8, 4, 32, 2).permute(0, 2, 1, 3).reshape(8, 32, 8)
+    assert ((tiles.all(-1)) | (~tiles.any(-1))).all()
+
+
+# ---- bad input ------------------------------------------------------------------------------------
+def _raw(**over):
+    csr = se.CSRWeight.from_dense(torch.randn(8, 300), torch.rand(8, 300) < 0.5)
+    args = dict(x=torch.randn(3, 300), offsets=csr.offsets.clone(), indices=csr.indices.clone(),
+                values=csr.values.clone(), bias=None, out_features=8, block_rows=1)
+    args.update(over)
+    return args
+
+
+@pytest.mark.parametrize("case,match", [
+    ("offsets_decreasing", "must not decrease"),
+    ("offsets_start", "offsets\\[0\\]"),
+    ("offsets_end", "offsets\\[-1\\]"),
+    ("offsets_len", "offsets must have length"),
+    ("index_past_k", "column index out of range"),
+    ("values_len", "values must have length"),
+    ("values_dtype", "values must have dtype"),
+    ("offsets_dtype", "offsets must have dtype"),
+    ("x_dtype", "x must have dtype"),
+    ("bias_len", "bias must have length"),
+    ("block_rows", "block_rows must be"),
+    ("out_features_neg", "out_features must be non-negative"),
+    ("x_scalar", "at least one dimension"),
+    ("mixed_f64", "float64 needs both"),
+])
+def test_bad_input_raises(case, match):
+    a = _raw()
+    if case == "offsets_decreasing":
+        a["offsets"][2], a["offsets"][3] = a["offsets"][3].item() + 5, a["offsets"][2].item()
+    elif case == "offsets_start":
+        a["offsets"][0] = 1
+    elif case == "offsets_end":
+        a["offsets"][-1] += 1
+    elif case == "offsets_len":
+        a["offsets"] = a["offsets"][:-1]
+    elif case == "index_past_k":
+        # last segment of the last row lives in the partial block (columns 256..299)
+        j = int(a["offsets"][-2])
+        a["indices"][j] = 200
+    elif case == "values_len":
+        a["values"] = a["values"][:-1]
+    elif case == "values_dtype":
+        a["values"] = a["values"].half()
+    elif case == "offsets_dtype":
+        a["offsets"] = a["offsets"].long()
+    elif case == "x_dtype":
+        a["x"] = a["x"].int()
+    elif case == "bias_len":
+        a["bias"] = torch.randn(7)
+    elif case == "block_rows":
+        a["block_rows"] = 3
+    elif case == "out_features_neg":
+        a["out_features"] = -8
+    elif case == "x_scalar":
+        a["x"] = torch.tensor(1.0)
+    elif case == "mixed_f64":
+        a["x"] = a["x"].double()
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.sparse_ext.spmm(**a)
+
+
+def test_bad_module_arguments():
+    lin = nn.Linear(16, 8)
+    with pytest.raises(ValueError, match="sparsity must be in"):
+        se.SparseLinear.from_dense(lin, sparsity=1.5)
+    with pytest.raises(ValueError, match="sparsity=... or mask"):
+        se.SparseLinear.from_dense(lin)
+    with pytest.raises(ValueError, match="pattern must be"):
+        se.SparseLinear.from_dense(lin, sparsity=0.5, pattern="diagonal")
+    with pytest.raises(ValueError, match="mask must have shape"):
+        se.SparseLinear.from_dense(lin, mask=torch.ones(3, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="method must be"):
+        se.SparseLinear.from_dense(lin, sparsity=0.5, method="psychic")
+    sl = se.SparseLinear.from_dense(lin, sparsity=0.5)
+    with pytest.raises(RuntimeError, match="must be on x.s device|must be a CPU tensor"):
+        sl(torch.randn(2, 16, device="meta"))
+
+
+def test_validate_catches_corruption():
+    csr = se.CSRWeight.from_dense(torch.randn(8, 300), torch.rand(8, 300) < 0.5)
+    csr.validate()
+    csr.indices[int(csr.offsets[-2])] = 250
+    with pytest.raises(ValueError, match="out of range"):
+        csr.validate()
