@@ -68,6 +68,14 @@ at::Tensor as_token_rows(const at::Tensor& x, int64_t K) {
   return x.reshape({-1, K}).to(at::kFloat).contiguous();
 }
 
+// Zero-padded transposed copy, packed per tile of `tile` tokens: [ceil(N/tile), padded_k, tile].
+at::Tensor transposed_tiles(const at::Tensor& rows, int64_t padded_k, int64_t tile) {
+  const int64_t N = rows.size(0), tiles = (N + tile - 1) / tile;
+  at::Tensor padded = at::zeros({tiles * tile, padded_k}, rows.options().dtype(at::kFloat));
+  padded.narrow(0, 0, N).narrow(1, 0, rows.size(1)).copy_(rows);
+  return padded.view({tiles, tile, padded_k}).transpose(1, 2).contiguous();
+}
+
 // Zero-padded transposed copy [padded_k, ld] of rows [N, K].
 at::Tensor transposed_padded(const at::Tensor& rows, int64_t padded_k, int64_t ld) {
   at::Tensor out = at::zeros({padded_k, ld}, rows.options().dtype(at::kFloat));
@@ -126,8 +134,7 @@ at::Tensor spmm_cpu(const at::Tensor& x, const at::Tensor& offsets, const at::Te
       staged.narrow(0, 0, K).copy_(rows[0]);
       a.x = staged.data_ptr<float>();
     } else {
-      a.ldx = round_up(N, k.tile_cols);
-      staged = transposed_padded(rows, w.padded_cols(), a.ldx);
+      staged = transposed_tiles(rows, w.padded_cols(), k.tile_cols);
       a.xT = staged.data_ptr<float>();
     }
     parallel_ranges(split_groups_by_nnz(w, 4 * w.block_rows),

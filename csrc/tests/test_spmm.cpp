@@ -89,10 +89,10 @@ void check_entry(const SpmmRegistryEntry& e, int64_t M, int64_t K, int64_t N, do
     a.x = xpad.data();
   } else {
     const int64_t nt = e.kernels->tile_cols;
-    a.ldx = (N + nt - 1) / nt * nt;
-    xT.assign(static_cast<size_t>(Kp * a.ldx), 0.f);
+    const int64_t tiles = (N + nt - 1) / nt;
+    xT.assign(static_cast<size_t>(tiles * Kp * nt), 0.f);
     for (int64_t n = 0; n < N; ++n)
-      for (int64_t k = 0; k < K; ++k) xT[k * a.ldx + n] = x[n * K + k];
+      for (int64_t k = 0; k < K; ++k) xT[(n / nt) * Kp * nt + k * nt + n % nt] = x[n * K + k];
     a.xT = xT.data();
   }
   // Two ranges, as two threads would run them.

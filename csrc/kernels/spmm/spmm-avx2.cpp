@@ -129,9 +129,9 @@ void gemv_rsmall(const SpmmWeight& w, const float* x, int64_t g0, int64_t g1, fl
   }
 }
 
-// Transposed tile: NV vectors of 8 tokens per row, R rows per entry. With U = 2, even and odd
-// entries feed separate accumulators so that R * NV * U >= 8 independent FMA chains hide latency.
-// Accumulators are plain locals (not a multi-dimensional array) so they stay in registers.
+// Transposed tile: NV vectors of 8 tokens per row, R rows per entry. U entries in flight feed
+// separate accumulators so that R * NV * U >= 8 independent FMA chains hide the FMA latency.
+// Accumulators are flat local arrays (GCC spilled a multi-dimensional one to the stack).
 template <ValueType VT, int R, int NV>
 inline void tile_entry(const SpmmWeight& w, const float* xr, int64_t j, __m256* acc) {
   __m256 xv[NV];
@@ -145,36 +145,41 @@ inline void tile_entry(const SpmmWeight& w, const float* xr, int64_t j, __m256* 
   }
 }
 
+// Each row group's accumulators stay in registers across all column blocks (a row's entries are
+// contiguous in memory), so nothing is reloaded per 256-column segment; the activation tile
+// (padded_cols x NT floats, 512 KB for K = 4096, NT = 32) sits in L2. Measured on Zen 3 this
+// beats sweeping column blocks outermost with an L1-resident block: with ~25 entries per
+// segment at 90% sparsity, the per-segment accumulator reload and loop exits cost more.
 template <ValueType VT, int R, int NV, int U>
 void tile(const SpmmWeight& w, const float* xT, int64_t ldx, int64_t g0, int64_t g1,
-          float* ytile) {
+                  float* ytile) {
   constexpr int NT = 8 * NV, A = R * NV;
+  (void)ldx;
   const int64_t KB = w.k_blocks();
   const uint8_t* indices = w.indices;
-  std::memset(ytile, 0, sizeof(float) * (g1 - g0) * R * NT);
-  for (int64_t kb = 0; kb < KB; ++kb) {
-    const float* xb = xT + kb * kSpmmKBlock * ldx;
-    for (int64_t g = g0; g < g1; ++g) {
-      int64_t j = w.offsets[g * KB + kb];
-      const int64_t j1 = w.offsets[g * KB + kb + 1];
-      if (j == j1) continue;
-      float* yg = ytile + (g - g0) * R * NT;
-      __m256 acc[A], acc2[A];
-#pragma GCC unroll 16
-      for (int i = 0; i < A; ++i) {
-        acc[i] = _mm256_loadu_ps(yg + 8 * i);
-        acc2[i] = _mm256_setzero_ps();
+  for (int64_t g = g0; g < g1; ++g) {
+    __m256 acc[U * A];
+#pragma GCC unroll 32
+    for (int i = 0; i < U * A; ++i) acc[i] = _mm256_setzero_ps();
+    const int32_t* seg = w.offsets + g * KB;
+    int64_t j = seg[0];
+    for (int64_t kb = 0; kb < KB; ++kb) {
+      const float* xb = xT + kb * kSpmmKBlock * NT;
+      const int64_t j1 = seg[kb + 1];
+      for (; j + U <= j1; j += U) {
+#pragma GCC unroll 4
+        for (int u = 0; u < U; ++u)
+          tile_entry<VT, R, NV>(w, xb + indices[j + u] * NT, j + u, acc + u * A);
       }
-      if constexpr (U == 2) {
-        for (; j + 2 <= j1; j += 2) {
-          tile_entry<VT, R, NV>(w, xb + indices[j] * ldx, j, acc);
-          tile_entry<VT, R, NV>(w, xb + indices[j + 1] * ldx, j + 1, acc2);
-        }
-      }
-      for (; j < j1; ++j) tile_entry<VT, R, NV>(w, xb + indices[j] * ldx, j, acc);
-#pragma GCC unroll 16
-      for (int i = 0; i < A; ++i)
-        _mm256_storeu_ps(yg + 8 * i, U == 2 ? _mm256_add_ps(acc[i], acc2[i]) : acc[i]);
+      for (; j < j1; ++j) tile_entry<VT, R, NV>(w, xb + indices[j] * NT, j, acc);
+    }
+    float* yg = ytile + (g - g0) * R * NT;
+#pragma GCC unroll 32
+    for (int i = 0; i < A; ++i) {
+      __m256 sum = acc[i];
+#pragma GCC unroll 4
+      for (int u = 1; u < U; ++u) sum = _mm256_add_ps(sum, acc[u * A + i]);
+      _mm256_storeu_ps(yg + 8 * i, sum);
     }
   }
 }
@@ -209,13 +214,13 @@ void sddmm(const SpmmWeight& w, const float* dyT, const float* xT, int64_t ld, i
 
 const SpmmUkernels kF32[4] = {
     SE_AVX2_KERNELS(ValueType::kF32, "f32", 1, gemv_r1<ValueType::kF32>, 32, 4, 2),
-    SE_AVX2_KERNELS(ValueType::kF32, "f32", 2, (gemv_rsmall<ValueType::kF32, 2>), 32, 4, 1),
+    SE_AVX2_KERNELS(ValueType::kF32, "f32", 2, (gemv_rsmall<ValueType::kF32, 2>), 16, 2, 2),
     SE_AVX2_KERNELS(ValueType::kF32, "f32", 4, (gemv_rsmall<ValueType::kF32, 4>), 16, 2, 1),
     SE_AVX2_KERNELS(ValueType::kF32, "f32", 8, gemv_r8<ValueType::kF32>, 8, 1, 1),
 };
 const SpmmUkernels kBF16[4] = {
     SE_AVX2_KERNELS(ValueType::kBF16, "bf16", 1, gemv_r1<ValueType::kBF16>, 32, 4, 2),
-    SE_AVX2_KERNELS(ValueType::kBF16, "bf16", 2, (gemv_rsmall<ValueType::kBF16, 2>), 32, 4, 1),
+    SE_AVX2_KERNELS(ValueType::kBF16, "bf16", 2, (gemv_rsmall<ValueType::kBF16, 2>), 16, 2, 2),
     SE_AVX2_KERNELS(ValueType::kBF16, "bf16", 4, (gemv_rsmall<ValueType::kBF16, 4>), 16, 2, 1),
     SE_AVX2_KERNELS(ValueType::kBF16, "bf16", 8, gemv_r8<ValueType::kBF16>, 8, 1, 1),
 };

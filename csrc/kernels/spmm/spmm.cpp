@@ -55,14 +55,15 @@ void spmm_run_groups(const SpmmWeight& w, const SpmmActivations& a, const SpmmUk
     return;
   }
   const int64_t NT = k.tile_cols;
-  // Row groups per call: the output tile stays in L1 while the kernel sweeps all column blocks.
+  // Row groups per call: the output tile (chunk * R * NT floats, 8 KB) stays in L1 until it is
+  // transposed into y.
   const int64_t chunk = std::max<int64_t>(1, 2048 / (R * NT));
   std::vector<float> ytile(static_cast<size_t>(chunk * R * NT));
   for (int64_t n0 = 0; n0 < a.tokens; n0 += NT) {
     const int64_t nt = std::min(NT, a.tokens - n0);
     for (int64_t c0 = g0; c0 < g1; c0 += chunk) {
       const int64_t c1 = std::min(g1, c0 + chunk);
-      k.tile(w, a.xT + n0, a.ldx, c0, c1, ytile.data());
+      k.tile(w, a.xT + n0 * w.padded_cols(), NT, c0, c1, ytile.data());
       const int64_t m0 = c0 * R, rows = (c1 - c0) * R;
       for (int64_t n = 0; n < nt; ++n) {
         float* yrow = a.y + (n0 + n) * a.ldy + m0;

@@ -51,6 +51,7 @@ using SpmmGemvUkernel = void (*)(const SpmmWeight& w, const float* x, int64_t g0
 // A tile of tokens in transposed layout: ytile[(g - g0)*R + r, n] = sum_k W[g*R + r, k] * xT[k, n]
 // for n < tile_cols, overwriting ytile.
 //   xT     float [w.padded_cols(), ldx], zero beyond K; the tile starts at column 0 of the pointer.
+//          The driver always passes packed tiles (ldx == tile_cols), which vector ukernels assume.
 //   ytile  float [(g1 - g0) * R, tile_cols].
 using SpmmTileUkernel = void (*)(const SpmmWeight& w, const float* xT, int64_t ldx, int64_t g0,
                                  int64_t g1, float* ytile);
@@ -92,14 +93,14 @@ const SpmmUkernels* spmm_ukernels_avx2(ValueType value_type, int64_t block_rows)
 // Driver for a range of row groups: y[n, m] = sum_k W[m, k] x[n, k] + bias[m] for all N tokens and
 // rows m of groups [g0, g1). Picks GEMV for N == 1 and the tile kernel otherwise.
 //   x     float [N, w.padded_cols()] when N == 1 or xT == nullptr is unused; see below.
-//   xT    float [w.padded_cols(), ldx] transposed activations (ldx a multiple of tile_cols),
-//         required when N > 1.
+//   xT    float [ceil(N / NT), w.padded_cols(), NT] transposed activations packed per tile of
+//         NT = tile_cols tokens, zero-padded; required when N > 1. Packing keeps a tile's rows
+//         contiguous: a power-of-two row stride (ldx = N) would map every row to a few L1 sets.
 //   bias  float [M] or nullptr.   y  float [N, ldy].
 struct SpmmActivations {
   int64_t tokens;       // N
   const float* x;       // N == 1: padded row of K floats
-  const float* xT;      // N > 1: transposed, padded
-  int64_t ldx;
+  const float* xT;      // N > 1: transposed, packed per tile, padded
   const float* bias;
   float* y;
   int64_t ldy;

@@ -1,0 +1,186 @@
+"""sparse_ext default benchmark suite: our kernels vs dense PyTorch in the same process.
+
+Runs every family that is built (SpMM, N:M, sparse conv, MoE, and the MiniLM workload when its
+optional model is installed), shows a progress bar, prints a table and each family's targets,
+and writes JSON plus PNG plots of speedup vs sparsity with the machine recorded.
+
+    bash scripts/bench.sh                         # quick default suite (a few minutes on 2 cores)
+    bash scripts/bench.sh --full                  # every shape of TARGETS.md
+    bash scripts/bench.sh --families spmm,nm --sparsities 0.9 --tokens 1 64 --threads 2
+"""
+import argparse
+import datetime
+import importlib
+import json
+import os
+import sys
+
+import torch
+
+FAMILY_MODULES = {
+    "spmm": "bench.bench_spmm",
+    "nm": "bench.bench_nm",
+    "conv": "bench.bench_conv",
+    "moe": "bench.bench_moe",
+    "minilm": "bench.bench_minilm",
+}
+DEFAULT_FAMILIES = ["spmm", "nm", "conv", "moe"]
+COLUMNS = [("family", "{}"), ("shape", "{}"), ("pattern", "{}"), ("sparsity", "{:.0%}"),
+           ("tokens", "{}"), ("dtype", "{}"), ("dense_ms", "{:.3f}"), ("ours_ms", "{:.3f}"),
+           ("speedup", "{:.2f}x"), ("gflops", "{:.1f}"), ("torch_sparse_ms", "{:.3f}"),
+           ("vs_torch_sparse", "{:.2f}x")]
+
+
+def format_table(rows):
+    """Fixed-width text table of result rows (missing cells left blank)."""
+    present = [(k, f) for k, f in COLUMNS if any(r.get(k) is not None for r in rows)]
+    extra = sorted({k for r in rows for k in r} - {k for k, _ in COLUMNS})
+    present += [(k, "{}") for k in extra if k not in ("weight_bytes_ratio",)]
+
+    def cell(row, key, fmt):
+        value = row.get(key)
+        if value is None:
+            return ""
+        try:
+            return fmt.format(value)
+        except (ValueError, TypeError):
+            return str(value)
+
+    table = [[k for k, _ in present]] + [[cell(r, k, f) for k, f in present] for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(present))]
+    out = []
+    for i, line in enumerate(table):
+        out.append("  ".join(c.rjust(w) for c, w in zip(line, widths)))
+        if i == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def _plot(rows, path_prefix, machine):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: skipping plots")
+        return []
+    written = []
+    families = [f for f in dict.fromkeys(r["family"] for r in rows)]
+    fig, axes = plt.subplots(1, len(families), figsize=(5.5 * len(families), 4.2), squeeze=False)
+    for ax, family in zip(axes[0], families):
+        fam = [r for r in rows if r["family"] == family and r.get("sparsity") is not None]
+        series = {}
+        for r in fam:
+            key = (r.get("shape"), r.get("tokens"), r.get("pattern") if r.get("pattern", "").count(":") == 0 else "N:M",
+                   r.get("dtype", "float32"))
+            series.setdefault(key, []).append(r)
+        for (shape, tokens, kind, dtype), pts in sorted(series.items(), key=lambda kv: str(kv[0])):
+            pts = sorted(pts, key=lambda r: r["sparsity"])
+            label = f"{shape} N={tokens} {kind}" + ("" if dtype in (None, "float32") else f" {dtype}")
+            style = "o--" if kind == "N:M" else "o-"
+            ax.plot([100 * p["sparsity"] for p in pts], [p["speedup"] for p in pts], style,
+                    label=label, markersize=4)
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_xlabel("sparsity (%)")
+        ax.set_ylabel("speedup over dense PyTorch (x)")
+        ax.set_title(family)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.suptitle(f"{machine['cpu']}, {machine['threads']} threads, {machine['isa']}, torch {machine['torch']}",
+                 fontsize=9)
+    fig.tight_layout()
+    path = f"{path_prefix}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+    return written
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="bench.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--families", default=",".join(DEFAULT_FAMILIES),
+                        help="comma-separated subset of: " + ", ".join(FAMILY_MODULES)
+                        + " (default: %(default)s)")
+    parser.add_argument("--full", action="store_true",
+                        help="every shape and pattern of TARGETS.md (tens of minutes on 2 cores)")
+    parser.add_argument("--shapes", nargs="+", metavar="OUTxIN",
+                        help="linear weight shapes for spmm/nm, e.g. 4096x4096 11008x4096")
+    parser.add_argument("--sparsities", nargs="+", type=float, metavar="S",
+                        help="sparsities (fraction of zeros) for spmm, e.g. 0.5 0.9")
+    parser.add_argument("--tokens", nargs="+", type=int, metavar="N", help="token counts, e.g. 1 64")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads for everything (default: all cores)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                        help="also/only run the weight dtype where a family supports it")
+    parser.add_argument("--reps", type=int, default=9, help="timed repetitions per case (median)")
+    parser.add_argument("--out", default=os.path.join("bench", "results"), help="output folder")
+    parser.add_argument("--no-progress", action="store_true", help="plain log lines instead of a bar")
+    args = parser.parse_args(argv)
+    args.quick = not args.full
+    if args.shapes:
+        args.shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes]
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sys.path.insert(0, os.getcwd())
+    import sparse_ext  # noqa: F401
+    from bench.common import machine_info
+
+    machine = machine_info()
+    print("machine: " + ", ".join(f"{k}={v}" for k, v in machine.items() if v is not None))
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        tqdm = None
+    all_rows, reports = [], []
+    for family in [f.strip() for f in args.families.split(",") if f.strip()]:
+        if family not in FAMILY_MODULES:
+            raise SystemExit(f"unknown family {family!r}; choose from {', '.join(FAMILY_MODULES)}")
+        try:
+            module = importlib.import_module(FAMILY_MODULES[family])
+        except ImportError as exc:
+            print(f"[{family}] skipped: {exc}")
+            continue
+        bar = None if (tqdm is None or args.no_progress) else tqdm(desc=family, unit="case")
+
+        def progress(desc, bar=bar):
+            if bar is None:
+                print(f"  {desc}", flush=True)
+            else:
+                bar.set_postfix_str(desc)
+                bar.update(1)
+
+        try:
+            rows = module.run(args, progress)
+        except Exception as exc:  # a family that cannot run here must not hide the others
+            rows = []
+            print(f"[{family}] failed: {type(exc).__name__}: {exc}")
+        if bar is not None:
+            bar.close()
+        all_rows += rows
+        if hasattr(module, "targets_report") and rows:
+            reports += module.targets_report(rows)
+    print()
+    print(format_table(all_rows))
+    if reports:
+        print("\nTargets (../shared/TARGETS.md):")
+        print("\n".join("  " + line for line in reports))
+    os.makedirs(args.out, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    result = {"machine": machine, "args": {k: v for k, v in vars(args).items()}, "rows": all_rows,
+              "targets": reports, "time": stamp}
+    json_path = os.path.join(args.out, "latest.json")
+    with open(json_path, "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    plots = _plot(all_rows, os.path.join(args.out, "speedup_vs_sparsity"), machine) if all_rows else []
+    print(f"\nwrote {json_path}" + "".join(f", {p}" for p in plots))
+
+
+if __name__ == "__main__":
+    main()
