@@ -33,12 +33,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return e == nullptr ? std::string() : std::string(e);
   });
   m.def("spmm_registry", [] {
-    std::vector<std::tuple<std::string, std::string, int64_t, std::string, std::string>> rows;
+    std::vector<std::tuple<std::string, std::string, int64_t, std::string, std::string, std::string>> rows;
     for (int i = 0; i < sparse_ext::spmm_registry_size(); ++i) {
       const auto& e = sparse_ext::spmm_registry_entry(i);
       rows.emplace_back(sparse_ext::isa_name(e.isa),
                         e.value_type == sparse_ext::ValueType::kF32 ? "float32" : "bfloat16",
-                        e.block_rows, e.kernels->gemv_name, e.kernels->tile_name);
+                        e.block_rows, e.kernels->gemv_name, e.kernels->tile_name,
+                        e.kernels->narrow_tile_name ? e.kernels->narrow_tile_name : "");
     }
     return rows;
   });

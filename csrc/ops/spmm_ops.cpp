@@ -134,7 +134,7 @@ at::Tensor spmm_cpu(const at::Tensor& x, const at::Tensor& offsets, const at::Te
       staged.narrow(0, 0, K).copy_(rows[0]);
       a.x = staged.data_ptr<float>();
     } else {
-      staged = transposed_tiles(rows, w.padded_cols(), k.tile_cols);
+      staged = transposed_tiles(rows, w.padded_cols(), spmm_tile_cols_for(k, N));
       a.xT = staged.data_ptr<float>();
     }
     parallel_ranges(split_groups_by_nnz(w, 4 * w.block_rows),

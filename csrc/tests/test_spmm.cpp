@@ -88,7 +88,7 @@ void check_entry(const SpmmRegistryEntry& e, int64_t M, int64_t K, int64_t N, do
     std::copy(x.begin(), x.end(), xpad.begin());
     a.x = xpad.data();
   } else {
-    const int64_t nt = e.kernels->tile_cols;
+    const int64_t nt = spmm_tile_cols_for(*e.kernels, N);
     const int64_t tiles = (N + nt - 1) / nt;
     xT.assign(static_cast<size_t>(tiles * Kp * nt), 0.f);
     for (int64_t n = 0; n < N; ++n)

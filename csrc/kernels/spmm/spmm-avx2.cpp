@@ -209,17 +209,23 @@ void sddmm(const SpmmWeight& w, const float* dyT, const float* xT, int64_t ld, i
 #define SE_AVX2_KERNELS(VT, vts, R, GEMV, NT, NV, U)                                    \
   SpmmUkernels {                                                                        \
     vts "-spmm-1x" #R "-avx2", GEMV, vts "-spmm-" #NT "x" #R "-avx2", tile<VT, R, NV, U>, NT, \
-        vts "-sddmm-" #R "-avx2", sddmm<VT>                                               \
+        nullptr, nullptr, 0, vts "-sddmm-" #R "-avx2", sddmm<VT>                            \
+  }
+// R = 1 adds a 16-token tile: for N <= 16 the 32-wide tile would compute half zeros.
+#define SE_AVX2_KERNELS_R1(VT, vts)                                                         \
+  SpmmUkernels {                                                                         \
+    vts "-spmm-1x1-avx2", gemv_r1<VT>, vts "-spmm-32x1-avx2", tile<VT, 1, 4, 2>, 32,          \
+        vts "-spmm-16x1-avx2", tile<VT, 1, 2, 4>, 16, vts "-sddmm-1-avx2", sddmm<VT>           \
   }
 
 const SpmmUkernels kF32[4] = {
-    SE_AVX2_KERNELS(ValueType::kF32, "f32", 1, gemv_r1<ValueType::kF32>, 32, 4, 2),
+    SE_AVX2_KERNELS_R1(ValueType::kF32, "f32"),
     SE_AVX2_KERNELS(ValueType::kF32, "f32", 2, (gemv_rsmall<ValueType::kF32, 2>), 16, 2, 2),
     SE_AVX2_KERNELS(ValueType::kF32, "f32", 4, (gemv_rsmall<ValueType::kF32, 4>), 16, 2, 1),
     SE_AVX2_KERNELS(ValueType::kF32, "f32", 8, gemv_r8<ValueType::kF32>, 8, 1, 1),
 };
 const SpmmUkernels kBF16[4] = {
-    SE_AVX2_KERNELS(ValueType::kBF16, "bf16", 1, gemv_r1<ValueType::kBF16>, 32, 4, 2),
+    SE_AVX2_KERNELS_R1(ValueType::kBF16, "bf16"),
     SE_AVX2_KERNELS(ValueType::kBF16, "bf16", 2, (gemv_rsmall<ValueType::kBF16, 2>), 16, 2, 2),
     SE_AVX2_KERNELS(ValueType::kBF16, "bf16", 4, (gemv_rsmall<ValueType::kBF16, 4>), 16, 2, 1),
     SE_AVX2_KERNELS(ValueType::kBF16, "bf16", 8, gemv_r8<ValueType::kBF16>, 8, 1, 1),

@@ -54,7 +54,8 @@ void spmm_run_groups(const SpmmWeight& w, const SpmmActivations& a, const SpmmUk
       a.y[m] = y[m] + (a.bias != nullptr ? a.bias[m] : 0.f);
     return;
   }
-  const int64_t NT = k.tile_cols;
+  const int64_t NT = spmm_tile_cols_for(k, a.tokens);
+  const SpmmTileUkernel tile = NT == k.tile_cols ? k.tile : k.narrow_tile;
   // Row groups per call: the output tile (chunk * R * NT floats, 8 KB) stays in L1 until it is
   // transposed into y.
   const int64_t chunk = std::max<int64_t>(1, 2048 / (R * NT));
@@ -63,7 +64,7 @@ void spmm_run_groups(const SpmmWeight& w, const SpmmActivations& a, const SpmmUk
     const int64_t nt = std::min(NT, a.tokens - n0);
     for (int64_t c0 = g0; c0 < g1; c0 += chunk) {
       const int64_t c1 = std::min(g1, c0 + chunk);
-      k.tile(w, a.xT + n0 * w.padded_cols(), NT, c0, c1, ytile.data());
+      tile(w, a.xT + n0 * w.padded_cols(), NT, c0, c1, ytile.data());
       const int64_t m0 = c0 * R, rows = (c1 - c0) * R;
       for (int64_t n = 0; n < nt; ++n) {
         float* yrow = a.y + (n0 + n) * a.ldy + m0;

@@ -69,12 +69,22 @@ struct SpmmUkernels {
   const char* tile_name;
   SpmmTileUkernel tile;
   int64_t tile_cols;  // tokens per tile (NT)
+  // Optional narrower tile for few tokens (N <= narrow_tile_cols), or nullptr.
+  const char* narrow_tile_name;
+  SpmmTileUkernel narrow_tile;
+  int64_t narrow_tile_cols;
   const char* sddmm_name;
   SpmmSddmmUkernel sddmm;
 };
 
 // The ukernels for an ISA, value type and R, or nullptr when the ISA is not compiled in.
 const SpmmUkernels* spmm_ukernels(Isa isa, ValueType value_type, int64_t block_rows);
+
+// Tokens per tile the driver uses for N tokens: the narrow tile when it exists and N fits in it.
+inline int64_t spmm_tile_cols_for(const SpmmUkernels& k, int64_t tokens) {
+  return (k.narrow_tile != nullptr && tokens <= k.narrow_tile_cols) ? k.narrow_tile_cols
+                                                                     : k.tile_cols;
+}
 
 // Every compiled (isa, value type, R) combination, for tests and benchmarks to expand.
 struct SpmmRegistryEntry {
@@ -94,7 +104,7 @@ const SpmmUkernels* spmm_ukernels_avx2(ValueType value_type, int64_t block_rows)
 // rows m of groups [g0, g1). Picks GEMV for N == 1 and the tile kernel otherwise.
 //   x     float [N, w.padded_cols()] when N == 1 or xT == nullptr is unused; see below.
 //   xT    float [ceil(N / NT), w.padded_cols(), NT] transposed activations packed per tile of
-//         NT = tile_cols tokens, zero-padded; required when N > 1. Packing keeps a tile's rows
+//         NT = spmm_tile_cols_for(k, N) tokens, zero-padded; required when N > 1. Packing keeps a tile's rows
 //         contiguous: a power-of-two row stride (ldx = N) would map every row to a few L1 sets.
 //   bias  float [M] or nullptr.   y  float [N, ldy].
 struct SpmmActivations {
