@@ -60,10 +60,11 @@ def extension():
     return cpp_extension.CppExtension(**kwargs)
 
 
-setup(
-    name="sparse_ext",
-    version="0.1.0",
-    packages=find_packages(include=["sparse_ext", "sparse_ext.*"]),
-    ext_modules=[extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
-)
+if __name__ == "__main__":
+    setup(
+        name="sparse_ext",
+        version="0.1.0",
+        packages=find_packages(include=["sparse_ext", "sparse_ext.*"]),
+        ext_modules=[extension()],
+        cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    )
