@@ -111,30 +111,32 @@ inline void conv1x1_group(const SpmmWeight& w, const float* x, int64_t ldx, int6
 }
 
 // MR = 8 * NV pixels x NR = R channels; pixel tiles outer (the input tile stays in cache while
-// every group of the range uses it), groups inner; remainders in 16, 8 and a masked tile.
+// every group of the range uses it), groups inner. The remainder (< MR pixels) is ONE more pass of
+// ceil(rem / 8) vectors with the last one masked, so e.g. a 7x7 plane (49 pixels) with MR = 32 costs
+// two passes over the weights, not four.
+template <int R, int NV>
+void conv1x1_rows(const SpmmWeight& w, const float* x, int64_t ldx, int64_t p, int64_t rem,
+                  int64_t g0, int64_t g1, const ConvEpilogue& ep, float* y, int64_t ldy) {
+  if constexpr (NV > 1) {
+    if (rem <= 8 * (NV - 1)) return conv1x1_rows<R, NV - 1>(w, x, ldx, p, rem, g0, g1, ep, y, ldy);
+  }
+  if (rem == 8 * NV) {
+    for (int64_t g = g0; g < g1; ++g)
+      conv1x1_group<R, NV, false>(w, x, ldx, p, g, _mm256_setzero_si256(), ep, y, ldy);
+  } else {
+    const __m256i mask = lane_mask(0, 0, rem - 8 * (NV - 1));
+    for (int64_t g = g0; g < g1; ++g) conv1x1_group<R, NV, true>(w, x, ldx, p, g, mask, ep, y, ldy);
+  }
+}
+
 template <int R, int NV>
 void conv1x1_avx2(const SpmmWeight& w, const float* x, int64_t ldx, int64_t p0, int64_t p1,
                   int64_t g0, int64_t g1, const ConvEpilogue& ep, float* y, int64_t ldy) {
-  const __m256i none = _mm256_setzero_si256();
   int64_t p = p0;
   for (; p + 8 * NV <= p1; p += 8 * NV)
-    for (int64_t g = g0; g < g1; ++g) conv1x1_group<R, NV, false>(w, x, ldx, p, g, none, ep, y, ldy);
-  if constexpr (NV >= 4) {
-    if (p + 16 <= p1) {
-      for (int64_t g = g0; g < g1; ++g) conv1x1_group<R, 2, false>(w, x, ldx, p, g, none, ep, y, ldy);
-      p += 16;
-    }
-  }
-  if constexpr (NV >= 2) {
-    if (p + 8 <= p1) {
-      for (int64_t g = g0; g < g1; ++g) conv1x1_group<R, 1, false>(w, x, ldx, p, g, none, ep, y, ldy);
-      p += 8;
-    }
-  }
-  if (p < p1) {
-    const __m256i mask = lane_mask(0, 0, p1 - p);
-    for (int64_t g = g0; g < g1; ++g) conv1x1_group<R, 1, true>(w, x, ldx, p, g, mask, ep, y, ldy);
-  }
+    for (int64_t g = g0; g < g1; ++g)
+      conv1x1_group<R, NV, false>(w, x, ldx, p, g, _mm256_setzero_si256(), ep, y, ldy);
+  if (p < p1) conv1x1_rows<R, NV>(w, x, ldx, p, p1 - p, g0, g1, ep, y, ldy);
 }
 
 // ---- kxk direct convolution ------------------------------------------------------------------
@@ -216,12 +218,12 @@ void kxk_avx2(const SpmmWeight& w, const ConvTap* taps, const ConvPlanes& in, in
     }
 }
 
-#define SE_AVX2_CONV(R, NV, MR) \
+#define SE_AVX2_CONV(R, NV, MR, KNV, KMR) \
   ConvUkernels { "f32-spmm-conv1x1-" #MR "x" #R "-avx2", conv1x1_avx2<R, NV>, MR, \
-                 "f32-spconv-kxk-" #MR "x" #R "-avx2", kxk_avx2<R, NV> }
+                 "f32-spconv-kxk-" #KMR "x" #R "-avx2", kxk_avx2<R, KNV> }
 
-const ConvUkernels kAvx2[4] = {SE_AVX2_CONV(1, 4, 32), SE_AVX2_CONV(2, 4, 32),
-                               SE_AVX2_CONV(4, 2, 16), SE_AVX2_CONV(8, 1, 8)};
+const ConvUkernels kAvx2[4] = {SE_AVX2_CONV(1, 8, 64, 4, 32), SE_AVX2_CONV(2, 4, 32, 4, 32),
+                               SE_AVX2_CONV(4, 2, 16, 2, 16), SE_AVX2_CONV(8, 1, 8, 1, 8)};
 
 }  // namespace
 
