@@ -108,8 +108,12 @@ def sparse_conv2d(x: torch.Tensor, weight: CSRWeight, bias: Optional[torch.Tenso
     """``act(conv2d(x, W, bias))`` for NCHW ``x [B, C_in, H, W]`` (channels_last accepted) and a
     CSRWeight W [out_channels, in_channels * kh * kw]; groups = 1, zero padding."""
     lo, hi = activation_bounds(activation)
+    kernel_size = _pair(kernel_size, "kernel_size")
+    if x.dim() == 4 and x.shape[1] * kernel_size[0] * kernel_size[1] != weight.in_features:
+        raise ValueError(f"x has {x.shape[1]} channels but the weight expects "
+                         f"{weight.in_features} / ({kernel_size[0]}*{kernel_size[1]}) input channels")
     return _lib.sparse_conv2d(x, weight.offsets, weight.indices, weight.values, bias,
-                              weight.out_features, _pair(kernel_size, "kernel_size"),
+                              weight.out_features, kernel_size,
                               _pair(stride, "stride"), _pair(padding, "padding"),
                               _pair(dilation, "dilation"), weight.block_rows, lo, hi)
 
@@ -119,8 +123,7 @@ def _sparse_conv2d_fake(x, offsets, indices, values, bias, out_channels, kernel_
                         padding, dilation, block_rows, out_min, out_max):
     torch._check(x.dim() == 4, lambda: "x must be 4-D [batch, channels, height, width]")
     oh, ow = conv_output_size(x.shape[2:], kernel_size, stride, padding, dilation)
-    return x.new_empty((x.shape[0], out_channels, oh, ow),
-                       memory_format=torch.contiguous_format)
+    return x.new_empty((x.shape[0], out_channels, oh, ow))  # always NCHW-contiguous
 
 
 @torch.library.register_fake("sparse_ext::sparse_conv2d_grad_input")
