@@ -111,20 +111,21 @@ inline void conv1x1_group(const SpmmWeight& w, const float* x, int64_t ldx, int6
 }
 
 // MR = 8 * NV pixels x NR = R channels; pixel tiles outer (the input tile stays in cache while
-// every group of the range uses it), groups inner. The remainder (< MR pixels) is ONE more pass of
-// ceil(rem / 8) vectors with the last one masked, so e.g. a 7x7 plane (49 pixels) with MR = 32 costs
-// two passes over the weights, not four.
+// every group of the range uses it), groups inner. A pixel range is cut into the fewest passes of at
+// most NV vectors, balanced (e.g. 14x14 = 196 pixels = 25 vectors -> 13 + 12 with NV = 13, 7x7 = 49
+// pixels -> one pass of 7 vectors), the last vector of the last pass masked. Every pass re-reads all
+// of the group's nonzeros, so fewer passes = fewer index loads, broadcasts and loop trips.
 template <int R, int NV>
-void conv1x1_rows(const SpmmWeight& w, const float* x, int64_t ldx, int64_t p, int64_t rem,
+void conv1x1_pass(const SpmmWeight& w, const float* x, int64_t ldx, int64_t p, int64_t width,
                   int64_t g0, int64_t g1, const ConvEpilogue& ep, float* y, int64_t ldy) {
   if constexpr (NV > 1) {
-    if (rem <= 8 * (NV - 1)) return conv1x1_rows<R, NV - 1>(w, x, ldx, p, rem, g0, g1, ep, y, ldy);
+    if (width <= 8 * (NV - 1)) return conv1x1_pass<R, NV - 1>(w, x, ldx, p, width, g0, g1, ep, y, ldy);
   }
-  if (rem == 8 * NV) {
+  if (width == 8 * NV) {
     for (int64_t g = g0; g < g1; ++g)
       conv1x1_group<R, NV, false>(w, x, ldx, p, g, _mm256_setzero_si256(), ep, y, ldy);
   } else {
-    const __m256i mask = lane_mask(0, 0, rem - 8 * (NV - 1));
+    const __m256i mask = lane_mask(0, 0, width - 8 * (NV - 1));
     for (int64_t g = g0; g < g1; ++g) conv1x1_group<R, NV, true>(w, x, ldx, p, g, mask, ep, y, ldy);
   }
 }
@@ -132,11 +133,15 @@ void conv1x1_rows(const SpmmWeight& w, const float* x, int64_t ldx, int64_t p, i
 template <int R, int NV>
 void conv1x1_avx2(const SpmmWeight& w, const float* x, int64_t ldx, int64_t p0, int64_t p1,
                   int64_t g0, int64_t g1, const ConvEpilogue& ep, float* y, int64_t ldy) {
-  int64_t p = p0;
-  for (; p + 8 * NV <= p1; p += 8 * NV)
-    for (int64_t g = g0; g < g1; ++g)
-      conv1x1_group<R, NV, false>(w, x, ldx, p, g, _mm256_setzero_si256(), ep, y, ldy);
-  if (p < p1) conv1x1_rows<R, NV>(w, x, ldx, p, p1 - p, g0, g1, ep, y, ldy);
+  const int64_t vectors = (p1 - p0 + 7) / 8;
+  int64_t passes = (vectors + NV - 1) / NV, done = 0;
+  for (int64_t p = p0; p < p1; --passes) {
+    const int64_t nv = (vectors - done + passes - 1) / passes;
+    const int64_t width = std::min<int64_t>(8 * nv, p1 - p);
+    conv1x1_pass<R, NV>(w, x, ldx, p, width, g0, g1, ep, y, ldy);
+    p += width;
+    done += nv;
+  }
 }
 
 // ---- kxk direct convolution ------------------------------------------------------------------
