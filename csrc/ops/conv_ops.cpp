@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 
 #include "../kernels/conv/conv.h"
@@ -135,6 +136,12 @@ std::vector<int64_t> split_even(int64_t items, int64_t parts, int64_t align) {
   return bounds;
 }
 
+// Output size from which 1x1 outputs bypass the caches (SPARSE_EXT_CONV_STREAM_MB overrides).
+int64_t stream_bytes() {
+  const char* e = std::getenv("SPARSE_EXT_CONV_STREAM_MB");
+  return (e != nullptr ? std::atoll(e) : 4) * (int64_t(1) << 20);
+}
+
 at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& offsets,
                              const at::Tensor& indices, const at::Tensor& values,
                              const c10::optional<at::Tensor>& bias, int64_t out_channels,
@@ -181,22 +188,26 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& offsets,
   w.values = vf.data_ptr<float>();
   at::Tensor y = at::empty({B, out_channels, s.out_h, s.out_w}, xf.options());
   if (B == 0 || out_channels == 0 || P == 0) return y.to(x.scalar_type());
-  const ConvEpilogue ep{bias_t.defined() ? bias_t.data_ptr<float>() : nullptr,
-                        static_cast<float>(out_min), static_cast<float>(out_max)};
+  ConvEpilogue ep{bias_t.defined() ? bias_t.data_ptr<float>() : nullptr,
+                  static_cast<float>(out_min), static_cast<float>(out_max)};
+  // Outputs much larger than the caches are written with streaming stores (see ConvEpilogue).
+  ep.stream = B * out_channels * P * int64_t(sizeof(float)) >= stream_bytes();
   const ConvUkernels& k = ukernels_for(block_rows);
   const float* xp = xf.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const int64_t parts = work_parts();
   const bool split_by_groups = w.groups() >= 2 * parts;
   if (is_pointwise(s)) {
-    // y[b] = W x[b]: each image is a [C_in, H*W] matrix with contiguous pixel rows.
-    if (split_by_groups) {
+    // y[b] = W x[b]: each image is a [C_in, H*W] matrix with contiguous pixel rows. Large planes
+    // are split by pixels (each thread streams only its part of x and y; the weights are small and
+    // shared), small ones (7x7, 14x14) by output-channel groups balanced by nonzeros.
+    if (P < 128 * parts && split_by_groups) {
       parallel_ranges(split_groups(w, 8 * block_rows), [&](int64_t g0, int64_t g1) {
         for (int64_t b = 0; b < B; ++b)
           k.conv1x1(w, xp + b * C * P, P, 0, P, g0, g1, ep, yp + b * out_channels * P, P);
       });
     } else {
-      parallel_ranges(split_even(P, parts, 8), [&](int64_t p0, int64_t p1) {
+      parallel_ranges(split_even(P, parts, 64), [&](int64_t p0, int64_t p1) {
         for (int64_t b = 0; b < B; ++b)
           k.conv1x1(w, xp + b * C * P, P, p0, p1, 0, w.groups(), ep, yp + b * out_channels * P, P);
       });

@@ -50,7 +50,7 @@ inline void tile_entry(const float* values, int64_t j, const float* xr, __m256i 
 
 template <int R, int NV>
 inline void store_tile(__m256* acc, const ConvEpilogue& ep, int64_t m0, float* y, int64_t ldy,
-                       bool masked, __m256i mask) {
+                       bool masked, __m256i mask, bool stream = false) {
   const __m256 vmin = _mm256_set1_ps(ep.out_min), vmax = _mm256_set1_ps(ep.out_max);
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
@@ -59,6 +59,7 @@ inline void store_tile(__m256* acc, const ConvEpilogue& ep, int64_t m0, float* y
     for (int v = 0; v < NV; ++v) {
       const __m256 o = clamp(acc[r * NV + v], vmin, vmax);
       if (masked && v == NV - 1) _mm256_maskstore_ps(yr + 8 * v, mask, o);
+      else if (stream) _mm256_stream_ps(yr + 8 * v, o);
       else _mm256_storeu_ps(yr + 8 * v, o);
     }
   }
@@ -107,7 +108,7 @@ inline void conv1x1_group(const SpmmWeight& w, const float* x, int64_t ldx, int6
 #pragma GCC unroll 16
     for (int i = 0; i < A; ++i) acc[i] = _mm256_add_ps(acc[i], acc2[i]);
   }
-  store_tile<R, NV>(acc, ep, g * R, y + p, ldy, MASK, mask);
+  store_tile<R, NV>(acc, ep, g * R, y + p, ldy, MASK, mask, ep.stream);
 }
 
 // MR = 8 * NV pixels x NR = R channels; pixel tiles outer (the input tile stays in cache while
@@ -132,7 +133,9 @@ void conv1x1_pass(const SpmmWeight& w, const float* x, int64_t ldx, int64_t p, i
 
 template <int R, int NV>
 void conv1x1_avx2(const SpmmWeight& w, const float* x, int64_t ldx, int64_t p0, int64_t p1,
-                  int64_t g0, int64_t g1, const ConvEpilogue& ep, float* y, int64_t ldy) {
+                  int64_t g0, int64_t g1, const ConvEpilogue& ep_in, float* y, int64_t ldy) {
+  ConvEpilogue ep = ep_in;
+  ep.stream = ep.stream && reinterpret_cast<uintptr_t>(y) % 32 == 0 && ldy % 8 == 0 && p0 % 8 == 0;
   const int64_t vectors = (p1 - p0 + 7) / 8;
   int64_t passes = (vectors + NV - 1) / NV, done = 0;
   for (int64_t p = p0; p < p1; --passes) {
@@ -142,6 +145,7 @@ void conv1x1_avx2(const SpmmWeight& w, const float* x, int64_t ldx, int64_t p0, 
     p += width;
     done += nv;
   }
+  if (ep.stream) _mm_sfence();
 }
 
 // ---- kxk direct convolution ------------------------------------------------------------------
@@ -185,6 +189,9 @@ inline void kxk_tap(const float* values, int64_t j, const ConvTap& t, const Conv
 template <int R, int NV>
 void kxk_avx2(const SpmmWeight& w, const ConvTap* taps, const ConvPlanes& in, int64_t oy0,
               int64_t oy1, int64_t g0, int64_t g1, const ConvEpilogue& ep, float* y) {
+  if constexpr (NV > 1) {  // narrow planes: the smallest tile that covers a row
+    if (in.out_w <= 8 * (NV - 1)) return kxk_avx2<R, NV - 1>(w, taps, in, oy0, oy1, g0, g1, ep, y);
+  }
   constexpr int A = R * NV, MR = 8 * NV;
   constexpr bool U2 = A < 8;
   const int64_t KB = w.k_blocks(), OW = in.out_w, P = in.out_h * in.out_w;

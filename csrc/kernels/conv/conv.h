@@ -34,6 +34,9 @@ struct ConvEpilogue {
   const float* bias;  // float [C_out] or nullptr
   float out_min;
   float out_max;
+  // 1x1 only: write full output vectors with non-temporal stores when they are 32-byte aligned
+  // (the op sets it for outputs far larger than the caches: saves the read-for-ownership).
+  bool stream = false;
 };
 
 // 1x1 ukernel for one image: output channels of groups [g0, g1), pixels [p0, p1).
