@@ -301,3 +301,14 @@ def test_registry_lists_every_isa():
     if "avx2" in sparse_ext.supported_isas():
         assert "f32-spmm-conv1x1-64x1-avx2" in names
     assert {r[1] for r in rows} == {1, 2, 4, 8}
+
+
+def test_streaming_store_path(isa, monkeypatch):
+    # Outputs above SPARSE_EXT_CONV_STREAM_MB use non-temporal stores on AVX2; force it on small ones.
+    monkeypatch.setenv("SPARSE_EXT_CONV_STREAM_MB", "0")
+    for hw in ((8, 8), (7, 5), (16, 20)):
+        csr, dense = make_weight(16, 24, 1, 1, 0.3, 1)
+        x = torch.randn(2, 24, *hw)
+        bias = torch.randn(16)
+        torch.testing.assert_close(ops.sparse_conv2d(x, csr, bias, activation="relu").double(),
+                                   reference(x, dense, bias, 1, 0, 1, "relu"), atol=1e-4, rtol=1e-4)

@@ -224,7 +224,11 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& offsets,
              .contiguous();
   }
   const int64_t image_q = C * s.stride_h * s.stride_w * hq * wq;
-  TORCH_CHECK(image_q < (int64_t(1) << 40), "input image too large");
+  TORCH_CHECK(image_q < (int64_t(1) << 31) && s.kernel_h * s.dil_h < 32768 &&
+                  s.kernel_w * s.dil_w < 32768,
+              "input image too large for the sparse kxk path (at most 2^31 - 1 elements per "
+              "image after the stride split, dilated kernel below 32768)");
+
   at::Tensor taps_buf = at::empty({std::max<int64_t>(1, w.nnz) * int64_t(sizeof(ConvTap))},
                                   xf.options().dtype(at::kByte));
   ConvTap* taps = reinterpret_cast<ConvTap*>(taps_buf.data_ptr<uint8_t>());

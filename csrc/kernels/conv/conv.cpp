@@ -54,9 +54,9 @@ void conv_build_taps(const SpmmWeight& w, const ConvShape& s, ConvTap* taps) {
     const int64_t dy = floor_div(offy, s.stride_h), dx = floor_div(offx, s.stride_w);
     const int64_t ry = offy - dy * s.stride_h, rx = offx - dx * s.stride_w;
     const int64_t plane = (ci * s.stride_h + ry) * s.stride_w + rx;
-    taps[j].plane = plane * hq * wq;
-    taps[j].dy = static_cast<int32_t>(dy);
-    taps[j].dx = static_cast<int32_t>(dx);
+    taps[j].plane = static_cast<int32_t>(plane * hq * wq);
+    taps[j].dy = static_cast<int16_t>(dy);
+    taps[j].dx = static_cast<int16_t>(dx);
   });
 }
 

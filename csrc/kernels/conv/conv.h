@@ -48,9 +48,9 @@ using Conv1x1Ukernel = void (*)(const SpmmWeight& w, const float* x, int64_t ldx
 
 // One stored entry of a kxk weight, in phase-plane coordinates (see top of file).
 struct ConvTap {
-  int64_t plane;  // element offset of the phase plane in xq
-  int32_t dy;     // row shift: output row oy reads plane row oy + dy
-  int32_t dx;     // column shift: output column ox reads plane column ox + dx
+  int32_t plane;  // element offset of the phase plane in xq (the op checks it fits)
+  int16_t dy;     // row shift: output row oy reads plane row oy + dy
+  int16_t dx;     // column shift: output column ox reads plane column ox + dx
 };
 
 struct ConvPlanes {
