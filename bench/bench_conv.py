@@ -1,7 +1,7 @@
 """Sparse conv benchmark: our sparse_conv2d vs F.conv2d, and whole MobileNets vs the folded dense model.
 
 NCHW, batch 1, 224x224 inputs, fp32, all threads; ours and dense timed interleaved in one process
-(bench/common.py), medians. ``gflops`` is the effective rate: dense FLOPs / our time.
+(bench/common.py), medians, both under torch.inference_mode() (deployment). ``gflops`` is the effective rate: dense FLOPs / our time.
 
     python -m bench.bench_conv            # quick subset
     python -m bench.bench_conv --full     # every 1x1 layer of MobileNetV1/V2 at 70% and 90%, both
@@ -43,7 +43,7 @@ def _layer_row(name, ci, co, h, w, k, stride, pad, sparsity, pattern, reps, acti
     def dense():
         return dense_act(F.conv2d(x, wd, bias, stride, pad))
 
-    with torch.no_grad():
+    with torch.inference_mode():
         dense_ms, ours_ms = interleaved_median_ms([dense, lambda: sparse(x)], reps=reps)
     oh = (h + 2 * pad - k) // stride + 1
     ow = (w + 2 * pad - k) // stride + 1
@@ -73,7 +73,7 @@ def _time_network(model_cls, tag, sparsity, reps):
     dense = folded(model_cls())
     sparse = sparsify_pointwise(dense, sparsity)
     x = torch.randn(1, 3, 224, 224)
-    with torch.no_grad():
+    with torch.inference_mode():
         err = (sparse(x) - sparsify_dense_reference(sparse, dense)(x)).abs().max().item()
         dense_ms, ours_ms = interleaved_median_ms([lambda: dense(x), lambda: sparse(x)], reps=reps)
         # Where the dense time goes: 1x1, depthwise, rest (per-layer hooks, one timed pass).

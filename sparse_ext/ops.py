@@ -118,6 +118,13 @@ def sparse_conv2d(x: torch.Tensor, weight: CSRWeight, bias: Optional[torch.Tenso
                               _pair(dilation, "dilation"), weight.block_rows, lo, hi)
 
 
+def sparse_conv2d_op(x, offsets, indices, values, bias, out_channels, kernel_size, stride, padding,
+                     dilation, block_rows, out_min, out_max):
+    """The raw op with every argument explicit (lists for the pairs); modules cache them."""
+    return _lib.sparse_conv2d(x, offsets, indices, values, bias, out_channels, kernel_size, stride,
+                              padding, dilation, block_rows, out_min, out_max)
+
+
 @torch.library.register_fake("sparse_ext::sparse_conv2d")
 def _sparse_conv2d_fake(x, offsets, indices, values, bias, out_channels, kernel_size, stride,
                         padding, dilation, block_rows, out_min, out_max):

@@ -137,8 +137,13 @@ class SparseConv2d(nn.Module):
         unbatched = x.dim() == 3
         if unbatched:
             x = x.unsqueeze(0)
-        y = ops.sparse_conv2d(x, self.weight_format(), self.bias, self.kernel_size, self.stride,
-                              self.padding, self.dilation, self.activation)
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"expected input [batch, {self.in_channels}, H, W] (or unbatched "
+                             f"[{self.in_channels}, H, W]), got {tuple(x.shape)}")
+        lo, hi = ops.activation_bounds(self.activation)
+        y = ops.sparse_conv2d_op(x, self.offsets, self.indices, self.values, self.bias,
+                                 self.out_channels, list(self.kernel_size), list(self.stride),
+                                 list(self.padding), list(self.dilation), self.block_rows, lo, hi)
         return y.squeeze(0) if unbatched else y
 
     def to_dense(self) -> nn.Conv2d:
