@@ -149,93 +149,112 @@ void conv1x1_avx2(const SpmmWeight& w, const float* x, int64_t ldx, int64_t p0, 
 }
 
 // ---- kxk direct convolution ------------------------------------------------------------------
-// One tap into a tile of up to 8*NV output columns [ox0, ox0 + width) of row oy: full vector
-// loads when the shifted window lies inside the plane row, masked loads (lanes clipped to the
-// plane and to the tile) at the edges; taps whose input row is outside the plane are skipped.
-template <int R, int NV>
+// One tap into a tile of ROWS output rows [oy, oy + nrows) x up to 8*NV columns [ox0, ox0 + width):
+// the column clipping (lo, hi) depends only on the tap's dx, so it is computed once and shared by
+// the rows; full vector loads when the shifted window lies inside the plane row, masked loads
+// (lanes clipped to the plane and to the tile) at the edges; rows outside the plane are skipped.
+// Accumulators: acc[(row * R + r) * NV + v].
+template <int R, int NV, int ROWS>
 inline void kxk_tap(const float* values, int64_t j, const ConvTap& t, const ConvPlanes& in,
-                    int64_t oy, int64_t ox0, int64_t width, __m256* acc) {
-  const int64_t iy = oy + t.dy;
-  if (static_cast<uint64_t>(iy) >= static_cast<uint64_t>(in.hq)) return;
+                    int64_t oy, int64_t nrows, int64_t ox0, int64_t width, __m256* acc) {
   const int64_t xs = ox0 + t.dx;
   const int64_t lo = std::max<int64_t>(0, -xs), hi = std::min<int64_t>(width, in.wq - xs);
   if (hi <= lo) return;
-  // Address arithmetic in integers: the window may start before the row (masked lanes only).
-  const float* xr = reinterpret_cast<const float*>(
-      reinterpret_cast<uintptr_t>(in.xq + t.plane + iy * in.wq) + static_cast<uintptr_t>(xs * 4));
-  __m256 xv[NV];
-  if (lo == 0 && hi == 8 * NV) {
+  const bool full = lo == 0 && hi == 8 * NV;
+  __m256i masks[NV];
+  if (!full) {
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) xv[v] = _mm256_loadu_ps(xr + 8 * v);
-  } else {
+    for (int v = 0; v < NV; ++v) masks[v] = lane_mask(v, lo, hi);
+  }
+  __m256 wv[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) wv[r] = _mm256_broadcast_ss(values + j * R + r);
+#pragma GCC unroll 4
+  for (int row = 0; row < ROWS; ++row) {
+    const int64_t iy = oy + row + t.dy;
+    if (row >= nrows || static_cast<uint64_t>(iy) >= static_cast<uint64_t>(in.hq)) continue;
+    // Address arithmetic in integers: the window may start before the row (masked lanes only).
+    const uintptr_t xr = reinterpret_cast<uintptr_t>(in.xq + t.plane + iy * in.wq) +
+                         static_cast<uintptr_t>(xs * 4);
+    __m256 xv[NV];
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) {
-      const float* a = reinterpret_cast<const float*>(reinterpret_cast<uintptr_t>(xr) + 32 * v);
-      xv[v] = _mm256_maskload_ps(a, lane_mask(v, lo, hi));
+      const float* a = reinterpret_cast<const float*>(xr + 32 * v);
+      xv[v] = full ? _mm256_loadu_ps(a) : _mm256_maskload_ps(a, masks[v]);
     }
-  }
 #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-    const __m256 wv = _mm256_broadcast_ss(values + j * R + r);
+    for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) acc[r * NV + v] = _mm256_fmadd_ps(wv, xv[v], acc[r * NV + v]);
+      for (int v = 0; v < NV; ++v)
+        acc[(row * R + r) * NV + v] = _mm256_fmadd_ps(wv[r], xv[v], acc[(row * R + r) * NV + v]);
   }
 }
 
 // Buffers at entry: taps ConvTap [nnz]; in.xq float [planes, hq, wq]; y float [C_out, out_h*out_w];
 // w.values float [nnz * R]; a group's entries are offsets[g*KB] .. offsets[(g+1)*KB].
-// Tile: 8*NV output columns of one row x R channels; rows outer so the input rows of all planes
-// near oy stay in cache across the groups.
-template <int R, int NV>
+// Tile: ROWS output rows x 8*NV columns x R channels in registers over all of the group's taps;
+// row blocks outer so the input rows of all planes near oy stay in cache across the groups.
+template <int R, int NV, int ROWS>
 void kxk_avx2(const SpmmWeight& w, const ConvTap* taps, const ConvPlanes& in, int64_t oy0,
               int64_t oy1, int64_t g0, int64_t g1, const ConvEpilogue& ep, float* y) {
-  if constexpr (NV > 1) {  // narrow planes: the smallest tile that covers a row
-    if (in.out_w <= 8 * (NV - 1)) return kxk_avx2<R, NV - 1>(w, taps, in, oy0, oy1, g0, g1, ep, y);
+  if constexpr (NV > 1) {  // narrow planes: the smallest tile that covers a row, more rows
+    if (in.out_w <= 8 * (NV - 1)) {
+      constexpr int kRows = (8 / (R * (NV - 1))) > 4 ? 4 : (8 / (R * (NV - 1))) < 1 ? 1 : 8 / (R * (NV - 1));
+      return kxk_avx2<R, NV - 1, kRows>(w, taps, in, oy0, oy1, g0, g1, ep, y);
+    }
   }
-  constexpr int A = R * NV, MR = 8 * NV;
+  constexpr int A = R * NV * ROWS, MR = 8 * NV;
   constexpr bool U2 = A < 8;
   const int64_t KB = w.k_blocks(), OW = in.out_w, P = in.out_h * in.out_w;
   const float* values = static_cast<const float*>(w.values);
-  for (int64_t oy = oy0; oy < oy1; ++oy)
+  for (int64_t oy = oy0; oy < oy1; oy += ROWS) {
+    const int64_t nrows = std::min<int64_t>(ROWS, oy1 - oy);
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t j0 = w.offsets[g * KB], j1 = w.offsets[(g + 1) * KB];
       for (int64_t ox0 = 0; ox0 < OW; ox0 += MR) {
         const int64_t width = std::min<int64_t>(MR, OW - ox0);
         __m256 acc[A], acc2[A];
-        init_tile<R, NV>(acc, ep, g * R);
+#pragma GCC unroll 4
+        for (int row = 0; row < ROWS; ++row) init_tile<R, NV>(acc + row * R * NV, ep, g * R);
 #pragma GCC unroll 16
         for (int i = 0; i < A; ++i) acc2[i] = _mm256_setzero_ps();
         int64_t j = j0;
         if constexpr (U2) {
           for (; j + 2 <= j1; j += 2) {
-            kxk_tap<R, NV>(values, j, taps[j], in, oy, ox0, width, acc);
-            kxk_tap<R, NV>(values, j + 1, taps[j + 1], in, oy, ox0, width, acc2);
+            kxk_tap<R, NV, ROWS>(values, j, taps[j], in, oy, nrows, ox0, width, acc);
+            kxk_tap<R, NV, ROWS>(values, j + 1, taps[j + 1], in, oy, nrows, ox0, width, acc2);
           }
         }
-        for (; j < j1; ++j) kxk_tap<R, NV>(values, j, taps[j], in, oy, ox0, width, acc);
+        for (; j < j1; ++j) kxk_tap<R, NV, ROWS>(values, j, taps[j], in, oy, nrows, ox0, width, acc);
         if constexpr (U2) {
 #pragma GCC unroll 16
           for (int i = 0; i < A; ++i) acc[i] = _mm256_add_ps(acc[i], acc2[i]);
         }
-        if (width == MR) {
-          store_tile<R, NV>(acc, ep, g * R, y + oy * OW + ox0, P, false, _mm256_setzero_si256());
-        } else {
-          // Partial tile: vectors past the width are dropped by the mask of the last one we keep.
-          alignas(32) float tmp[R * MR];
-          store_tile<R, NV>(acc, ep, 0, tmp, MR, false, _mm256_setzero_si256());
-          for (int r = 0; r < R; ++r)
-            std::memcpy(y + (g * R + r) * P + oy * OW + ox0, tmp + r * MR, sizeof(float) * width);
+        for (int64_t row = 0; row < nrows; ++row) {
+          __m256* ra = acc + row * R * NV;
+          if (width == MR) {
+            store_tile<R, NV>(ra, ep, g * R, y + (oy + row) * OW + ox0, P, false, _mm256_setzero_si256());
+          } else {
+            // Partial tile: lanes past the width hold garbage-free partial sums we drop.
+            alignas(32) float tmp[R * MR];
+            store_tile<R, NV>(ra, ep, 0, tmp, MR, false, _mm256_setzero_si256());
+            for (int r = 0; r < R; ++r)
+              std::memcpy(y + (g * R + r) * P + (oy + row) * OW + ox0, tmp + r * MR,
+                          sizeof(float) * width);
+          }
         }
       }
     }
+  }
 }
 
-#define SE_AVX2_CONV(R, NV, MR, KNV, KMR) \
+// kxk names: <rows>x<columns> pixels per register tile x NR channels.
+#define SE_AVX2_CONV(R, NV, MR, KNV, KROWS, KMR) \
   ConvUkernels { "f32-spmm-conv1x1-" #MR "x" #R "-avx2", conv1x1_avx2<R, NV>, MR, \
-                 "f32-spconv-kxk-" #KMR "x" #R "-avx2", kxk_avx2<R, KNV> }
+                 "f32-spconv-kxk-" #KROWS "x" #KMR "x" #R "-avx2", kxk_avx2<R, KNV, KROWS> }
 
-const ConvUkernels kAvx2[4] = {SE_AVX2_CONV(1, 8, 64, 4, 32), SE_AVX2_CONV(2, 4, 32, 4, 32),
-                               SE_AVX2_CONV(4, 2, 16, 2, 16), SE_AVX2_CONV(8, 1, 8, 1, 8)};
+const ConvUkernels kAvx2[4] = {SE_AVX2_CONV(1, 8, 64, 4, 2, 32), SE_AVX2_CONV(2, 4, 32, 2, 2, 16),
+                               SE_AVX2_CONV(4, 2, 16, 1, 2, 8), SE_AVX2_CONV(8, 1, 8, 1, 1, 8)};
 
 }  // namespace
 
