@@ -235,7 +235,7 @@ void kxk_avx2(const SpmmWeight& w, const ConvTap* taps, const ConvPlanes& in, in
           if (width == MR) {
             store_tile<R, NV>(ra, ep, g * R, y + (oy + row) * OW + ox0, P, false, _mm256_setzero_si256());
           } else {
-            // Partial tile: lanes past the width hold garbage-free partial sums we drop.
+            // Partial tile: lanes past the width (masked to zero input, bias only) are dropped.
             alignas(32) float tmp[R * MR];
             store_tile<R, NV>(ra, ep, 0, tmp, MR, false, _mm256_setzero_si256());
             for (int r = 0; r < R; ++r)
