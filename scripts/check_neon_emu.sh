@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Logic check (no aarch64 machine or cross compiler was available when they were written) of the aarch64-only NEON conv ukernels on an x86 host: compiles
+# Logic check of the aarch64-only NEON conv ukernels on an x86 host (no aarch64 machine or cross
+# compiler was available when they were written): compiles
 # csrc/kernels/conv/conv-neon.cpp against a tiny emulation of the NEON intrinsics it uses
 # (csrc/tests/neon_emu/arm_neon_shim.h) and runs csrc/tests/test_conv.cpp over the scalar and the
 # emulated NEON registry entries. Real aarch64 builds compile the same file with <arm_neon.h>.
