@@ -3,6 +3,7 @@
 
 #include "kernels/common/isa.h"
 #include "kernels/spmm/spmm.h"
+#include "kernels/conv/conv.h"  // sparse conv (issue 4)
 
 namespace {
 
@@ -40,6 +41,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                         e.value_type == sparse_ext::ValueType::kF32 ? "float32" : "bfloat16",
                         e.block_rows, e.kernels->gemv_name, e.kernels->tile_name,
                         e.kernels->narrow_tile_name ? e.kernels->narrow_tile_name : "");
+    }
+    return rows;
+  });
+  // ---- sparse conv (issue 4): (isa, block_rows, 1x1 ukernel, MR, kxk ukernel) ----
+  m.def("conv_registry", [] {
+    std::vector<std::tuple<std::string, int64_t, std::string, int64_t, std::string>> rows;
+    for (int i = 0; i < sparse_ext::conv_registry_size(); ++i) {
+      const auto& e = sparse_ext::conv_registry_entry(i);
+      rows.emplace_back(sparse_ext::isa_name(e.isa), e.block_rows, e.kernels->conv1x1_name,
+                        e.kernels->mr, e.kernels->kxk_name != nullptr ? e.kernels->kxk_name : "");
     }
     return rows;
   });

@@ -16,4 +16,22 @@ TORCH_LIBRARY(sparse_ext, m) {
   m.def(
       "spmm_sddmm(Tensor grad_out, Tensor x, Tensor offsets, Tensor indices, int block_rows) "
       "-> Tensor");
+  // ---- sparse conv (issue 4): NCHW, blocked-CSR weight [out_channels, in_channels*kh*kw]
+  // (csrc/kernels/conv/conv.h). groups = 1, zero padding; output clamped to [out_min, out_max]
+  // (fused bias + activation: none = (-inf, inf), relu = (0, inf), relu6 = (0, 6)).
+  m.def(
+      "sparse_conv2d(Tensor x, Tensor offsets, Tensor indices, Tensor values, Tensor? bias, "
+      "int out_channels, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
+      "int block_rows, float out_min, float out_max) -> Tensor");
+  // Input gradient [batch, in_channels, input_size] of the unclamped convolution.
+  m.def(
+      "sparse_conv2d_grad_input(Tensor grad_out, Tensor offsets, Tensor indices, Tensor values, "
+      "int in_channels, int[2] input_size, int[2] kernel_size, int[2] stride, int[2] padding, "
+      "int[2] dilation, int block_rows) -> Tensor");
+  // Gradient of the stored values, float32 (float64 for float64 inputs) [nnz * block_rows].
+  m.def(
+      "sparse_conv2d_grad_values(Tensor grad_out, Tensor x, Tensor offsets, Tensor indices, "
+      "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, int block_rows) "
+      "-> Tensor");
+  // ---- end sparse conv ----
 }

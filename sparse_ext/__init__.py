@@ -9,6 +9,7 @@ from . import ops  # noqa: F401  fake kernels and autograd
 from .formats import CSRWeight
 from .isa import get_isa, set_isa, supported_isas, use_isa
 from .nn import SparseLinear
+from .nn import SparseConv, SparseConv2d, fold_batchnorm, fuse_activations  # sparse conv (issue 4)
 from .prune import block_mask, magnitude_mask, parse_pattern, random_mask
 
 __version__ = "0.1.0"
@@ -26,3 +27,4 @@ __all__ = [
     "supported_isas",
     "use_isa",
 ]
+__all__ += ["SparseConv", "SparseConv2d", "fold_batchnorm", "fuse_activations"]  # sparse conv

@@ -1,0 +1,314 @@
+"""SparseConv2d and torch.ops.sparse_ext.sparse_conv2d* against F.conv2d on the masked dense weight."""
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sparse_ext
+from sparse_ext import ops
+from sparse_ext.formats import CSRWeight
+
+INF = float("inf")
+
+
+def make_weight(co, ci, kh, kw, density=0.3, R=1, dtype=torch.float32):
+    w = torch.randn(co, ci, kh, kw, dtype=dtype)
+    keep = torch.rand(co // R, 1, ci * kh * kw) < density
+    mask = keep.expand(co // R, R, ci * kh * kw).reshape(co, ci, kh, kw)
+    dense = w * mask
+    csr = CSRWeight.from_dense(dense.reshape(co, -1), mask.reshape(co, -1), block_rows=R)
+    return csr, dense
+
+
+def reference(x, dense, bias, stride, padding, dilation, activation=None):
+    y = F.conv2d(x.double(), dense.double(), None if bias is None else bias.double(), stride,
+                 padding, dilation)
+    lo, hi = ops.activation_bounds(activation)
+    return y.clamp(lo, hi) if (lo, hi) != (-INF, INF) else y
+
+
+# (ci, co, H, W, k, stride, padding, dilation)
+GEOMETRIES = [
+    (16, 24, 7, 5, 1, 1, 0, 1),     # 1x1, odd spatial
+    (40, 16, 1, 1, 1, 1, 0, 1),     # 1x1 spatial
+    (300, 16, 9, 11, 1, 1, 0, 1),   # two column blocks
+    (8, 16, 7, 5, 3, 1, 1, 1),
+    (8, 16, 9, 11, 3, 2, 1, 1),
+    (6, 8, 12, 13, 3, 1, 2, 2),
+    (5, 8, 11, 9, 5, 2, 2, 1),
+    (3, 8, 15, 15, 7, 2, 3, 1),
+    (4, 8, 8, 8, 1, 2, 0, 1),       # strided 1x1 goes through the direct path
+    (4, 8, 1, 1, 3, 1, 1, 1),
+    (4, 8, 10, 37, 3, (1, 2), (0, 1), (2, 1)),  # rectangular arguments
+]
+
+
+@pytest.mark.parametrize("geom", GEOMETRIES, ids=lambda g: "x".join(map(str, g[:5])) + f"s{g[5]}p{g[6]}d{g[7]}")
+@pytest.mark.parametrize("R", [1, 4, 8])
+def test_forward_matches_conv2d(isa, geom, R):
+    ci, co, H, W, k, s, p, d = geom
+    csr, dense = make_weight(co, ci, k, k, 0.3, R)
+    x = torch.randn(2, ci, H, W)
+    bias = torch.randn(co)
+    for act in (None, "relu6"):
+        y = ops.sparse_conv2d(x, csr, bias, k, s, p, d, act)
+        ref = reference(x, dense, bias, s, p, d, act)
+        assert y.shape == ref.shape and y.dtype == torch.float32
+        torch.testing.assert_close(y.double(), ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("k,s,p", [(1, 1, 0), (3, 1, 1), (3, 2, 1)])
+def test_activations_layouts_dtypes(isa, k, s, p):
+    csr, dense = make_weight(32, 12, k, k, 0.5, 2)
+    x = torch.randn(3, 12, 14, 10)
+    bias = torch.randn(32)
+    for act in ("relu", (-0.5, 0.25), (None, 1.0)):
+        ref = reference(x, dense, bias, s, p, 1, act)
+        torch.testing.assert_close(ops.sparse_conv2d(x, csr, bias, k, s, p, 1, act).double(), ref,
+                                   atol=1e-4, rtol=1e-4)
+    # channels_last input (converted) and no bias.
+    xc = x.contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(ops.sparse_conv2d(xc, csr, None, k, s, p, 1).double(),
+                               reference(x, dense, None, s, p, 1), atol=1e-4, rtol=1e-4)
+    # bf16 activations computed in fp32, returned in bf16.
+    yb = ops.sparse_conv2d(x.bfloat16(), csr, bias, k, s, p, 1)
+    assert yb.dtype == torch.bfloat16
+    ref = reference(x.bfloat16(), dense, bias, s, p, 1)
+    torch_err = (F.conv2d(x.bfloat16(), dense.bfloat16(), bias.bfloat16(), s, p).double() - ref).abs().max()
+    assert (yb.double() - ref).abs().max() <= 2 * torch_err + 1e-2
+
+
+def test_all_zero_and_dense_weights(isa):
+    for density in (0.0, 1.0):
+        csr, dense = make_weight(16, 8, 3, 3, density, 1)
+        x = torch.randn(1, 8, 6, 7)
+        torch.testing.assert_close(ops.sparse_conv2d(x, csr, None, 3, 1, 1, 1).double(),
+                                   reference(x, dense, None, 1, 1, 1), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            ops.sparse_conv2d(x, CSRWeight.from_dense(dense[:, :, :1, :1].reshape(16, 8)), None).double(),
+            reference(x, dense[:, :, :1, :1].contiguous(), None, 1, 0, 1), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("k,s,p,d,R", [(1, 1, 0, 1, 1), (1, 1, 0, 1, 2), (3, 2, 1, 1, 1),
+                                       (3, 1, 2, 2, 2)])
+def test_gradcheck_float64(k, s, p, d, R):
+    csr, _ = make_weight(4, 3, k, k, 0.5, R, dtype=torch.float64)
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64, requires_grad=True)
+    values = csr.values.clone().requires_grad_(True)
+    bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
+
+    def f(x, values, bias):
+        w = CSRWeight(csr.offsets, csr.indices, values, csr.shape, csr.block_rows)
+        return ops.sparse_conv2d(x, w, bias, k, s, p, d)
+
+    assert torch.autograd.gradcheck(f, (x, values, bias))
+
+
+def test_activation_backward_matches_torch():
+    csr, dense = make_weight(6, 4, 3, 3, 0.6, 2, dtype=torch.float64)
+    x = torch.randn(2, 4, 7, 6, dtype=torch.float64, requires_grad=True)
+    xr = x.detach().clone().requires_grad_(True)
+    for act, fn in (("relu", F.relu), ("relu6", F.relu6), ((-0.3, 0.4), lambda t: F.hardtanh(t, -0.3, 0.4))):
+        values = csr.values.clone().requires_grad_(True)
+        w = CSRWeight(csr.offsets, csr.indices, values, csr.shape, 2)
+        y = ops.sparse_conv2d(x, w, None, 3, 1, 1, 1, act)
+        g = torch.randn_like(y)
+        gx, gv = torch.autograd.grad(y, (x, values), g)
+        dw = dense.clone().requires_grad_(True)
+        yr = fn(F.conv2d(xr, dw, None, 1, 1))
+        gxr, gwr = torch.autograd.grad(yr, (xr, dw), g)
+        torch.testing.assert_close(gx, gxr)
+        row, col = csr.row_and_col()
+        flat = gwr.reshape(6, -1)
+        expect = torch.stack([flat[row + r, col] for r in range(2)], 1).reshape(-1)
+        torch.testing.assert_close(gv, expect)
+
+
+@pytest.mark.parametrize("k,s,p", [(1, 1, 0), (3, 2, 1)])
+def test_opcheck(k, s, p):
+    csr, _ = make_weight(8, 4, k, k, 0.5, 2)
+    x = torch.randn(2, 4, 7, 5, requires_grad=True)
+    values = csr.values.clone().requires_grad_(True)
+    bias = torch.randn(8, requires_grad=True)
+    args = (x, csr.offsets, csr.indices, values, bias, 8, [k, k], [s, s], [p, p], [1, 1], 2, 0.0, 6.0)
+    torch.library.opcheck(torch.ops.sparse_ext.sparse_conv2d.default, args)
+    y = torch.ops.sparse_ext.sparse_conv2d(*args)
+    g = torch.randn_like(y)
+    torch.library.opcheck(torch.ops.sparse_ext.sparse_conv2d_grad_input.default,
+                          (g, csr.offsets, csr.indices, csr.values, 4, [7, 5], [k, k], [s, s],
+                           [p, p], [1, 1], 2))
+    torch.library.opcheck(torch.ops.sparse_ext.sparse_conv2d_grad_values.default,
+                          (g, x.detach(), csr.offsets, csr.indices, [k, k], [s, s], [p, p], [1, 1], 2))
+
+
+# ---- module ---------------------------------------------------------------------------------------
+def test_module_from_dense_patterns_and_alias():
+    assert sparse_ext.SparseConv is sparse_ext.SparseConv2d
+    assert sparse_ext.nn.SparseConv is sparse_ext.SparseConv2d
+    conv = nn.Conv2d(16, 32, 3, stride=2, padding=1)
+    x = torch.randn(2, 16, 11, 9)
+    for kwargs in ({"sparsity": 0.9}, {"sparsity": 0.7, "pattern": "4x1"},
+                   {"sparsity": 0.8, "pattern": "8x1", "method": "random"},
+                   {"mask": torch.rand(32, 16, 3, 3) > 0.5}):
+        m = sparse_ext.SparseConv2d.from_dense(conv, **kwargs)
+        ref = F.conv2d(x, m.dense_weight(), m.bias, 2, 1)
+        torch.testing.assert_close(m(x), ref, atol=1e-4, rtol=1e-4)
+        assert m.to_dense().weight.shape == conv.weight.shape
+        torch.testing.assert_close(m.to_dense()(x), ref, atol=1e-4, rtol=1e-4)
+    m = sparse_ext.SparseConv2d.from_dense(conv, sparsity=0.9)
+    assert abs(m.sparsity - 0.9) < 0.01
+    assert m.block_rows == 1
+    assert sparse_ext.SparseConv2d.from_dense(conv, sparsity=0.5, pattern="4x1").block_rows == 4
+    text = repr(m)
+    assert "sparsity=0.900" in text and "weight_bytes=" in text
+    # unbatched input, padding='same', fused activation
+    c2 = nn.Conv2d(4, 8, 3, padding="same")
+    m2 = sparse_ext.SparseConv2d.from_dense(c2, sparsity=0.5, activation="relu")
+    xu = torch.randn(4, 6, 5)
+    torch.testing.assert_close(m2(xu), F.relu(F.conv2d(xu[None], m2.dense_weight(), m2.bias, 1, 1))[0],
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_module_rejects_unsupported():
+    with pytest.raises(ValueError, match="groups=1"):
+        sparse_ext.SparseConv2d.from_dense(nn.Conv2d(8, 8, 3, groups=8), sparsity=0.5)
+    with pytest.raises(ValueError, match="padding_mode"):
+        sparse_ext.SparseConv2d.from_dense(nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"),
+                                           sparsity=0.5)
+    with pytest.raises(ValueError, match="sparsity"):
+        sparse_ext.SparseConv2d.from_dense(nn.Conv2d(8, 8, 3))
+    with pytest.raises(ValueError, match="activation"):
+        sparse_ext.SparseConv2d.from_dense(nn.Conv2d(8, 8, 3), sparsity=0.5, activation="gelu")
+    with pytest.raises(ValueError, match="mask"):
+        sparse_ext.SparseConv2d.from_dense(nn.Conv2d(8, 8, 3), mask=torch.ones(3, 3, dtype=torch.bool))
+
+
+def test_module_training_state_dict_roundtrip():
+    conv = nn.Conv2d(8, 16, 3, padding=1)
+    m = sparse_ext.SparseConv2d.from_dense(conv, sparsity=0.8, pattern="2x1", activation="relu6")
+    pattern = (m.offsets.clone(), m.indices.clone())
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    x = torch.randn(4, 8, 6, 6)
+    before = m.values.detach().clone()
+    loss = m(x).square().mean()
+    loss.backward()
+    assert m.values.grad is not None and m.bias.grad is not None
+    opt.step()
+    assert not torch.equal(before, m.values.detach())
+    assert torch.equal(pattern[0], m.offsets) and torch.equal(pattern[1], m.indices)
+    buf = io.BytesIO()
+    torch.save(m.state_dict(), buf)
+    buf.seek(0)
+    other = sparse_ext.SparseConv2d.from_dense(conv, sparsity=0.3, pattern="2x1")
+    other.load_state_dict(torch.load(buf))
+    assert other.activation == "relu6"
+    torch.testing.assert_close(other(x), m(x))
+    with pytest.raises(ValueError, match="state_dict"):
+        sparse_ext.SparseConv2d.from_dense(nn.Conv2d(8, 16, 5), sparsity=0.5).load_state_dict(m.state_dict())
+
+
+def test_torch_compile_fullgraph():
+    model = nn.Sequential(
+        sparse_ext.SparseConv2d.from_dense(nn.Conv2d(3, 8, 3, stride=2, padding=1), sparsity=0.5,
+                                           activation="relu"),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8),  # depthwise stays dense
+        sparse_ext.SparseConv2d.from_dense(nn.Conv2d(8, 16, 1), sparsity=0.9, activation="relu6"),
+    )
+    x = torch.randn(2, 3, 16, 16)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), model(x))
+
+
+def test_fold_batchnorm_and_fuse_activations():
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU6(),
+                          nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.ReLU())
+    for bn in (model[1], model[4]):
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.data.uniform_(0.5, 2)
+        bn.bias.data.uniform_(-1, 1)
+    model.eval()
+    x = torch.randn(2, 4, 9, 9)
+    ref = model(x)
+    sparse_ext.fold_batchnorm(model)
+    assert isinstance(model[1], nn.Identity) and isinstance(model[4], nn.Identity)
+    torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)
+    model[3] = sparse_ext.SparseConv2d.from_dense(model[3], mask=torch.ones(8, 8, 1, 1, dtype=torch.bool))
+    model[0] = sparse_ext.SparseConv2d.from_dense(model[0], mask=torch.ones(8, 4, 3, 3, dtype=torch.bool))
+    sparse_ext.fuse_activations(model)
+    assert model[0].activation == "relu6" and model[3].activation == "relu"
+    assert isinstance(model[2], nn.Identity) and isinstance(model[5], nn.Identity)
+    torch.testing.assert_close(model(x), ref, atol=1e-4, rtol=1e-4)
+
+
+# ---- bad input ------------------------------------------------------------------------------------
+def test_malformed_metadata_and_arguments_raise():
+    csr, _ = make_weight(8, 4, 3, 3, 0.5, 1)
+    x = torch.randn(1, 4, 6, 6)
+    op = torch.ops.sparse_ext.sparse_conv2d
+
+    def call(x=x, offsets=csr.offsets, indices=csr.indices, values=csr.values, bias=None, co=8,
+             k=(3, 3), s=(1, 1), p=(1, 1), d=(1, 1), R=1, lo=-INF, hi=INF):
+        return op(x, offsets, indices, values, bias, co, list(k), list(s), list(p), list(d), R, lo, hi)
+
+    call()
+    bad = csr.offsets.clone()
+    bad[2], bad[3] = bad[3].item() + 5, bad[2].item()
+    with pytest.raises(RuntimeError, match="offsets"):
+        call(offsets=bad)
+    idx = csr.indices.clone()
+    idx[-1] = 200  # K = 36 columns
+    with pytest.raises(RuntimeError, match="out of range"):
+        call(indices=idx)
+    with pytest.raises(RuntimeError, match="values must have length"):
+        call(values=csr.values[:-1].contiguous())
+    with pytest.raises(RuntimeError, match="offsets must have length"):
+        call(co=16)
+    with pytest.raises(RuntimeError, match="indices must have dtype"):
+        call(indices=csr.indices.int())
+    with pytest.raises(RuntimeError, match="block_rows"):
+        call(R=3)
+    with pytest.raises(RuntimeError, match="4-D"):
+        call(x=x[0])
+    with pytest.raises(RuntimeError, match="offsets must have length"):
+        call(x=torch.randn(1, 300, 6, 6))  # in_channels do not match the weight's columns
+    with pytest.raises(ValueError, match="channels"):
+        ops.sparse_conv2d(torch.randn(1, 5, 6, 6), csr, None, 3, 1, 1)
+    with pytest.raises(RuntimeError, match="kernel_size"):
+        op(x, csr.offsets, csr.indices, csr.values, None, 8, [3], [1, 1], [1, 1], [1, 1], 1, -INF, INF)
+    with pytest.raises(RuntimeError, match="stride"):
+        call(s=(0, 1))
+    with pytest.raises(RuntimeError, match="smaller than the dilated kernel"):
+        call(p=(0, 0), d=(4, 4))
+    with pytest.raises(RuntimeError, match="out_min <= out_max"):
+        call(lo=1.0, hi=0.0)
+    with pytest.raises(RuntimeError, match="bias"):
+        call(bias=torch.randn(7))
+    with pytest.raises(RuntimeError, match="float64"):
+        call(x=x.double())
+    with pytest.raises(RuntimeError, match="grad_out must be"):
+        torch.ops.sparse_ext.sparse_conv2d_grad_input(torch.randn(1, 8, 5, 5), csr.offsets, csr.indices,
+                                                      csr.values, 4, [6, 6], [3, 3], [1, 1], [1, 1],
+                                                      [1, 1], 1)
+
+
+def test_registry_lists_every_isa():
+    rows = sparse_ext._C.conv_registry()
+    names = {r[2] for r in rows}
+    assert "f32-spmm-conv1x1-8x1-scalar" in names
+    if "avx2" in sparse_ext.supported_isas():
+        assert "f32-spmm-conv1x1-64x1-avx2" in names
+    assert {r[1] for r in rows} == {1, 2, 4, 8}
+
+
+def test_streaming_store_path(isa, monkeypatch):
+    # Outputs above SPARSE_EXT_CONV_STREAM_MB use non-temporal stores on AVX2; force it on small ones.
+    monkeypatch.setenv("SPARSE_EXT_CONV_STREAM_MB", "0")
+    for hw in ((8, 8), (7, 5), (16, 20)):
+        csr, dense = make_weight(16, 24, 1, 1, 0.3, 1)
+        x = torch.randn(2, 24, *hw)
+        bias = torch.randn(16)
+        torch.testing.assert_close(ops.sparse_conv2d(x, csr, bias, activation="relu").double(),
+                                   reference(x, dense, bias, 1, 0, 1, "relu"), atol=1e-4, rtol=1e-4)

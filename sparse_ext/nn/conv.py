@@ -1,0 +1,272 @@
+"""SparseConv2d (also exported as SparseConv): a drop-in ``nn.Conv2d`` whose weight is stored sparse.
+
+The weight is the SpMM family's blocked CSR over ``weight.reshape(out_channels, -1)``; the kernels
+(``torch.ops.sparse_ext.sparse_conv2d``) run 1x1 convs as sparse x dense products over the pixels
+and kxk convs as direct sparse convolutions, with bias and activation fused into the store.
+Only ``groups=1`` and ``padding_mode="zeros"`` are sparse; depthwise / grouped convolutions stay
+dense ``nn.Conv2d`` (``from_dense`` refuses them so that nothing is silently slow).
+"""
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..formats import CSRWeight
+from ..prune import build_mask, parse_pattern
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(int(e) for e in v)
+
+
+def _resolve_padding(padding, kernel_size, dilation):
+    if padding == "valid":
+        return (0, 0)
+    if padding == "same":
+        total = [d * (k - 1) for k, d in zip(kernel_size, dilation)]
+        if any(t % 2 for t in total):
+            raise ValueError("padding='same' with an even (dilated) kernel needs asymmetric padding, "
+                             "which SparseConv2d does not support; pass explicit padding")
+        return tuple(t // 2 for t in total)
+    return _pair(padding)
+
+
+def _block_rows_for(pattern: str, out_channels: int) -> int:
+    kind, (rows, _) = parse_pattern(pattern)
+    if kind == "block" and rows in (2, 4, 8) and out_channels % rows == 0:
+        return rows
+    return 1
+
+
+def _activation_name(activation):
+    lo, hi = ops.activation_bounds(activation)  # validates
+    if activation is None or activation == "none":
+        return None
+    if isinstance(activation, str):
+        return activation
+    return (lo, hi)
+
+
+class SparseConv2d(nn.Module):
+    """``act(conv2d(x, W, bias))`` with W sparse, NCHW (channels_last input accepted), groups=1.
+
+    Parameters: ``values`` (kept weights, trainable; the pattern is fixed) and ``bias``; buffers:
+    the structure (``offsets``, ``indices``). ``activation`` is None, ``"relu"``, ``"relu6"`` or a
+    ``(min, max)`` clamp fused into the kernel's store.
+    """
+
+    def __init__(self, weight: CSRWeight, in_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, bias: Optional[torch.Tensor] = None, pattern: str = "unstructured",
+                 activation=None):
+        super().__init__()
+        if not isinstance(weight, CSRWeight):
+            raise TypeError(f"weight must be a CSRWeight, got {type(weight).__name__}")
+        weight.validate()
+        self.kernel_size = _pair(kernel_size)
+        self.stride = _pair(stride)
+        self.dilation = _pair(dilation)
+        self.padding = _resolve_padding(padding, self.kernel_size, self.dilation)
+        for name, v, lo in (("kernel_size", self.kernel_size, 1), ("stride", self.stride, 1),
+                            ("dilation", self.dilation, 1), ("padding", self.padding, 0)):
+            if len(v) != 2 or min(v) < lo:
+                raise ValueError(f"{name} must be a pair of ints >= {lo}, got {v}")
+        self.in_channels = int(in_channels)
+        self.out_channels = weight.out_features
+        kh, kw = self.kernel_size
+        if weight.in_features != self.in_channels * kh * kw:
+            raise ValueError(f"weight has {weight.in_features} columns, expected in_channels * kh * kw"
+                             f" = {self.in_channels * kh * kw}")
+        self.block_rows = weight.block_rows
+        self.pattern = pattern
+        self.activation = _activation_name(activation)
+        self.register_buffer("offsets", weight.offsets)
+        self.register_buffer("indices", weight.indices)
+        self.values = nn.Parameter(weight.values)
+        if bias is not None:
+            if bias.shape != (self.out_channels,):
+                raise ValueError(f"bias must have shape ({self.out_channels},), got {tuple(bias.shape)}")
+            self.bias = nn.Parameter(bias.detach().clone())
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_dense(cls, conv: nn.Conv2d, sparsity: Optional[float] = None,
+                   pattern: str = "unstructured", method: str = "magnitude",
+                   mask: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
+                   activation=None) -> "SparseConv2d":
+        """Prunes ``conv`` (by ``mask``, or to ``sparsity`` with ``pattern`` "unstructured" or "RxC"
+        and ``method`` "magnitude" / "random"). Block rows R in {2, 4, 8} become output-channel
+        groups sharing a pattern (the kernels' NR)."""
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
+        if conv.groups != 1:
+            raise ValueError(f"SparseConv2d supports groups=1 only, got groups={conv.groups}: "
+                             "depthwise and grouped convolutions stay dense (sparsify skips them)")
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"SparseConv2d supports padding_mode='zeros' only, got "
+                             f"{conv.padding_mode!r}")
+        if conv.transposed if hasattr(conv, "transposed") else False:
+            raise ValueError("transposed convolutions are not supported")
+        weight = conv.weight.detach()
+        co = weight.shape[0]
+        flat = weight.reshape(co, -1)
+        kind, _ = parse_pattern(pattern)
+        if kind == "nm":
+            raise NotImplementedError("N:M patterns are not available for convolutions")
+        if mask is None:
+            if sparsity is None:
+                raise ValueError("from_dense needs sparsity=... or mask=...")
+            mask = build_mask(flat, sparsity, pattern, method, generator)
+        else:
+            if not isinstance(mask, torch.Tensor) or (mask.shape != weight.shape
+                                                      and mask.shape != flat.shape):
+                raise ValueError(f"mask must have shape {tuple(weight.shape)} (or "
+                                 f"{tuple(flat.shape)}), got {getattr(mask, 'shape', type(mask))}")
+            mask = mask.reshape(co, -1)
+        csr = CSRWeight.from_dense(flat, mask.bool(), _block_rows_for(pattern, co))
+        return cls(csr, conv.in_channels, conv.kernel_size, conv.stride, conv.padding,
+                   conv.dilation, conv.bias, pattern, activation)
+
+    def weight_format(self) -> CSRWeight:
+        kh, kw = self.kernel_size
+        return CSRWeight(self.offsets, self.indices, self.values,
+                         (self.out_channels, self.in_channels * kh * kw), self.block_rows)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        unbatched = x.dim() == 3
+        if unbatched:
+            x = x.unsqueeze(0)
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"expected input [batch, {self.in_channels}, H, W] (or unbatched "
+                             f"[{self.in_channels}, H, W]), got {tuple(x.shape)}")
+        lo, hi = ops.activation_bounds(self.activation)
+        y = ops.sparse_conv2d_op(x, self.offsets, self.indices, self.values, self.bias,
+                                 self.out_channels, list(self.kernel_size), list(self.stride),
+                                 list(self.padding), list(self.dilation), self.block_rows, lo, hi)
+        return y.squeeze(0) if unbatched else y
+
+    def to_dense(self) -> nn.Conv2d:
+        """An ``nn.Conv2d`` with the same (zero-filled) weight and bias. A fused ``activation`` is
+        not part of nn.Conv2d: apply it after the returned module."""
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
+                         self.padding, self.dilation, bias=self.bias is not None,
+                         dtype=self.values.dtype, device=self.values.device)
+        with torch.no_grad():
+            conv.weight.copy_(self.weight_format().to_dense().reshape(conv.weight.shape))
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return conv
+
+    def dense_weight(self) -> torch.Tensor:
+        kh, kw = self.kernel_size
+        return self.weight_format().to_dense().reshape(self.out_channels, self.in_channels, kh, kw)
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.weight_format().density
+
+    @property
+    def weight_nbytes(self) -> int:
+        return self.weight_format().nbytes
+
+    def get_extra_state(self):
+        return {"in_channels": self.in_channels, "out_channels": self.out_channels,
+                "kernel_size": self.kernel_size, "stride": self.stride, "padding": self.padding,
+                "dilation": self.dilation, "block_rows": self.block_rows, "pattern": self.pattern,
+                "activation": self.activation}
+
+    def set_extra_state(self, state):
+        saved = (state["out_channels"], state["in_channels"], tuple(state["kernel_size"]))
+        mine = (self.out_channels, self.in_channels, self.kernel_size)
+        if saved != mine:
+            raise ValueError(f"state_dict is for a conv of (out, in, kernel) {saved}, this module is "
+                             f"{mine}")
+        self.stride = tuple(state["stride"])
+        self.padding = tuple(state["padding"])
+        self.dilation = tuple(state["dilation"])
+        self.block_rows = int(state["block_rows"])
+        self.pattern = state["pattern"]
+        self.activation = state["activation"]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The number of stored entries differs between masks: adopt the saved sizes before copying.
+        for name in ("offsets", "indices", "values"):
+            saved = state_dict.get(prefix + name)
+            current = getattr(self, name)
+            if saved is not None and saved.shape != current.shape:
+                fresh = torch.empty_like(saved, dtype=current.dtype, device=current.device)
+                if name == "values":
+                    self.values = nn.Parameter(fresh, requires_grad=current.requires_grad)
+                else:
+                    setattr(self, name, fresh)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        kh, kw = self.kernel_size
+        dense_bytes = self.out_channels * self.in_channels * kh * kw * self.values.element_size()
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+                f"bias={self.bias is not None}, activation={self.activation!r}, "
+                f"pattern={self.pattern!r}, sparsity={self.sparsity:.3f}, dtype={self.values.dtype}, "
+                f"weight_bytes={self.weight_nbytes} ({self.weight_nbytes / max(dense_bytes, 1):.3f}x dense)")
+
+
+SparseConv = SparseConv2d
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """Folds every ``BatchNorm2d`` that directly follows an ``nn.Conv2d`` inside an
+    ``nn.Sequential`` into that conv (weight and bias rescaled), replacing the BN by ``Identity``.
+    Works in place on an eval-mode model and returns it; dense and sparse models get the same
+    folding (fold first, then sparsify)."""
+    for module in model.modules():
+        if not isinstance(module, nn.Sequential):
+            continue
+        names = list(module._modules.keys())
+        for a, b in zip(names, names[1:]):
+            conv, bn = module._modules[a], module._modules[b]
+            if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)):
+                continue
+            if bn.running_mean is None or not bn.affine:
+                continue
+            with torch.no_grad():
+                scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+                conv.weight.mul_(scale.reshape(-1, 1, 1, 1))
+                bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+                new_bias = (bias - bn.running_mean) * scale + bn.bias
+                if conv.bias is None:
+                    conv.bias = nn.Parameter(new_bias)
+                else:
+                    conv.bias.copy_(new_bias)
+            module._modules[b] = nn.Identity()
+    return model
+
+
+def fuse_activations(model: nn.Module) -> nn.Module:
+    """Moves every ``ReLU`` / ``ReLU6`` / ``Hardtanh`` that follows a ``SparseConv2d`` (possibly
+    with ``Identity`` in between) inside an ``nn.Sequential`` into the conv's fused epilogue."""
+    for module in model.modules():
+        if not isinstance(module, nn.Sequential):
+            continue
+        names = list(module._modules.keys())
+        for i, a in enumerate(names):
+            conv = module._modules[a]
+            if not isinstance(conv, SparseConv2d) or conv.activation is not None:
+                continue
+            j = i + 1
+            while j < len(names) and isinstance(module._modules[names[j]], nn.Identity):
+                j += 1
+            if j >= len(names):
+                continue
+            act = module._modules[names[j]]
+            if isinstance(act, nn.ReLU6):
+                conv.activation = "relu6"
+            elif isinstance(act, nn.ReLU):
+                conv.activation = "relu"
+            elif isinstance(act, nn.Hardtanh):
+                conv.activation = (float(act.min_val), float(act.max_val))
+            else:
+                continue
+            module._modules[names[j]] = nn.Identity()
+    return model
