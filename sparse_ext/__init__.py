@@ -11,6 +11,10 @@ from .isa import get_isa, set_isa, supported_isas, use_isa
 from .nn import SparseLinear
 from .prune import block_mask, magnitude_mask, parse_pattern, random_mask
 
+# --- sparsify (issue 6) -------------------------------------------------------------------------
+from .sparsify import SparsifyReport, densify, sparsify
+# --- end sparsify -------------------------------------------------------------------------------
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -25,4 +29,8 @@ __all__ = [
     "set_isa",
     "supported_isas",
     "use_isa",
+    # sparsify (issue 6)
+    "SparsifyReport",
+    "densify",
+    "sparsify",
 ]

@@ -1,0 +1,309 @@
+"""sparsify / densify: which layers are swapped, the report's numbers, and that outputs match."""
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import sparse_ext
+from sparse_ext import SparseLinear, densify, sparsify
+
+
+def mlp(d_in=64, hidden=128, d_out=96, tiny=8):
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(d_in, hidden), nn.ReLU(),
+        nn.Linear(hidden, d_out), nn.ReLU(),
+        nn.Linear(d_out, tiny),              # tiny head: skipped by default
+    )
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.ModuleDict({"q": nn.Linear(64, 64), "k": nn.Linear(64, 64),
+                                   "v": nn.Linear(64, 64)})
+        self.fc1 = nn.Linear(64, 256)
+        self.fc2 = nn.Linear(256, 64)
+
+    def forward(self, x):
+        a = self.attn["q"](x) + self.attn["k"](x) + self.attn["v"](x)
+        return self.fc2(torch.relu(self.fc1(a)))
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.ModuleList([Block(), Block()])
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):
+        for blk in self.encoder:
+            x = blk(x)
+        return self.head(x)
+
+
+def sparse_names(model):
+    return sorted(n for n, m in model.named_modules() if isinstance(m, SparseLinear))
+
+
+# ---- swapping ----------------------------------------------------------------------------------
+def test_swaps_eligible_linears_in_place():
+    model = mlp()
+    out, report = sparsify(model, sparsity=0.75)
+    assert out is model
+    assert sparse_names(model) == ["0", "2"]
+    assert isinstance(model[4], nn.Linear) and not isinstance(model[4], SparseLinear)
+    assert report["4"].status == "skipped" and "min_features" in report["4"].reason
+    assert [r.name for r in report.sparsified] == ["0", "2"]
+    y = model(torch.randn(3, 64))
+    assert y.shape == (3, 8)
+
+
+def test_min_features_zero_swaps_everything():
+    model = mlp()
+    sparsify(model, sparsity=0.5, min_features=0)
+    assert sparse_names(model) == ["0", "2", "4"]
+
+
+def test_include_exclude_and_globs():
+    model = Net()
+    _, report = sparsify(model, sparsity=0.5, exclude="encoder.*.attn.*")
+    assert sparse_names(model) == ["encoder.0.fc1", "encoder.0.fc2", "encoder.1.fc1",
+                                   "encoder.1.fc2"]
+    assert report["encoder.0.attn.q"].reason == "excluded"
+    assert report["head"].reason.startswith("smaller than min_features")
+
+    model = Net()
+    sparsify(model, sparsity=0.5, include=["encoder.1"])          # a parent name covers children
+    assert sparse_names(model) == [f"encoder.1.{n}" for n in
+                                   ("attn.k", "attn.q", "attn.v", "fc1", "fc2")]
+
+    model = Net()
+    sparsify(model, sparsity=0.5, include="encoder.?.fc[12]", exclude="encoder.0.*")
+    assert sparse_names(model) == ["encoder.1.fc1", "encoder.1.fc2"]   # exclude wins
+
+
+def test_include_forces_tiny_layers():
+    model = Net()
+    _, report = sparsify(model, sparsity=0.5, include="head", min_features=1000)
+    assert sparse_names(model) == ["head"]
+    assert report["encoder.0.fc1"].reason == "not included"
+
+
+def test_root_layer_returns_new_module():
+    lin = nn.Linear(64, 64)
+    new, report = sparsify(lin, sparsity=0.5)
+    assert isinstance(new, SparseLinear) and len(report.sparsified) == 1
+    assert isinstance(densify(new), nn.Linear)
+
+
+def test_skips_multihead_attention_and_tied_weights():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = nn.MultiheadAttention(64, 4, batch_first=True)
+            self.a = nn.Linear(64, 64)
+            self.b = nn.Linear(64, 64)
+            self.b.weight = self.a.weight      # tied
+            self.c = nn.Linear(64, 64)
+
+        def forward(self, x):
+            return self.c(self.mha(x, x, x)[0] + self.a(x) + self.b(x))
+
+    model = M()
+    _, report = sparsify(model, sparsity=0.5)
+    assert sparse_names(model) == ["c"]
+    assert "MultiheadAttention" in report["mha.out_proj"].reason
+    assert "tied" in report["a"].reason and "tied" in report["b"].reason
+    model(torch.randn(2, 5, 64))
+
+
+def test_conv2d_left_alone_without_sparse_conv():
+    model = nn.Sequential(nn.Conv2d(64, 64, 1), nn.Flatten(), nn.Linear(64 * 4, 64))
+    _, report = sparsify(model, sparsity=0.5)
+    assert isinstance(model[2], SparseLinear)
+    if getattr(sparse_ext, "SparseConv2d", None) is None:
+        assert isinstance(model[0], nn.Conv2d)
+        assert "SparseConv2d" in report["0"].reason
+    else:
+        assert isinstance(model[0], sparse_ext.SparseConv2d)
+    assert model(torch.randn(1, 64, 2, 2)).shape == (1, 64)
+
+
+def test_depthwise_conv_skipped():
+    if getattr(sparse_ext, "SparseConv2d", None) is None:
+        pytest.skip("SparseConv2d not in this build")
+    model = nn.Sequential(nn.Conv2d(64, 64, 3, groups=64, padding=1), nn.Conv2d(64, 128, 1))
+    _, report = sparsify(model, sparsity=0.5)
+    assert report["0"].reason == "depthwise convolution"
+    assert isinstance(model[1], sparse_ext.SparseConv2d)
+
+
+def test_argument_errors():
+    with pytest.raises(ValueError, match="sparsity"):
+        sparsify(mlp())
+    with pytest.raises(ValueError, match="sparsity"):
+        sparsify(mlp(), sparsity=1.5)
+    with pytest.raises(ValueError, match="method"):
+        sparsify(mlp(), sparsity=0.5, method="l1")
+    with pytest.raises(ValueError, match="pattern"):
+        sparsify(mlp(), sparsity=0.5, pattern="diagonal")
+    with pytest.raises(TypeError):
+        sparsify(torch.zeros(3), sparsity=0.5)
+
+
+def test_nm_pattern_passes_through():
+    model = mlp()
+    try:
+        _, report = sparsify(model, pattern="2:4")
+    except NotImplementedError:
+        pytest.skip("N:M patterns not in this build")
+    assert all(r.pattern == "2:4" for r in report.sparsified)
+    assert all(abs(r.sparsity - 0.5) < 0.02 for r in report.sparsified)
+    with pytest.raises(ValueError, match="global"):
+        sparsify(mlp(), pattern="2:4", sparsity=0.5, global_pruning=True)
+
+
+# ---- per-layer vs global ----------------------------------------------------------------------
+def test_per_layer_sparsity_is_exact():
+    _, report = sparsify(mlp(), sparsity=0.7)
+    for r in report.sparsified:
+        assert r.sparsity == pytest.approx(0.7, abs=1.0 / (r.shape[0] * r.shape[1]) + 1e-6)
+
+
+def test_global_threshold_is_shared():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 128), nn.Linear(128, 128))
+    with torch.no_grad():
+        model[1].weight.mul_(10.0)             # layer 1 has the big weights
+    dense = [m.weight.detach().clone() for m in model]
+    _, report = sparsify(model, sparsity=0.5, global_pruning=True)
+    s0, s1 = report["0"].sparsity, report["1"].sparsity
+    assert s0 > 0.9 and s1 < 0.1                # most of the pruning lands on layer 0
+    assert report.sparsity == pytest.approx(0.5, abs=1e-4)   # overall target met
+    # one threshold: every kept weight is >= every pruned weight, across layers
+    kept, pruned = [], []
+    for m, w in zip(model, dense):
+        wd = m.to_dense().weight.detach()
+        keep = wd != 0
+        kept.append(w[keep].abs())
+        pruned.append(w[~keep].abs())
+    assert torch.cat(kept).min() >= torch.cat(pruned).max()
+    assert "global" in str(report)
+
+
+def test_global_vs_per_layer_differ_on_uneven_layers():
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(128, 128), nn.Linear(128, 128))
+    with torch.no_grad():
+        a[1].weight.mul_(3.0)
+    b = nn.Sequential(nn.Linear(128, 128), nn.Linear(128, 128))
+    b.load_state_dict(a.state_dict())
+    _, per_layer = sparsify(a, sparsity=0.6)
+    _, glob = sparsify(b, sparsity=0.6, global_pruning=True)
+    assert per_layer["0"].sparsity == pytest.approx(0.6, abs=1e-4)
+    assert per_layer["1"].sparsity == pytest.approx(0.6, abs=1e-4)
+    assert glob["0"].sparsity > 0.6 > glob["1"].sparsity
+
+
+def test_global_block_pattern():
+    model = nn.Sequential(nn.Linear(64, 128), nn.Linear(128, 64))
+    _, report = sparsify(model, sparsity=0.75, pattern="4x1", global_pruning=True)
+    assert report.sparsity == pytest.approx(0.75, abs=0.01)
+    for m in model:
+        w = m.to_dense().weight.detach()
+        tiles = (w != 0).reshape(w.shape[0] // 4, 4, w.shape[1])
+        assert bool((tiles.all(1) | ~tiles.any(1)).all())      # whole 4x1 tiles kept or dropped
+
+
+# ---- report ------------------------------------------------------------------------------------
+def test_report_numbers_and_formats():
+    model = mlp()
+    layer = model[0]
+    _, report = sparsify(model, sparsity=0.9)
+    row = report["0"]
+    assert row.kind == "Linear" and row.shape == (128, 64) and row.pattern == "unstructured"
+    assert row.dense_bytes == 128 * 64 * 4
+    assert row.sparse_bytes == model[0].weight_nbytes
+    assert row.sparse_bytes < 0.2 * row.dense_bytes
+    assert row.ratio == pytest.approx(row.sparse_bytes / row.dense_bytes)
+    assert report.dense_bytes == sum(r.dense_bytes for r in report.sparsified)
+    assert report.sparse_bytes == sum(r.sparse_bytes for r in report.sparsified)
+    assert layer is not model[0]
+    dicts = report.to_dicts()
+    json.dumps(dicts)
+    assert {d["name"] for d in dicts} == {"0", "2", "4"}
+    assert dicts[0]["shape"] == [128, 64] and dicts[0]["status"] == "sparse"
+    text = str(report)
+    lines = text.splitlines()
+    assert lines[0].split()[:3] == ["layer", "kind", "shape"]
+    assert any(line.startswith("0 ") and "128x64" in line and "0.900" in line for line in lines)
+    assert "skipped: smaller than min_features" in text
+    assert lines[-1].startswith("total (2 sparse, 1 skipped)")
+
+
+def test_report_when_nothing_is_swapped():
+    _, report = sparsify(mlp(), sparsity=0.5, min_features=10_000)
+    assert report.sparsified == [] and report.sparse_bytes == 0
+    assert "total (0 sparse, 3 skipped)" in str(report)
+
+
+# ---- outputs -----------------------------------------------------------------------------------
+def test_sparsified_mlp_matches_masked_dense():
+    model = mlp()
+    reference = mlp()
+    reference.load_state_dict(model.state_dict())
+    sparsify(model, sparsity=0.8)
+    with torch.no_grad():
+        for i in (0, 2):
+            w = reference[i].weight
+            mask = sparse_ext.magnitude_mask(w, 0.8)
+            w.mul_(mask)
+    x = torch.randn(5, 7, 64)
+    torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+def test_densify_round_trip():
+    model = Net()
+    sparsify(model, sparsity=0.7)
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        y_sparse = model(x)
+    out = densify(model)
+    assert out is model
+    assert sparse_names(model) == []
+    assert all(type(m) is nn.Linear for n, m in model.named_modules() if isinstance(m, nn.Linear))
+    with torch.no_grad():
+        y_dense = model(x)
+    torch.testing.assert_close(y_dense, y_sparse, rtol=1e-5, atol=1e-5)
+    # a second sparsify of the densified model prunes nothing more at the same level
+    _, report = sparsify(model, sparsity=0.7)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), y_sparse, rtol=1e-5, atol=1e-5)
+
+
+def test_train_after_sparsify():
+    model = mlp()
+    sparsify(model, sparsity=0.5)
+    loss = model(torch.randn(4, 64)).square().sum()
+    loss.backward()
+    assert model[0].values.grad is not None and model[0].values.grad.shape == model[0].values.shape
+
+
+def test_bf16_model():
+    model = mlp().to(torch.bfloat16)
+    _, report = sparsify(model, sparsity=0.5)
+    assert len(report.sparsified) == 2
+    assert report["0"].dense_bytes == 128 * 64 * 2
+    assert model(torch.randn(2, 64, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_torch_compile_fullgraph():
+    model = mlp()
+    sparsify(model, sparsity=0.9)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        eager = model(x)
+        compiled = torch.compile(model, fullgraph=True)
+        torch.testing.assert_close(compiled(x), eager)

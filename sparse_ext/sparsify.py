@@ -1,0 +1,453 @@
+"""Model-level swapping: ``sparsify`` turns eligible ``nn.Linear`` / ``nn.Conv2d`` layers sparse,
+``densify`` turns them back.
+
+    model, report = sparse_ext.sparsify(model, sparsity=0.9)
+    print(report)                      # one row per layer: shape, pattern, sparsity, bytes
+    sparse_ext.densify(model)          # back to nn.Linear / nn.Conv2d (pruned weights stay zero)
+
+Which layers are swapped
+  * ``nn.Linear`` (exactly, or a subclass that is not owned by ``nn.MultiheadAttention``, which
+    reads ``out_proj.weight`` directly) and ``nn.Conv2d`` when this build has ``SparseConv2d``.
+  * Not layers whose smaller dimension is below ``min_features`` (the kernels cannot beat dense
+    there), not depthwise convolutions, not layers whose weight is tied to another module's.
+  * ``include`` / ``exclude``: a module name, an ``fnmatch`` glob (``"encoder.*.fc?"``) or a list
+    of them; a pattern also matches every module below a matched name (``"encoder"`` covers
+    ``"encoder.layer.0.fc1"``). When ``include`` is given only matching layers are candidates and
+    they are *forced*: the size and depthwise heuristics do not apply to them. ``exclude`` wins.
+
+Pruning
+  * per layer (default): each layer reaches ``sparsity`` on its own
+    (``SparseLinear.from_dense(layer, sparsity=, pattern=, method=)``);
+  * ``global_pruning=True``: one magnitude threshold across all candidate layers (for
+    ``"unstructured"`` and block ``"RxC"`` patterns), so overall ``sparsity`` is met exactly and
+    layers with many small weights lose more of them. Masks go in via ``from_dense(mask=...)``.
+"""
+import fnmatch
+from dataclasses import asdict, dataclass, field
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from .prune import parse_pattern
+
+Patterns = Union[None, str, Sequence[str]]
+
+__all__ = ["LayerReport", "SparsifyReport", "densify", "sparsify"]
+
+
+# ---- report ------------------------------------------------------------------------------------
+@dataclass
+class LayerReport:
+    """One row of a :class:`SparsifyReport`."""
+
+    name: str
+    kind: str                          # "Linear" or "Conv2d"
+    shape: Tuple[int, ...]             # the weight's shape
+    pattern: str
+    status: str                        # "sparse" or "skipped"
+    reason: str = ""                   # why skipped ("" when swapped)
+    sparsity: Optional[float] = None   # fraction of zero weights reached (None when skipped)
+    dense_bytes: int = 0               # dense weight bytes (bias not counted)
+    sparse_bytes: Optional[int] = None  # bytes the sparse kernels read for the weight
+
+    @property
+    def ratio(self) -> Optional[float]:
+        if self.sparse_bytes is None or not self.dense_bytes:
+            return None
+        return self.sparse_bytes / self.dense_bytes
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        d["ratio"] = self.ratio
+        return d
+
+
+@dataclass
+class SparsifyReport:
+    """What ``sparsify`` did, layer by layer. ``str(report)`` is a table; ``to_dicts()`` is JSON-ready."""
+
+    layers: List[LayerReport] = field(default_factory=list)
+    global_pruning: bool = False
+
+    # container protocol: iterate rows, look up by layer name
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, name: str) -> LayerReport:
+        for row in self.layers:
+            if row.name == name:
+                return row
+        raise KeyError(name)
+
+    def __contains__(self, name) -> bool:
+        return any(row.name == name for row in self.layers)
+
+    @property
+    def sparsified(self) -> List[LayerReport]:
+        return [r for r in self.layers if r.status == "sparse"]
+
+    @property
+    def skipped(self) -> List[LayerReport]:
+        return [r for r in self.layers if r.status != "sparse"]
+
+    @property
+    def dense_bytes(self) -> int:
+        """Dense weight bytes of the swapped layers."""
+        return sum(r.dense_bytes for r in self.sparsified)
+
+    @property
+    def sparse_bytes(self) -> int:
+        """Sparse weight bytes of the swapped layers."""
+        return sum(r.sparse_bytes or 0 for r in self.sparsified)
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of zero weights over all swapped layers (weighted by size)."""
+        total = sum(_numel(r.shape) for r in self.sparsified)
+        zeros = sum(_numel(r.shape) * r.sparsity for r in self.sparsified)
+        return zeros / total if total else 0.0
+
+    def to_dicts(self) -> List[dict]:
+        return [r.as_dict() for r in self.layers]
+
+    def table(self) -> str:
+        headers = ["layer", "kind", "shape", "pattern", "sparsity", "dense KiB", "sparse KiB",
+                   "ratio", "note"]
+        rows = []
+        for r in self.layers:
+            sparse = r.status == "sparse"
+            rows.append([
+                r.name or "<root>", r.kind, "x".join(str(s) for s in r.shape), r.pattern,
+                f"{r.sparsity:.3f}" if sparse else "-",
+                f"{r.dense_bytes / 1024:.1f}",
+                f"{r.sparse_bytes / 1024:.1f}" if sparse else "-",
+                f"{r.ratio:.3f}" if sparse and r.ratio is not None else "-",
+                "" if sparse else f"skipped: {r.reason}",
+            ])
+        if self.sparsified:
+            ratio = self.sparse_bytes / self.dense_bytes if self.dense_bytes else 0.0
+            rows.append([f"total ({len(self.sparsified)} sparse, {len(self.skipped)} skipped)",
+                         "", "", "global" if self.global_pruning else "per-layer",
+                         f"{self.sparsity:.3f}", f"{self.dense_bytes / 1024:.1f}",
+                         f"{self.sparse_bytes / 1024:.1f}", f"{ratio:.3f}", ""])
+        else:
+            rows.append([f"total (0 sparse, {len(self.skipped)} skipped)"] + [""] * 8)
+        widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
+        right = {4, 5, 6, 7}
+
+        def fmt(cells):
+            out = [str(c).rjust(w) if i in right else str(c).ljust(w)
+                   for i, (c, w) in enumerate(zip(cells, widths))]
+            return "  ".join(out).rstrip()
+
+        sep = "  ".join("-" * w for w in widths)
+        lines = [fmt(headers), sep] + [fmt(r) for r in rows[:-1]] + [sep, fmt(rows[-1])]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+# ---- name matching -----------------------------------------------------------------------------
+def _as_patterns(patterns: Patterns) -> List[str]:
+    if patterns is None:
+        return []
+    if isinstance(patterns, str):
+        return [patterns]
+    out = list(patterns)
+    for p in out:
+        if not isinstance(p, str):
+            raise TypeError(f"include/exclude take names or globs (str), got {type(p).__name__}")
+    return out
+
+
+def _matches(name: str, patterns: List[str]) -> bool:
+    for pat in patterns:
+        if name == pat or fnmatch.fnmatchcase(name, pat):
+            return True
+        # a pattern naming a parent module covers everything below it
+        parts = name.split(".")
+        for i in range(1, len(parts)):
+            if fnmatch.fnmatchcase(".".join(parts[:i]), pat):
+                return True
+    return False
+
+
+# ---- candidates --------------------------------------------------------------------------------
+def _sparse_types() -> tuple:
+    from . import nn as se_nn
+
+    types = [se_nn.SparseLinear]
+    conv = getattr(se_nn, "SparseConv2d", None)
+    if conv is not None:
+        types.append(conv)
+    return tuple(types)
+
+
+def _conv_class():
+    import sparse_ext
+
+    return getattr(sparse_ext, "SparseConv2d", None)
+
+
+def _kind(module: nn.Module) -> Optional[str]:
+    if isinstance(module, _sparse_types()):
+        return None
+    if isinstance(module, nn.Linear):
+        return "Linear"
+    if isinstance(module, nn.Conv2d):
+        return "Conv2d"
+    return None
+
+
+def _too_small(module: nn.Module, kind: str, min_features: int) -> Optional[str]:
+    if kind == "Linear":
+        dims = (module.in_features, module.out_features)
+    else:
+        kh, kw = module.kernel_size
+        dims = (module.in_channels // module.groups * kh * kw, module.out_channels)
+    if min(dims) < min_features:
+        return f"smaller than min_features={min_features}"
+    return None
+
+
+def _sparse_nbytes(module: nn.Module) -> int:
+    n = getattr(module, "weight_nbytes", None)
+    if isinstance(n, int):
+        return n
+    total = 0
+    for name, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+        if name != "bias" and t is not None:
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _zero_fraction(module: nn.Module) -> float:
+    dense = module.to_dense()
+    w = dense.weight.detach()
+    return float((w == 0).sum()) / max(w.numel(), 1)
+
+
+# ---- global masks ------------------------------------------------------------------------------
+def _tile_scores(weight: torch.Tensor, block: Tuple[int, int], method: str,
+                 generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Scores of ``block`` tiles of ``weight`` flattened to [out, -1] (partial edge tiles)."""
+    rows, cols = block
+    w = weight.detach().reshape(weight.shape[0], -1)
+    M, K = w.shape
+    gm, gk = -(-M // rows), -(-K // cols)
+    if method == "random":
+        return torch.rand(gm, gk, generator=generator)
+    padded = torch.zeros(gm * rows, gk * cols, dtype=torch.float32)
+    padded[:M, :K] = w.float().cpu().abs()
+    tiles = padded.reshape(gm, rows, gk, cols)
+    # mean (not sum) so that partial edge tiles compete fairly; equal to |w| for 1x1 tiles
+    counts = torch.zeros(gm * rows, gk * cols)
+    counts[:M, :K] = 1
+    n = counts.reshape(gm, rows, gk, cols).sum((1, 3)).clamp_min(1)
+    return tiles.pow(2).sum((1, 3)) / n if (rows, cols) != (1, 1) else tiles.reshape(gm, gk)
+
+
+def _global_masks(modules: List[nn.Module], sparsity: float, pattern: str, method: str,
+                  generator: Optional[torch.Generator]) -> List[torch.Tensor]:
+    kind, shape = parse_pattern(pattern)
+    if kind == "nm":
+        raise ValueError("global_pruning=True needs an 'unstructured' or 'RxC' block pattern; "
+                         "N:M patterns fix the sparsity of every group of M weights already")
+    if method not in ("magnitude", "random"):
+        raise ValueError(f"method must be 'magnitude' or 'random', got {method!r}")
+    block = (1, 1) if kind == "unstructured" else shape
+    scores = [_tile_scores(m.weight, block, method, generator) for m in modules]
+    flat = torch.cat([s.reshape(-1) for s in scores])
+    # keep the same number of weights as per-layer pruning would over the whole set
+    total_weights = sum(m.weight.numel() for m in modules)
+    keep_weights = int(round((1.0 - sparsity) * total_weights))
+    tile_weights = torch.cat([_tile_sizes(m.weight, block).reshape(-1) for m in modules])
+    order = torch.argsort(flat, descending=True, stable=True)
+    kept = torch.zeros(flat.numel(), dtype=torch.bool)
+    if keep_weights > 0:
+        cum = tile_weights[order].cumsum(0)
+        n_tiles = int(torch.searchsorted(cum, torch.tensor(keep_weights), right=False)) + 1
+        kept[order[:min(n_tiles, flat.numel())]] = True
+    masks, start = [], 0
+    for m, s in zip(modules, scores):
+        k = kept[start:start + s.numel()].reshape(s.shape)
+        start += s.numel()
+        rows, cols = block
+        gm, gk = s.shape
+        full = k[:, None, :, None].expand(gm, rows, gk, cols).reshape(gm * rows, gk * cols)
+        M = m.weight.shape[0]
+        K = m.weight[0].numel()
+        masks.append(full[:M, :K].reshape(m.weight.shape).contiguous().to(m.weight.device))
+    return masks
+
+
+def _tile_sizes(weight: torch.Tensor, block: Tuple[int, int]) -> torch.Tensor:
+    rows, cols = block
+    M = weight.shape[0]
+    K = weight[0].numel()
+    gm, gk = -(-M // rows), -(-K // cols)
+    r = torch.full((gm,), rows)
+    r[-1] = M - rows * (gm - 1)
+    c = torch.full((gk,), cols)
+    c[-1] = K - cols * (gk - 1)
+    return r[:, None] * c[None, :]
+
+
+# ---- swapping ----------------------------------------------------------------------------------
+def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def _convert(module: nn.Module, kind: str, mask, sparsity, pattern, method, generator):
+    if kind == "Linear":
+        from .nn import SparseLinear as cls
+    else:
+        cls = _conv_class()
+    kwargs = {"pattern": pattern, "method": method}
+    if mask is not None:
+        kwargs["mask"] = mask
+    elif sparsity is not None:
+        kwargs["sparsity"] = sparsity
+    if generator is not None and mask is None and method == "random":
+        kwargs["generator"] = generator
+    new = cls.from_dense(module, **kwargs)
+    device = module.weight.device
+    if device.type != "cpu":
+        new = new.to(device)
+    return new
+
+
+def sparsify(model: nn.Module, sparsity: Optional[float] = None, pattern: str = "unstructured",
+             method: str = "magnitude", include: Patterns = None, exclude: Patterns = None,
+             min_features: int = 64, global_pruning: bool = False,
+             generator: Optional[torch.Generator] = None) -> Tuple[nn.Module, SparsifyReport]:
+    """Swaps eligible ``nn.Linear`` (and ``nn.Conv2d`` when ``sparse_ext.SparseConv2d`` exists)
+    layers of ``model`` in place for sparse ones; returns ``(model, report)``.
+
+    Args:
+      sparsity: fraction of zeros to reach (per layer, or overall with ``global_pruning``).
+        Optional for ``"N:M"`` patterns, whose sparsity is 1 - N/M.
+      pattern: ``"unstructured"``, a block shape ``"RxC"`` or ``"N:M"``; passed to ``from_dense``.
+      method: ``"magnitude"`` (default) or ``"random"``.
+      include / exclude: names or ``fnmatch`` globs (see the module docstring); ``include``
+        restricts to and forces the matching layers, ``exclude`` always wins.
+      min_features: skip layers whose smaller dimension (``in_features`` or ``out_features``;
+        ``in_channels/groups*kh*kw`` or ``out_channels`` for convs) is below this.
+      global_pruning: one magnitude threshold across all candidate layers.
+      generator: for ``method="random"``.
+
+    The returned ``model`` is the same object, except when ``model`` itself is a single layer,
+    which cannot be swapped in place: then it is the new sparse module.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    kind_, _ = parse_pattern(pattern)
+    if sparsity is None and kind_ != "nm":
+        raise ValueError(f"sparsify needs sparsity=... for pattern {pattern!r}")
+    if sparsity is not None and not (isinstance(sparsity, (int, float)) and not isinstance(sparsity, bool)
+                                     and 0.0 <= float(sparsity) <= 1.0):
+        raise ValueError(f"sparsity must be a number in [0, 1], got {sparsity!r}")
+    if method not in ("magnitude", "random"):
+        raise ValueError(f"method must be 'magnitude' or 'random', got {method!r}")
+    if not isinstance(min_features, int) or min_features < 0:
+        raise ValueError(f"min_features must be a non-negative int, got {min_features!r}")
+    includes, excludes = _as_patterns(include), _as_patterns(exclude)
+
+    report = SparsifyReport(global_pruning=global_pruning)
+    # weights used by more than one module (tied) cannot be swapped without untying them
+    owners: Dict[int, int] = {}
+    for _, mod in model.named_modules(remove_duplicate=False):
+        w = getattr(mod, "weight", None)
+        if isinstance(w, torch.Tensor):
+            owners[id(w)] = owners.get(id(w), 0) + 1
+
+    candidates: List[Tuple[str, nn.Module, str, bool, LayerReport]] = []
+    mha_children = set()
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.MultiheadAttention):
+            mha_children.update(id(m) for m in mod.modules() if m is not mod)
+    for name, mod in model.named_modules():
+        kind = _kind(mod)
+        if kind is None:
+            continue
+        row = LayerReport(name=name, kind=kind, shape=tuple(mod.weight.shape), pattern=pattern,
+                          status="skipped",
+                          dense_bytes=mod.weight.numel() * mod.weight.element_size())
+        forced = bool(includes) and _matches(name, includes)
+        reason = None
+        if excludes and _matches(name, excludes):
+            reason = "excluded"
+        elif includes and not forced:
+            reason = "not included"
+        elif kind == "Conv2d" and _conv_class() is None:
+            reason = "SparseConv2d not available in this build"
+        elif id(mod) in mha_children:
+            reason = "owned by nn.MultiheadAttention (reads .weight directly)"
+        elif owners.get(id(mod.weight), 0) > 1:
+            reason = "weight is tied to another module"
+        elif mod.weight.dtype not in (torch.float32, torch.bfloat16, torch.float64):
+            reason = f"dtype {mod.weight.dtype} not supported"
+        elif not forced and kind == "Conv2d" and mod.groups > 1 and mod.groups == mod.in_channels:
+            reason = "depthwise convolution"
+        elif not forced:
+            reason = _too_small(mod, kind, min_features)
+        if reason:
+            row.reason = reason
+            report.layers.append(row)
+            continue
+        report.layers.append(row)
+        candidates.append((name, mod, kind, forced, row))
+
+    masks = [None] * len(candidates)
+    if global_pruning and candidates:
+        masks = _global_masks([c[1] for c in candidates], float(sparsity), pattern, method, generator)
+
+    replaced_root = None
+    for (name, mod, kind, forced, row), mask in zip(candidates, masks):
+        try:
+            new = _convert(mod, kind, mask, sparsity, pattern, method, generator)
+        except NotImplementedError:
+            raise  # the build cannot do this pattern at all: say so rather than skip every layer
+        except (ValueError, TypeError, RuntimeError) as exc:
+            if forced:
+                raise
+            row.reason = f"{type(exc).__name__}: {exc}"
+            continue
+        row.status = "sparse"
+        row.sparsity = _zero_fraction(new)
+        row.sparse_bytes = _sparse_nbytes(new)
+        if name == "":
+            replaced_root = new
+        else:
+            _set_module(model, name, new)
+    return (replaced_root if replaced_root is not None else model), report
+
+
+def densify(model: nn.Module) -> nn.Module:
+    """Replaces every sparse_ext module in ``model`` by its dense equivalent (``to_dense()``), in
+    place. Pruned weights stay zero: ``densify(sparsify(m)[0])`` computes what the sparse model did.
+    Returns ``model`` (or the dense layer when ``model`` itself is a sparse module)."""
+    types = _sparse_types()
+    if isinstance(model, types):
+        return model.to_dense()
+    for name, mod in list(model.named_modules()):
+        if name and isinstance(mod, types):
+            dense = mod.to_dense()
+            dense.train(mod.training)
+            _set_module(model, name, dense)
+    return model
