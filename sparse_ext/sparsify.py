@@ -235,6 +235,15 @@ def _sparse_nbytes(module: nn.Module) -> int:
 
 
 def _zero_fraction(module: nn.Module) -> float:
+    """Fraction of zeros in the module's effective weight (explicit zeros of blocks included)."""
+    from .formats import CSRWeight
+
+    fmt = getattr(module, "weight_format", None)
+    csr = fmt() if callable(fmt) else None
+    if isinstance(csr, CSRWeight):
+        total = csr.shape[0] * csr.shape[1]
+        zeros = total - csr.nnz + int((csr.values == 0).sum())
+        return zeros / max(total, 1)
     dense = module.to_dense()
     w = dense.weight.detach()
     return float((w == 0).sum()) / max(w.numel(), 1)

