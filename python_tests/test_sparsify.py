@@ -307,3 +307,78 @@ def test_torch_compile_fullgraph():
         eager = model(x)
         compiled = torch.compile(model, fullgraph=True)
         torch.testing.assert_close(compiled(x), eager)
+
+
+# ---- the Conv2d path, with a stand-in until SparseConv2d lands in this build -----------------
+class _FakeSparseConv2d(nn.Module):
+    """Pure-torch stand-in with SparseConv2d's contract (from_dense keywords, to_dense, bytes)."""
+
+    def __init__(self, conv, mask):
+        super().__init__()
+        self.conv = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                              conv.padding, bias=conv.bias is not None)
+        self.conv.load_state_dict(conv.state_dict())
+        with torch.no_grad():
+            self.conv.weight.mul_(mask)
+        self.weight_nbytes = int(mask.sum()) * 5
+
+    @classmethod
+    def from_dense(cls, conv, sparsity=None, pattern="unstructured", method="magnitude",
+                   mask=None, generator=None):
+        if conv.groups != 1:
+            raise ValueError("SparseConv2d supports groups=1 only")
+        if mask is None:
+            mask = sparse_ext.prune.build_mask(conv.weight.reshape(conv.out_channels, -1),
+                                               sparsity, pattern, method).reshape(conv.weight.shape)
+        return cls(conv, mask.reshape(conv.weight.shape))
+
+    def forward(self, x):
+        return self.conv(x)
+
+    def to_dense(self):
+        return self.conv
+
+
+@pytest.fixture
+def fake_conv(monkeypatch):
+    if getattr(sparse_ext, "SparseConv2d", None) is not None:
+        yield sparse_ext.SparseConv2d
+        return
+    monkeypatch.setattr(sparse_ext, "SparseConv2d", _FakeSparseConv2d, raising=False)
+    monkeypatch.setattr(sparse_ext.nn, "SparseConv2d", _FakeSparseConv2d, raising=False)
+    yield _FakeSparseConv2d
+
+
+def convnet():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 64, 3, padding=1),                 # in*kh*kw = 27 < min_features: dense
+        nn.Conv2d(64, 64, 3, padding=1, groups=64),     # depthwise: dense
+        nn.Conv2d(64, 128, 1),                          # pointwise: sparse
+        nn.Conv2d(128, 128, 3, padding=1, groups=2),    # grouped: the module refuses it
+        nn.Flatten(), nn.Linear(128 * 4 * 4, 64))
+
+
+def test_conv_swapping_and_densify(fake_conv):
+    model = convnet()
+    x = torch.randn(1, 3, 4, 4)
+    _, report = sparsify(model, sparsity=0.75)
+    assert isinstance(model[2], fake_conv) and isinstance(model[5], SparseLinear)
+    assert type(model[0]) is nn.Conv2d and "min_features" in report["0"].reason
+    assert report["1"].reason == "depthwise convolution"
+    assert type(model[3]) is nn.Conv2d and "groups" in report["3"].reason
+    assert report["2"].kind == "Conv2d" and report["2"].shape == (128, 64, 1, 1)
+    assert report["2"].sparsity == pytest.approx(0.75, abs=1e-3)
+    with torch.no_grad():
+        y = model(x)
+        densify(model)
+        assert type(model[2]) is nn.Conv2d and type(model[5]) is nn.Linear
+        torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_include_forces_and_global(fake_conv):
+    model = convnet()
+    _, report = sparsify(model, sparsity=0.5, include=["0", "1", "2"], global_pruning=True)
+    assert isinstance(model[0], fake_conv) and isinstance(model[2], fake_conv)
+    assert type(model[1]) is nn.Conv2d and "groups" in report["1"].reason   # forced, still refused
+    assert report.sparsity == pytest.approx(0.5, abs=1e-3)

@@ -14,6 +14,8 @@ Which layers are swapped
     of them; a pattern also matches every module below a matched name (``"encoder"`` covers
     ``"encoder.layer.0.fc1"``). When ``include`` is given only matching layers are candidates and
     they are *forced*: the size and depthwise heuristics do not apply to them. ``exclude`` wins.
+  * A layer whose sparse module refuses it (``from_dense`` raises ValueError: a grouped conv, a
+    shape the pattern does not divide) stays dense, with the error in the report.
 
 Pruning
   * per layer (default): each layer reaches ``sparsity`` on its own
@@ -422,22 +424,38 @@ def sparsify(model: nn.Module, sparsity: Optional[float] = None, pattern: str = 
         report.layers.append(row)
         candidates.append((name, mod, kind, forced, row))
 
-    masks = [None] * len(candidates)
-    if global_pruning and candidates:
-        masks = _global_masks([c[1] for c in candidates], float(sparsity), pattern, method, generator)
+    # Convert every candidate; with global pruning, a layer that refuses its mask (a grouped
+    # conv, say) leaves the set and the threshold is recomputed over the rest, so the overall
+    # sparsity holds for the layers actually swapped.
+    converted = {}
+    while True:
+        masks = [None] * len(candidates)
+        if global_pruning and candidates:
+            masks = _global_masks([c[1] for c in candidates], float(sparsity), pattern, method,
+                                  generator)
+        converted.clear()
+        failed = []
+        for (name, mod, kind, forced, row), mask in zip(candidates, masks):
+            try:
+                converted[name] = _convert(mod, kind, mask, sparsity, pattern, method, generator)
+            except NotImplementedError:
+                raise  # the build cannot do this pattern at all: say so, don't skip every layer
+            except (ValueError, TypeError, RuntimeError) as exc:
+                # this layer cannot be served (a grouped conv, a shape the pattern does not
+                # divide...): it stays dense, forced or not, and the report says why
+                row.reason = f"{type(exc).__name__}: {exc}"
+                failed.append(name)
+        if not failed or not global_pruning:
+            break
+        candidates = [c for c in candidates if c[0] not in failed]
 
     replaced_root = None
-    for (name, mod, kind, forced, row), mask in zip(candidates, masks):
-        try:
-            new = _convert(mod, kind, mask, sparsity, pattern, method, generator)
-        except NotImplementedError:
-            raise  # the build cannot do this pattern at all: say so rather than skip every layer
-        except (ValueError, TypeError, RuntimeError) as exc:
-            if forced:
-                raise
-            row.reason = f"{type(exc).__name__}: {exc}"
+    for name, mod, kind, forced, row in candidates:
+        new = converted.get(name)
+        if new is None:
             continue
         row.status = "sparse"
+        row.reason = ""
         row.sparsity = _zero_fraction(new)
         row.sparse_bytes = _sparse_nbytes(new)
         if name == "":
