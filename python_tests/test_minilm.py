@@ -53,3 +53,17 @@ def test_sparse_model_equals_its_densified_copy(minilm):
     e_sparse = bench_minilm.embed(sparse, tokenizer, sentences)
     e_dense = bench_minilm.embed(sparse_ext.densify(sparse), tokenizer, sentences)
     torch.testing.assert_close(e_sparse, e_dense, rtol=1e-4, atol=1e-5)
+
+
+def test_cli_help_and_available(capsys):
+    assert bench_minilm.available()
+    with pytest.raises(SystemExit):
+        bench_minilm.build_parser().parse_args(["--help"])
+    assert "--sparsities" in capsys.readouterr().out
+
+
+def test_bf16_tiny_run():
+    args = types.SimpleNamespace(batches=[1], seq=8, sparsities=[0.0], nm_patterns=[], reps=1,
+                                 warmup=0, include="encoder.layer.0.attention.*", dtype="bf16")
+    (row,) = bench_minilm.run(args)
+    assert row["dtype"] == "bf16" and row["cosine"] > 0.99
