@@ -253,6 +253,50 @@ def format_table(rows):
     return "\n".join(lines)
 
 
+def plot(rows, path):
+    """Two panels: speedup over dense vs sparsity (one line per batch) and embedding cosine."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_speed, ax_cos) = plt.subplots(1, 2, figsize=(9, 3.6))
+    shapes = sorted({r["shape"] for r in rows}, key=lambda s: [r["tokens"] for r in rows
+                                                               if r["shape"] == s][0])
+    for shape in shapes:
+        pts = sorted((r["sparsity"], r["speedup"]) for r in rows
+                     if r["shape"] == shape and r["pattern"] == "unstructured")
+        if pts:
+            ax_speed.plot([p[0] * 100 for p in pts], [p[1] for p in pts], "o-",
+                          label=" ".join(shape.split()[-2:]))
+        for r in rows:
+            if r["shape"] == shape and r["pattern"] != "unstructured":
+                ax_speed.plot(r["sparsity"] * 100, r["speedup"], "s")
+                ax_speed.annotate(r["pattern"], (r["sparsity"] * 100, r["speedup"]),
+                                  textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax_speed.axhline(1.0, color="gray", ls="--", lw=1)
+    ax_speed.set(xlabel="sparsity (%)", ylabel="speedup over dense (x)",
+                 title="all-MiniLM-L6-v2 forward, CPU")
+    ax_speed.legend(fontsize=8)
+    seen = {}
+    for r in rows:
+        seen.setdefault((r["pattern"], r["sparsity"]), r["cosine"])
+    uns = sorted((k[1], v) for k, v in seen.items() if k[0] == "unstructured")
+    ax_cos.plot([u[0] * 100 for u in uns], [u[1] for u in uns], "o-", label="unstructured")
+    for (pattern, sp), cos in seen.items():
+        if pattern != "unstructured":
+            ax_cos.plot(sp * 100, cos, "s", label=pattern)
+    ax_cos.set(xlabel="sparsity (%)", ylabel="mean cosine vs dense", ylim=(0, 1.02),
+               title="embedding similarity (no fine-tuning)")
+    ax_cos.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def build_parser():
     p = argparse.ArgumentParser(
         prog="python -m bench.bench_minilm",
@@ -273,6 +317,8 @@ def build_parser():
     p.add_argument("--include", default="encoder.*",
                    help="layers to sparsify, a name or glob (default: encoder.*, all 36 linears)")
     p.add_argument("--json", type=Path, default=None, help="also write rows and machine as JSON")
+    p.add_argument("--plot", type=Path, default=None,
+                   help="also write a PNG of speedup and cosine vs sparsity")
     return p
 
 
@@ -301,6 +347,8 @@ def main(argv=None):
 
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"machine": info, "rows": rows}, indent=2))
+    if args.plot and rows:
+        print(f"plot: {plot(rows, args.plot)}")
     return 0
 
 
