@@ -165,6 +165,21 @@ def test_nm_pattern_passes_through():
         sparsify(mlp(), pattern="2:4", sparsity=0.5, global_pruning=True)
 
 
+def test_sparsity_per_layer_dict():
+    model = Net()
+    _, report = sparsify(model, sparsity={"*.attn.*": 0.5, "encoder.0.*": 0.9, "encoder.1.fc1": 0.8})
+    assert report["encoder.0.attn.q"].sparsity == pytest.approx(0.5, abs=1e-3)   # first key wins
+    assert report["encoder.1.attn.v"].target == 0.5
+    assert report["encoder.0.fc2"].sparsity == pytest.approx(0.9, abs=1e-3)
+    assert report["encoder.1.fc1"].sparsity == pytest.approx(0.8, abs=1e-3)
+    assert report["encoder.1.fc2"].reason == "no sparsity given for this layer"
+    assert isinstance(model.encoder[1].fc2, nn.Linear) and not isinstance(model.encoder[1].fc2, SparseLinear)
+    with pytest.raises(ValueError, match="global"):
+        sparsify(Net(), sparsity={"*": 0.5}, global_pruning=True)
+    with pytest.raises(ValueError, match="sparsity"):
+        sparsify(Net(), sparsity={"*": 2.0})
+
+
 # ---- per-layer vs global ----------------------------------------------------------------------
 def test_per_layer_sparsity_is_exact():
     _, report = sparsify(mlp(), sparsity=0.7)

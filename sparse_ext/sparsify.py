@@ -26,12 +26,12 @@ Pruning
 """
 import fnmatch
 from dataclasses import asdict, dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from .prune import parse_pattern
+from .prune import _check_sparsity, parse_pattern
 
 Patterns = Union[None, str, Sequence[str]]
 
@@ -52,6 +52,7 @@ class LayerReport:
     sparsity: Optional[float] = None   # fraction of zero weights reached (None when skipped)
     dense_bytes: int = 0               # dense weight bytes (bias not counted)
     sparse_bytes: Optional[int] = None  # bytes the sparse kernels read for the weight
+    target: Optional[float] = None     # the sparsity asked for (None: set by an N:M pattern)
 
     @property
     def ratio(self) -> Optional[float]:
@@ -343,7 +344,8 @@ def _convert(module: nn.Module, kind: str, mask, sparsity, pattern, method, gene
     return new
 
 
-def sparsify(model: nn.Module, sparsity: Optional[float] = None, pattern: str = "unstructured",
+def sparsify(model: nn.Module, sparsity: Union[None, float, Mapping[str, float]] = None,
+             pattern: str = "unstructured",
              method: str = "magnitude", include: Patterns = None, exclude: Patterns = None,
              min_features: int = 64, global_pruning: bool = False,
              generator: Optional[torch.Generator] = None) -> Tuple[nn.Module, SparsifyReport]:
@@ -352,7 +354,9 @@ def sparsify(model: nn.Module, sparsity: Optional[float] = None, pattern: str = 
 
     Args:
       sparsity: fraction of zeros to reach (per layer, or overall with ``global_pruning``).
-        Optional for ``"N:M"`` patterns, whose sparsity is 1 - N/M.
+        Optional for ``"N:M"`` patterns, whose sparsity is 1 - N/M. Or a dict from layer name /
+        glob to sparsity, e.g. ``{"*.attention.*": 0.5, "*": 0.9}``: the first matching key (in
+        the dict's order) sets a layer's sparsity; layers matching no key stay dense.
       pattern: ``"unstructured"``, a block shape ``"RxC"`` or ``"N:M"``; passed to ``from_dense``.
       method: ``"magnitude"`` (default) or ``"random"``.
       include / exclude: names or ``fnmatch`` globs (see the module docstring); ``include``
@@ -370,9 +374,17 @@ def sparsify(model: nn.Module, sparsity: Optional[float] = None, pattern: str = 
     kind_, _ = parse_pattern(pattern)
     if sparsity is None and kind_ != "nm":
         raise ValueError(f"sparsify needs sparsity=... for pattern {pattern!r}")
-    if sparsity is not None and not (isinstance(sparsity, (int, float)) and not isinstance(sparsity, bool)
-                                     and 0.0 <= float(sparsity) <= 1.0):
-        raise ValueError(f"sparsity must be a number in [0, 1], got {sparsity!r}")
+    per_layer: Optional[Dict[str, float]] = None
+    if isinstance(sparsity, Mapping):
+        if global_pruning:
+            raise ValueError("global_pruning=True takes one overall sparsity, not a dict")
+        per_layer = {}
+        for key, value in sparsity.items():
+            if not isinstance(key, str):
+                raise TypeError(f"sparsity dict keys must be layer names or globs, got {key!r}")
+            per_layer[key] = _check_sparsity(value)
+    elif sparsity is not None:
+        sparsity = _check_sparsity(sparsity)
     if method not in ("magnitude", "random"):
         raise ValueError(f"method must be 'magnitude' or 'random', got {method!r}")
     if not isinstance(min_features, int) or min_features < 0:
@@ -387,7 +399,7 @@ def sparsify(model: nn.Module, sparsity: Optional[float] = None, pattern: str = 
         if isinstance(w, torch.Tensor):
             owners[id(w)] = owners.get(id(w), 0) + 1
 
-    candidates: List[Tuple[str, nn.Module, str, bool, LayerReport]] = []
+    candidates: List[Tuple[str, nn.Module, str, bool, LayerReport, Optional[float]]] = []
     mha_children = set()
     for name, mod in model.named_modules():
         if isinstance(mod, nn.MultiheadAttention):
@@ -400,11 +412,17 @@ def sparsify(model: nn.Module, sparsity: Optional[float] = None, pattern: str = 
                           status="skipped",
                           dense_bytes=mod.weight.numel() * mod.weight.element_size())
         forced = bool(includes) and _matches(name, includes)
+        target = sparsity
+        if per_layer is not None:
+            target = next((v for k, v in per_layer.items() if _matches(name, [k])), None)
+        row.target = target
         reason = None
         if excludes and _matches(name, excludes):
             reason = "excluded"
         elif includes and not forced:
             reason = "not included"
+        elif per_layer is not None and target is None:
+            reason = "no sparsity given for this layer"
         elif kind == "Conv2d" and _conv_class() is None:
             reason = "SparseConv2d not available in this build"
         elif id(mod) in mha_children:
@@ -422,7 +440,7 @@ def sparsify(model: nn.Module, sparsity: Optional[float] = None, pattern: str = 
             report.layers.append(row)
             continue
         report.layers.append(row)
-        candidates.append((name, mod, kind, forced, row))
+        candidates.append((name, mod, kind, forced, row, target))
 
     # Convert every candidate; with global pruning, a layer that refuses its mask (a grouped
     # conv, say) leaves the set and the threshold is recomputed over the rest, so the overall
@@ -435,9 +453,9 @@ def sparsify(model: nn.Module, sparsity: Optional[float] = None, pattern: str = 
                                   generator)
         converted.clear()
         failed = []
-        for (name, mod, kind, forced, row), mask in zip(candidates, masks):
+        for (name, mod, kind, forced, row, target), mask in zip(candidates, masks):
             try:
-                converted[name] = _convert(mod, kind, mask, sparsity, pattern, method, generator)
+                converted[name] = _convert(mod, kind, mask, target, pattern, method, generator)
             except NotImplementedError:
                 raise  # the build cannot do this pattern at all: say so, don't skip every layer
             except (ValueError, TypeError, RuntimeError) as exc:
@@ -450,7 +468,7 @@ def sparsify(model: nn.Module, sparsity: Optional[float] = None, pattern: str = 
         candidates = [c for c in candidates if c[0] not in failed]
 
     replaced_root = None
-    for name, mod, kind, forced, row in candidates:
+    for name, mod, kind, forced, row, _ in candidates:
         new = converted.get(name)
         if new is None:
             continue
