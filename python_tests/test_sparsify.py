@@ -298,6 +298,19 @@ def test_densify_round_trip():
         torch.testing.assert_close(model(x), y_sparse, rtol=1e-5, atol=1e-5)
 
 
+def test_mode_and_frozen_weights_carry_over():
+    model = mlp().eval()
+    model[0].weight.requires_grad_(False)
+    sparsify(model, sparsity=0.5)
+    assert not model[0].training and not model[2].training
+    assert not model[0].values.requires_grad and model[0].bias.requires_grad
+    assert model[2].values.requires_grad
+    densify(model)
+    assert not model[0].training
+    assert not model[0].weight.requires_grad and model[0].bias.requires_grad
+    assert model[2].weight.requires_grad
+
+
 def test_train_after_sparsify():
     model = mlp()
     sparsify(model, sparsity=0.5)
@@ -389,6 +402,14 @@ def test_conv_swapping_and_densify(fake_conv):
         densify(model)
         assert type(model[2]) is nn.Conv2d and type(model[5]) is nn.Linear
         torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-5)
+
+
+def test_densify_keeps_a_fused_activation(fake_conv):
+    model = nn.Sequential(nn.Conv2d(64, 64, 1), nn.Identity())
+    sparsify(model, sparsity=0.5)
+    model[0].activation = "relu6"          # as if fused into the sparse conv's store
+    densify(model)
+    assert isinstance(model[0], nn.Sequential) and isinstance(model[0][1], nn.ReLU6)
 
 
 def test_conv_include_forces_and_global(fake_conv):

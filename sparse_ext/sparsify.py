@@ -341,7 +341,19 @@ def _convert(module: nn.Module, kind: str, mask, sparsity, pattern, method, gene
     device = module.weight.device
     if device.type != "cpu":
         new = new.to(device)
+    _copy_training_state(module, new)
     return new
+
+
+def _copy_training_state(src: nn.Module, dst: nn.Module) -> None:
+    """Train/eval mode and frozen weights carry over from ``src`` to ``dst``."""
+    dst.train(src.training)
+    w_grad = src.weight.requires_grad if isinstance(getattr(src, "weight", None), torch.Tensor) \
+        else True
+    b = getattr(src, "bias", None)
+    b_grad = b.requires_grad if isinstance(b, torch.Tensor) else True
+    for name, p in dst.named_parameters(recurse=False):
+        p.requires_grad_(b_grad if name == "bias" else w_grad)
 
 
 def sparsify(model: nn.Module, sparsity: Union[None, float, Mapping[str, float]] = None,
@@ -489,10 +501,37 @@ def densify(model: nn.Module) -> nn.Module:
     Returns ``model`` (or the dense layer when ``model`` itself is a sparse module)."""
     types = _sparse_types()
     if isinstance(model, types):
-        return model.to_dense()
+        return _dense_equivalent(model)
     for name, mod in list(model.named_modules()):
         if name and isinstance(mod, types):
-            dense = mod.to_dense()
-            dense.train(mod.training)
-            _set_module(model, name, dense)
+            _set_module(model, name, _dense_equivalent(mod))
     return model
+
+
+_ACTIVATIONS = {"relu": nn.ReLU, "relu6": nn.ReLU6}
+
+
+def _dense_equivalent(mod: nn.Module) -> nn.Module:
+    """``mod.to_dense()``, followed by the activation the sparse module fused (if any)."""
+    dense = mod.to_dense()
+    _copy_training_state_from_sparse(mod, dense)
+    act = getattr(mod, "activation", None)
+    if act is None:
+        return dense
+    if isinstance(act, str) and act in _ACTIVATIONS:
+        act_module = _ACTIVATIONS[act]()
+    elif isinstance(act, (tuple, list)) and len(act) == 2:
+        act_module = nn.Hardtanh(float(act[0]), float(act[1]))
+    else:
+        raise ValueError(f"cannot densify a module with fused activation {act!r}")
+    seq = nn.Sequential(dense, act_module)
+    seq.train(mod.training)
+    return seq
+
+
+def _copy_training_state_from_sparse(src: nn.Module, dst: nn.Module) -> None:
+    dst.train(src.training)
+    grads = {name: p.requires_grad for name, p in src.named_parameters(recurse=False)}
+    w_grad = any(v for k, v in grads.items() if k != "bias") if grads else True
+    for name, p in dst.named_parameters(recurse=False):
+        p.requires_grad_(grads.get("bias", True) if name == "bias" else w_grad)
