@@ -64,6 +64,13 @@ def test_min_features_zero_swaps_everything():
     model = mlp()
     sparsify(model, sparsity=0.5, min_features=0)
     assert sparse_names(model) == ["0", "2", "4"]
+    model = mlp()
+    sparsify(model, sparsity=0.5, min_features={"Linear": 100})
+    assert sparse_names(model) == []
+    with pytest.raises(ValueError, match="min_features"):
+        sparsify(mlp(), sparsity=0.5, min_features={"Embedding": 3})
+    with pytest.raises(ValueError, match="min_features"):
+        sparsify(mlp(), sparsity=0.5, min_features=-1)
 
 
 def test_include_exclude_and_globs():
@@ -380,7 +387,7 @@ def fake_conv(monkeypatch):
 def convnet():
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, 64, 3, padding=1),                 # in*kh*kw = 27 < min_features: dense
+        nn.Conv2d(3, 64, 3, padding=1),                 # 3 input channels < min_features: dense
         nn.Conv2d(64, 64, 3, padding=1, groups=64),     # depthwise: dense
         nn.Conv2d(64, 128, 1),                          # pointwise: sparse
         nn.Conv2d(128, 128, 3, padding=1, groups=2),    # grouped: the module refuses it
@@ -392,7 +399,7 @@ def test_conv_swapping_and_densify(fake_conv):
     x = torch.randn(1, 3, 4, 4)
     _, report = sparsify(model, sparsity=0.75)
     assert isinstance(model[2], fake_conv) and isinstance(model[5], SparseLinear)
-    assert type(model[0]) is nn.Conv2d and "min_features" in report["0"].reason
+    assert type(model[0]) is nn.Conv2d and report["0"].reason == "smaller than min_features=16"
     assert report["1"].reason == "depthwise convolution"
     assert type(model[3]) is nn.Conv2d and "groups" in report["3"].reason
     assert report["2"].kind == "Conv2d" and report["2"].shape == (128, 64, 1, 1)

@@ -9,7 +9,8 @@ Which layers are swapped
   * ``nn.Linear`` (exactly, or a subclass that is not owned by ``nn.MultiheadAttention``, which
     reads ``out_proj.weight`` directly) and ``nn.Conv2d`` when this build has ``SparseConv2d``.
   * Not layers whose smaller dimension is below ``min_features`` (the kernels cannot beat dense
-    there), not depthwise convolutions, not layers whose weight is tied to another module's.
+    there; 64 for linears, 16 channels for convs by default), not depthwise convolutions, not
+    layers whose weight is tied to another module's.
   * ``include`` / ``exclude``: a module name, an ``fnmatch`` glob (``"encoder.*.fc?"``) or a list
     of them; a pattern also matches every module below a matched name (``"encoder"`` covers
     ``"encoder.layer.0.fc1"``). When ``include`` is given only matching layers are candidates and
@@ -215,15 +216,35 @@ def _kind(module: nn.Module) -> Optional[str]:
     return None
 
 
-def _too_small(module: nn.Module, kind: str, min_features: int) -> Optional[str]:
+DEFAULT_MIN_FEATURES = {"Linear": 64, "Conv2d": 16}
+
+
+def _too_small(module: nn.Module, kind: str, min_features: Dict[str, int]) -> Optional[str]:
     if kind == "Linear":
         dims = (module.in_features, module.out_features)
     else:
-        kh, kw = module.kernel_size
-        dims = (module.in_channels // module.groups * kh * kw, module.out_channels)
-    if min(dims) < min_features:
-        return f"smaller than min_features={min_features}"
+        # a conv's work also scales with its output pixels: only thin channel counts are tiny
+        dims = (module.in_channels // module.groups, module.out_channels)
+    if min(dims) < min_features[kind]:
+        return f"smaller than min_features={min_features[kind]}"
     return None
+
+
+def _min_features(value) -> Dict[str, int]:
+    if value is None:
+        return dict(DEFAULT_MIN_FEATURES)
+    if isinstance(value, Mapping):
+        out = dict(DEFAULT_MIN_FEATURES)
+        for k, v in value.items():
+            if k not in out:
+                raise ValueError(f"min_features keys are 'Linear' and 'Conv2d', got {k!r}")
+            out[k] = v
+    else:
+        out = {k: value for k in DEFAULT_MIN_FEATURES}
+    for v in out.values():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"min_features must be a non-negative int, got {value!r}")
+    return out
 
 
 def _sparse_nbytes(module: nn.Module) -> int:
@@ -359,7 +380,8 @@ def _copy_training_state(src: nn.Module, dst: nn.Module) -> None:
 def sparsify(model: nn.Module, sparsity: Union[None, float, Mapping[str, float]] = None,
              pattern: str = "unstructured",
              method: str = "magnitude", include: Patterns = None, exclude: Patterns = None,
-             min_features: int = 64, global_pruning: bool = False,
+             min_features: Union[None, int, Mapping[str, int]] = None,
+             global_pruning: bool = False,
              generator: Optional[torch.Generator] = None) -> Tuple[nn.Module, SparsifyReport]:
     """Swaps eligible ``nn.Linear`` (and ``nn.Conv2d`` when ``sparse_ext.SparseConv2d`` exists)
     layers of ``model`` in place for sparse ones; returns ``(model, report)``.
@@ -374,7 +396,8 @@ def sparsify(model: nn.Module, sparsity: Union[None, float, Mapping[str, float]]
       include / exclude: names or ``fnmatch`` globs (see the module docstring); ``include``
         restricts to and forces the matching layers, ``exclude`` always wins.
       min_features: skip layers whose smaller dimension (``in_features`` or ``out_features``;
-        ``in_channels/groups*kh*kw`` or ``out_channels`` for convs) is below this.
+        ``in_channels/groups`` or ``out_channels`` for convs) is below this. An int for both
+        kinds, or a dict ``{"Linear": 64, "Conv2d": 16}`` (the default, None).
       global_pruning: one magnitude threshold across all candidate layers.
       generator: for ``method="random"``.
 
@@ -399,8 +422,7 @@ def sparsify(model: nn.Module, sparsity: Union[None, float, Mapping[str, float]]
         sparsity = _check_sparsity(sparsity)
     if method not in ("magnitude", "random"):
         raise ValueError(f"method must be 'magnitude' or 'random', got {method!r}")
-    if not isinstance(min_features, int) or min_features < 0:
-        raise ValueError(f"min_features must be a non-negative int, got {min_features!r}")
+    min_features = _min_features(min_features)
     includes, excludes = _as_patterns(include), _as_patterns(exclude)
 
     report = SparsifyReport(global_pruning=global_pruning)
