@@ -30,6 +30,9 @@ except ImportError:  # run as a script: python bench/bench_minilm.py
     from bench.common import interleaved_median_ms, machine_info
 
 FAMILY = "minilm"
+# Not a kernel family: an optional end-to-end workload. A runner should include it only when asked
+# (or when available() is True) and treat ImportError from run() as "extra not installed".
+OPTIONAL = True
 SENTENCES = Path(__file__).resolve().parent / "data" / "sentences.txt"
 DEFAULT_BATCHES = (1, 32)
 DEFAULT_SEQ = 128
