@@ -126,7 +126,8 @@ class SparsifyReport:
         for r in self.layers:
             sparse = r.status == "sparse"
             rows.append([
-                r.name or "<root>", r.kind, "x".join(str(s) for s in r.shape), r.pattern,
+                r.name or "<root>", r.kind, "x".join(str(s) for s in r.shape),
+                r.pattern if sparse else "-",
                 f"{r.sparsity:.3f}" if sparse else "-",
                 f"{r.dense_bytes / 1024:.1f}",
                 f"{r.sparse_bytes / 1024:.1f}" if sparse else "-",
