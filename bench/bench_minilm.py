@@ -317,8 +317,9 @@ def build_parser():
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
                    help="weights and activations (default: fp32; cosine is vs the fp32 model)")
-    p.add_argument("--include", default="encoder.*",
-                   help="layers to sparsify, a name or glob (default: encoder.*, all 36 linears)")
+    p.add_argument("--include", nargs="+", default=["encoder.*"],
+                   help="layers to sparsify, names or globs (default: encoder.*, all 36 linears; "
+                        "FFN only: encoder.layer.?.intermediate.dense encoder.layer.?.output.dense)")
     p.add_argument("--json", type=Path, default=None, help="also write rows and machine as JSON")
     p.add_argument("--plot", type=Path, default=None,
                    help="also write a PNG of speedup and cosine vs sparsity")
