@@ -18,16 +18,18 @@ import argparse
 import copy
 import functools
 import os
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 try:
-    from .common import interleaved_median_ms, machine_info
+    from .common import machine_info
 except ImportError:  # run as a script: python bench/bench_minilm.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from bench.common import interleaved_median_ms, machine_info
+    from bench.common import machine_info
 
 FAMILY = "minilm"
 # Not a kernel family: an optional end-to-end workload. A runner should include it only when asked
@@ -161,6 +163,8 @@ def available():
 def run(args=None, progress=None):
     """Rows of {family, shape, pattern, sparsity, tokens, dense_ms, ours_ms, speedup, gflops,
     cosine} (plus weight_ratio: sparse/dense bytes of the swapped weights, and dtype).
+    dense_ms / ours_ms are medians over rounds in which the dense and every sparse model run back
+    to back; speedup is the median of the per-round ratios (steadier on a shared machine).
 
     ``args`` attributes read (all optional): batches, seq, sparsities, nm_patterns, reps, warmup,
     threads, dtype ("fp32" or "bf16"), include (which layers to sparsify, default
@@ -211,18 +215,23 @@ def run(args=None, progress=None):
         if large:
             n_reps = min(n_reps, MAX_REPS_LARGE)
         fns = [_forward(dense, inputs)] + [_forward(v[2], inputs) for v in variants]
-        times = interleaved_median_ms(fns, reps=n_reps, warmup=warmup)
+        rounds = interleaved_rounds(fns, reps=n_reps, warmup=warmup)
+        dense_ms = statistics.median(r[0] for r in rounds)
         flops = model_flops(dense, batch, seq)
-        for (pattern, sparsity, _, cosine, ratio), ours in zip(variants, times[1:]):
+        for i, (pattern, sparsity, _, cosine, ratio) in enumerate(variants, start=1):
+            ours = statistics.median(r[i] for r in rounds)
+            # the ratio within each round (dense and ours run back to back) is steadier on a
+            # shared machine than the ratio of medians
+            speedup = statistics.median(r[0] / r[i] for r in rounds)
             rows.append({
                 "family": FAMILY,
                 "shape": f"all-MiniLM-L6-v2 b{batch} s{seq}",
                 "pattern": pattern,
                 "sparsity": round(float(sparsity), 4),
                 "tokens": batch * seq,
-                "dense_ms": times[0],
+                "dense_ms": dense_ms,
                 "ours_ms": ours,
-                "speedup": times[0] / ours,
+                "speedup": speedup,
                 "gflops": flops / (ours * 1e6),
                 "cosine": cosine,
                 "weight_ratio": ratio,
@@ -230,6 +239,22 @@ def run(args=None, progress=None):
             })
         _tick(progress, f"timed batch {batch}")
     return rows
+
+
+def interleaved_rounds(fns, reps, warmup=1):
+    """Milliseconds of each callable per round, ``reps`` rounds of running them back to back."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    rounds = []
+    for _ in range(reps):
+        row = []
+        for fn in fns:
+            t0 = time.perf_counter()
+            fn()
+            row.append((time.perf_counter() - t0) * 1e3)
+        rounds.append(row)
+    return rounds
 
 
 def _forward(model, inputs):
