@@ -162,13 +162,13 @@ def available():
 
 def run(args=None, progress=None):
     """Rows of {family, shape, pattern, sparsity, tokens, dense_ms, ours_ms, speedup, gflops,
-    cosine} (plus weight_ratio: sparse/dense bytes of the swapped weights, and dtype).
+    cosine} (plus weight_bytes_ratio: sparse/dense bytes of the swapped weights, and dtype).
     dense_ms / ours_ms are medians over rounds in which the dense and every sparse model run back
     to back; speedup is the median of the per-round ratios (steadier on a shared machine).
 
     ``args`` attributes read (all optional): batches, seq, sparsities, nm_patterns, reps, warmup,
-    threads, dtype ("fp32" or "bf16"), include (which layers to sparsify, default
-    ``"encoder.*"``). ``reps`` is capped at 5 above 1024 tokens. Cosine similarity is always
+    threads, dtype ("fp32"/"float32" or "bf16"/"bfloat16"), include (which layers to sparsify,
+    default ``"encoder.*"``). ``reps`` is capped at 5 above 1024 tokens. Cosine similarity is always
     against the fp32 dense model. ``progress`` is None, a callable taking a label, or a tqdm-like
     object; it ticks ``steps(args)`` times. Raises ImportError when the optional extra is missing
     (see ``available()``)."""
@@ -190,7 +190,7 @@ def run(args=None, progress=None):
     reference = embed(dense32, tokenizer, sentences)
     dense = dense32 if dtype == torch.float32 else copy.deepcopy(dense32).to(dtype)
 
-    variants = []  # (pattern, sparsity, model, cosine, weight_ratio)
+    variants = []  # (pattern, sparsity, model, cosine, weight_bytes_ratio)
     for pattern, sparsity in _configs(args):
         label = pattern if sparsity is None else f"{pattern} {sparsity:.0%}"
         try:
@@ -234,8 +234,8 @@ def run(args=None, progress=None):
                 "speedup": speedup,
                 "gflops": flops / (ours * 1e6),
                 "cosine": cosine,
-                "weight_ratio": ratio,
-                "dtype": dtype_name,
+                "weight_bytes_ratio": ratio,
+                "dtype": str(dtype).replace("torch.", ""),
             })
         _tick(progress, f"timed batch {batch}")
     return rows
@@ -273,7 +273,7 @@ def format_table(rows):
         body.append([r["shape"].split()[-2] + " " + r["shape"].split()[-1], r["pattern"],
                      f"{r['sparsity']:.0%}", f"{r['dense_ms']:.1f}", f"{r['ours_ms']:.1f}",
                      f"{r['speedup']:.2f}x", f"{r['gflops']:.1f}" if r["gflops"] else "-",
-                     f"{r['cosine']:.4f}", f"{r['weight_ratio']:.2f}x"])
+                     f"{r['cosine']:.4f}", f"{r['weight_bytes_ratio']:.2f}x"])
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *body)]
     lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |",
              "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
@@ -340,7 +340,7 @@ def build_parser():
     p.add_argument("--reps", type=int, default=None,
                    help="timed repetitions (default: 10 up to 1024 tokens, else 3; capped at 5 there)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32",
                    help="weights and activations (default: fp32; cosine is vs the fp32 model)")
     p.add_argument("--include", nargs="+", default=["encoder.*"],
                    help="layers to sparsify, names or globs (default: encoder.*, all 36 linears; "

@@ -29,7 +29,7 @@ def test_tiny_run_rows():
     assert len(rows) == 2
     for row in rows:
         assert set(bench_minilm.ROW_KEYS) <= set(row)
-        assert row["family"] == bench_minilm.FAMILY == "minilm"
+        assert row["family"] == bench_minilm.FAMILY == "minilm" and row["dtype"] == "float32"
         assert row["tokens"] == 8 and row["pattern"] == "unstructured"
         assert row["dense_ms"] > 0 and row["ours_ms"] > 0
         assert row["speedup"] == pytest.approx(row["dense_ms"] / row["ours_ms"])   # 1 round
@@ -66,14 +66,14 @@ def test_bf16_tiny_run():
     args = types.SimpleNamespace(batches=[1], seq=8, sparsities=[0.0], nm_patterns=[], reps=1,
                                  warmup=0, include="encoder.layer.0.attention.*", dtype="bf16")
     (row,) = bench_minilm.run(args)
-    assert row["dtype"] == "bf16" and row["cosine"] > 0.99
+    assert row["dtype"] == "bfloat16" and row["cosine"] > 0.99
 
 
 def test_plot(tmp_path):
     pytest.importorskip("matplotlib")
     rows = [dict(family="minilm", shape=f"all-MiniLM-L6-v2 b{b} s128", pattern=p, sparsity=s,
                  tokens=128 * b, dense_ms=10.0, ours_ms=10.0 / (1 + s), speedup=1 + s,
-                 gflops=None, cosine=1 - s / 2, weight_ratio=1 - s)
+                 gflops=None, cosine=1 - s / 2, weight_bytes_ratio=1 - s)
             for b in (1, 32) for p, s in (("unstructured", 0.5), ("unstructured", 0.9), ("2:4", 0.5))]
     path = bench_minilm.plot(rows, tmp_path / "m.png")
     assert path.stat().st_size > 1000
