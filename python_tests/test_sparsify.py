@@ -258,11 +258,24 @@ def test_report_numbers_and_formats():
     assert {d["name"] for d in dicts} == {"0", "2", "4"}
     assert dicts[0]["shape"] == [128, 64] and dicts[0]["status"] == "sparse"
     text = str(report)
+    assert repr(report) == text
     lines = text.splitlines()
     assert lines[0].split()[:3] == ["layer", "kind", "shape"]
     assert any(line.startswith("0 ") and "128x64" in line and "0.900" in line for line in lines)
     assert "skipped: smaller than min_features" in text
     assert lines[-1].startswith("total (2 sparse, 1 skipped)")
+
+
+def test_random_method_is_seeded_by_generator():
+    def masks(seed):
+        model = mlp()
+        sparsify(model, sparsity=0.6, method="random", generator=torch.Generator().manual_seed(seed))
+        return [model[i].to_dense().weight != 0 for i in (0, 2)]
+
+    a, b, c = masks(1), masks(1), masks(2)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+    assert all(abs(1 - float(m.float().mean()) - 0.6) < 1e-3 for m in a)
 
 
 def test_report_when_nothing_is_swapped():

@@ -68,7 +68,7 @@ class LayerReport:
         return d
 
 
-@dataclass
+@dataclass(repr=False)
 class SparsifyReport:
     """What ``sparsify`` did, layer by layer. ``str(report)`` is a table; ``to_dicts()`` is JSON-ready."""
 
@@ -156,6 +156,8 @@ class SparsifyReport:
 
     def __str__(self) -> str:
         return self.table()
+
+    __repr__ = __str__   # shows the table in a REPL or notebook, like a DataFrame
 
 
 def _numel(shape) -> int:
