@@ -347,6 +347,18 @@ def test_bf16_model():
     assert model(torch.randn(2, 64, dtype=torch.bfloat16)).dtype == torch.bfloat16
 
 
+def test_fp16_skipped_and_no_bias_and_odd_sizes():
+    _, report = sparsify(mlp().half(), sparsity=0.5)
+    assert report.sparsified == [] and "float16" in report["0"].reason
+    model = nn.Sequential(nn.Linear(100, 67, bias=False), nn.Linear(67, 65))
+    _, report = sparsify(model, sparsity=0.5)
+    assert len(report.sparsified) == 2 and model[0].bias is None
+    x = torch.randn(3, 100)
+    with torch.no_grad():
+        y = model(x)
+        torch.testing.assert_close(densify(model)(x), y, rtol=1e-5, atol=1e-5)
+
+
 def test_torch_compile_fullgraph():
     model = mlp()
     sparsify(model, sparsity=0.9)
