@@ -77,3 +77,22 @@ def test_plot(tmp_path):
             for b in (1, 32) for p, s in (("unstructured", 0.5), ("unstructured", 0.9), ("2:4", 0.5))]
     path = bench_minilm.plot(rows, tmp_path / "m.png")
     assert path.stat().st_size > 1000
+
+
+def test_nm_pattern_row_or_note(capsys):
+    args = types.SimpleNamespace(batches=[1], seq=8, sparsities=[], nm_patterns=["2:4"], reps=1,
+                                 warmup=0, include="encoder.layer.0.attention.self.query")
+    rows = bench_minilm.run(args)
+    try:
+        sparse_ext_nm = True
+        import sparse_ext
+        from torch import nn
+        sparse_ext.SparseLinear.from_dense(nn.Linear(8, 8), pattern="2:4")
+    except NotImplementedError:
+        sparse_ext_nm = False
+    if sparse_ext_nm:
+        (row,) = rows
+        assert row["pattern"] == "2:4" and abs(row["sparsity"] - 0.5) < 0.02
+    else:
+        assert rows == []
+        assert "skipping 2:4" in capsys.readouterr().err
