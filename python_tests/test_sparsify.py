@@ -158,6 +158,8 @@ def test_argument_errors():
         sparsify(mlp(), sparsity=0.5, pattern="diagonal")
     with pytest.raises(TypeError):
         sparsify(torch.zeros(3), sparsity=0.5)
+    with pytest.raises(ValueError, match="global"):
+        sparsify(mlp(), pattern="2:4", global_pruning=True)
 
 
 def test_nm_pattern_passes_through():

@@ -412,6 +412,9 @@ def sparsify(model: nn.Module, sparsity: Union[None, float, Mapping[str, float]]
     kind_, _ = parse_pattern(pattern)
     if sparsity is None and kind_ != "nm":
         raise ValueError(f"sparsify needs sparsity=... for pattern {pattern!r}")
+    if global_pruning and kind_ == "nm":
+        raise ValueError("global_pruning=True needs an 'unstructured' or 'RxC' block pattern; "
+                         "N:M patterns fix the sparsity of every group of M weights already")
     per_layer: Optional[Dict[str, float]] = None
     if isinstance(sparsity, Mapping):
         if global_pruning:
