@@ -126,6 +126,23 @@ def test_skips_multihead_attention_and_tied_weights():
     model(torch.randn(2, 5, 64))
 
 
+def test_skips_linears_inside_sparse_ext_modules():
+    class Router(nn.Module):          # stands in for e.g. MoELayer, which reads router.weight
+        def __init__(self):
+            super().__init__()
+            self.router = nn.Linear(64, 64)
+
+        def forward(self, x):
+            return torch.nn.functional.linear(x, self.router.weight)
+
+    Router.__module__ = "sparse_ext.nn.fake"
+    model = nn.Sequential(Router(), nn.Linear(64, 64))
+    _, report = sparsify(model, sparsity=0.5, min_features=0)
+    assert "owned by sparse_ext.Router" in report["0.router"].reason
+    assert isinstance(model[1], SparseLinear)
+    model(torch.randn(2, 64))
+
+
 def test_conv2d_left_alone_without_sparse_conv():
     model = nn.Sequential(nn.Conv2d(64, 64, 1), nn.Flatten(), nn.Linear(64 * 4, 64))
     _, report = sparsify(model, sparsity=0.5)

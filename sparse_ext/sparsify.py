@@ -6,8 +6,9 @@
     sparse_ext.densify(model)          # back to nn.Linear / nn.Conv2d (pruned weights stay zero)
 
 Which layers are swapped
-  * ``nn.Linear`` (exactly, or a subclass that is not owned by ``nn.MultiheadAttention``, which
-    reads ``out_proj.weight`` directly) and ``nn.Conv2d`` when this build has ``SparseConv2d``.
+  * ``nn.Linear`` and ``nn.Conv2d`` (the latter when this build has ``SparseConv2d``), except
+    those owned by ``nn.MultiheadAttention`` or by a sparse_ext module such as ``MoELayer``
+    (their owners read ``.weight`` directly).
   * Not layers whose smaller dimension is below ``min_features`` (the kernels cannot beat dense
     there; 64 for linears, 16 channels for convs by default), not depthwise convolutions, not
     layers whose weight is tied to another module's.
@@ -440,10 +441,20 @@ def sparsify(model: nn.Module, sparsity: Union[None, float, Mapping[str, float]]
             owners[id(w)] = owners.get(id(w), 0) + 1
 
     candidates: List[Tuple[str, nn.Module, str, bool, LayerReport, Optional[float]]] = []
-    mha_children = set()
+    # modules whose owners read their .weight directly: nn.MultiheadAttention (out_proj), and
+    # sparse_ext's own modules (MoELayer's router and shared expert, say)
+    owned: Dict[int, str] = {}
     for name, mod in model.named_modules():
+        owner = None
         if isinstance(mod, nn.MultiheadAttention):
-            mha_children.update(id(m) for m in mod.modules() if m is not mod)
+            owner = "nn.MultiheadAttention"
+        elif type(mod).__module__.startswith("sparse_ext.") and _kind(mod) is None \
+                and not isinstance(mod, _sparse_types()):
+            owner = f"sparse_ext.{type(mod).__name__}"
+        if owner:
+            for m in mod.modules():
+                if m is not mod:
+                    owned.setdefault(id(m), owner)
     for name, mod in model.named_modules():
         kind = _kind(mod)
         if kind is None:
@@ -465,8 +476,8 @@ def sparsify(model: nn.Module, sparsity: Union[None, float, Mapping[str, float]]
             reason = "no sparsity given for this layer"
         elif kind == "Conv2d" and _conv_class() is None:
             reason = "SparseConv2d not available in this build"
-        elif id(mod) in mha_children:
-            reason = "owned by nn.MultiheadAttention (reads .weight directly)"
+        elif id(mod) in owned:
+            reason = f"owned by {owned[id(mod)]} (reads .weight directly)"
         elif owners.get(id(mod.weight), 0) > 1:
             reason = "weight is tied to another module"
         elif mod.weight.dtype not in (torch.float32, torch.bfloat16, torch.float64):
