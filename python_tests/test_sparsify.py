@@ -126,6 +126,27 @@ def test_skips_multihead_attention_and_tied_weights():
     model(torch.randn(2, 5, 64))
 
 
+class CastsToWo(nn.Module):
+    """Like T5's FFN, whose forward reads ``self.wo.weight.dtype``."""
+
+    def __init__(self):
+        super().__init__()
+        self.wi = nn.Linear(64, 256)
+        self.wo = nn.Linear(256, 64)
+
+    def forward(self, x):
+        h = torch.relu(self.wi(x))
+        return self.wo(h.to(self.wo.weight.dtype))
+
+
+def test_skips_layers_whose_parent_reads_weight():
+    model = nn.Sequential(CastsToWo())
+    _, report = sparsify(model, sparsity=0.5)
+    assert isinstance(model[0].wi, SparseLinear)
+    assert report["0.wo"].reason == "CastsToWo.forward reads wo.weight directly"
+    model(torch.randn(2, 64))
+
+
 def test_skips_linears_inside_sparse_ext_modules():
     class Router(nn.Module):          # stands in for e.g. MoELayer, which reads router.weight
         def __init__(self):

@@ -8,7 +8,8 @@
 Which layers are swapped
   * ``nn.Linear`` and ``nn.Conv2d`` (the latter when this build has ``SparseConv2d``), except
     those owned by ``nn.MultiheadAttention`` or by a sparse_ext module such as ``MoELayer``
-    (their owners read ``.weight`` directly).
+    (their owners read ``.weight`` directly), or whose parent's ``forward`` source reads
+    ``self.<child>.weight`` (T5's FFN reads ``self.wo.weight.dtype``).
   * Not layers whose smaller dimension is below ``min_features`` (the kernels cannot beat dense
     there; 64 for linears, 16 channels for convs by default), not depthwise convolutions, not
     layers whose weight is tied to another module's.
@@ -27,6 +28,9 @@ Pruning
     layers with many small weights lose more of them. Masks go in via ``from_dense(mask=...)``.
 """
 import fnmatch
+import functools
+import inspect
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -194,6 +198,27 @@ def _matches(name: str, patterns: List[str]) -> bool:
 
 
 # ---- candidates --------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _forward_source(cls) -> str:
+    try:
+        return inspect.getsource(cls.forward)
+    except (OSError, TypeError, AttributeError):
+        return ""
+
+
+def _parent_reads_weight(model: nn.Module, name: str) -> Optional[str]:
+    """The parent's class name when its forward reads ``self.<child>.weight`` (T5's FFN checks
+    ``self.wo.weight.dtype``): swapping that child would break the parent."""
+    parent_name, _, child = name.rpartition(".")
+    if not child:
+        return None
+    parent = model.get_submodule(parent_name) if parent_name else model
+    src = _forward_source(type(parent))
+    if src and re.search(rf"self\.{re.escape(child)}\.weight\b", src):
+        return type(parent).__name__
+    return None
+
+
 def _sparse_types() -> tuple:
     from . import nn as se_nn
 
@@ -478,6 +503,9 @@ def sparsify(model: nn.Module, sparsity: Union[None, float, Mapping[str, float]]
             reason = "SparseConv2d not available in this build"
         elif id(mod) in owned:
             reason = f"owned by {owned[id(mod)]} (reads .weight directly)"
+        elif _parent_reads_weight(model, name):
+            reason = (f"{_parent_reads_weight(model, name)}.forward reads "
+                      f"{name.rpartition('.')[2]}.weight directly")
         elif owners.get(id(mod.weight), 0) > 1:
             reason = "weight is tied to another module"
         elif mod.weight.dtype not in (torch.float32, torch.bfloat16, torch.float64):
