@@ -490,3 +490,26 @@ def test_conv_include_forces_and_global(fake_conv):
     assert isinstance(model[0], fake_conv) and isinstance(model[2], fake_conv)
     assert type(model[1]) is nn.Conv2d and "groups" in report["1"].reason   # forced, still refused
     assert report.sparsity == pytest.approx(0.5, abs=1e-3)
+
+
+def test_hf_conv1d_gpt2():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=128, n_positions=32, n_embd=64, n_layer=2, n_head=4)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    reference = transformers.GPT2LMHeadModel(cfg).eval()
+    reference.load_state_dict(model.state_dict())
+    _, report = sparsify(model, sparsity=0.75, global_pruning=True)
+    convs = [r for r in report.sparsified if r.kind == "Conv1D"]
+    assert len(convs) == 8                                 # c_attn, c_proj, c_fc, mlp.c_proj x 2
+    assert report["transformer.h.0.mlp.c_fc"].shape == (64, 256)      # Conv1D weight is [in, out]
+    assert "tied" in report["lm_head"].reason
+    assert report.sparsity == pytest.approx(0.75, abs=1e-3)
+    # the reference with the same weights zeroed in Conv1D orientation
+    with torch.no_grad():
+        for name, mod in reference.named_modules():
+            if type(mod).__name__ == "Conv1D":
+                kept = model.get_submodule(name).to_dense().weight.t() != 0
+                mod.weight.mul_(kept)
+        ids = torch.randint(0, 128, (2, 12))
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)

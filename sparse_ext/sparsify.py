@@ -6,7 +6,8 @@
     sparse_ext.densify(model)          # back to nn.Linear / nn.Conv2d (pruned weights stay zero)
 
 Which layers are swapped
-  * ``nn.Linear`` and ``nn.Conv2d`` (the latter when this build has ``SparseConv2d``), except
+  * ``nn.Linear``, transformers' ``Conv1D`` (GPT-2; becomes a SparseLinear) and ``nn.Conv2d``
+    (when this build has ``SparseConv2d``), except
     those owned by ``nn.MultiheadAttention`` or by a sparse_ext module such as ``MoELayer``
     (their owners read ``.weight`` directly), or whose parent's ``forward`` source reads
     ``self.<child>.weight`` (T5's FFN reads ``self.wo.weight.dtype``).
@@ -240,6 +241,8 @@ def _kind(module: nn.Module) -> Optional[str]:
         return None
     if isinstance(module, nn.Linear):
         return "Linear"
+    if _is_hf_conv1d(module):
+        return "Conv1D"
     if isinstance(module, nn.Conv2d):
         return "Conv2d"
     return None
@@ -248,8 +251,38 @@ def _kind(module: nn.Module) -> Optional[str]:
 DEFAULT_MIN_FEATURES = {"Linear": 64, "Conv2d": 16}
 
 
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2 and friends): a linear layer with weight [in, out]."""
+    return (type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
+            and isinstance(getattr(module, "weight", None), torch.Tensor)
+            and module.weight.dim() == 2 and tuple(module.weight.shape) == (module.nx, module.nf))
+
+
+def _linear_weight(module: nn.Module) -> torch.Tensor:
+    """The weight as an nn.Linear holds it, [out, in] (a view for HF Conv1D)."""
+    return module.weight.t() if _is_hf_conv1d(module) else module.weight
+
+
+def _as_linear(module: nn.Module) -> nn.Linear:
+    """HF Conv1D -> the equivalent nn.Linear (weight transposed); nn.Linear as is."""
+    if not _is_hf_conv1d(module):
+        return module
+    w = module.weight.detach()
+    linear = nn.Linear(module.nx, module.nf, bias=module.bias is not None, dtype=w.dtype,
+                       device=w.device)
+    with torch.no_grad():
+        linear.weight.copy_(w.t())
+        if module.bias is not None:
+            linear.bias.copy_(module.bias)
+    linear.weight.requires_grad_(module.weight.requires_grad)
+    return linear
+
+
 def _too_small(module: nn.Module, kind: str, min_features: Dict[str, int]) -> Optional[str]:
-    if kind == "Linear":
+    if kind == "Conv1D":
+        dims = (module.nx, module.nf)
+        kind = "Linear"
+    elif kind == "Linear":
         dims = (module.in_features, module.out_features)
     else:
         # a conv's work also scales with its output pixels: only thin channel counts are tiny
@@ -322,8 +355,9 @@ def _tile_scores(weight: torch.Tensor, block: Tuple[int, int], method: str,
     return tiles.pow(2).sum((1, 3)) / n if (rows, cols) != (1, 1) else tiles.reshape(gm, gk)
 
 
-def _global_masks(modules: List[nn.Module], sparsity: float, pattern: str, method: str,
+def _global_masks(weights: List[torch.Tensor], sparsity: float, pattern: str, method: str,
                   generator: Optional[torch.Generator]) -> List[torch.Tensor]:
+    """Masks (each of its weight's shape) from one threshold over all ``weights``."""
     kind, shape = parse_pattern(pattern)
     if kind == "nm":
         raise ValueError("global_pruning=True needs an 'unstructured' or 'RxC' block pattern; "
@@ -331,12 +365,12 @@ def _global_masks(modules: List[nn.Module], sparsity: float, pattern: str, metho
     if method not in ("magnitude", "random"):
         raise ValueError(f"method must be 'magnitude' or 'random', got {method!r}")
     block = (1, 1) if kind == "unstructured" else shape
-    scores = [_tile_scores(m.weight, block, method, generator) for m in modules]
+    scores = [_tile_scores(w, block, method, generator) for w in weights]
     flat = torch.cat([s.reshape(-1) for s in scores])
     # keep the same number of weights as per-layer pruning would over the whole set
-    total_weights = sum(m.weight.numel() for m in modules)
+    total_weights = sum(w.numel() for w in weights)
     keep_weights = int(round((1.0 - sparsity) * total_weights))
-    tile_weights = torch.cat([_tile_sizes(m.weight, block).reshape(-1) for m in modules])
+    tile_weights = torch.cat([_tile_sizes(w, block).reshape(-1) for w in weights])
     order = torch.argsort(flat, descending=True, stable=True)
     kept = torch.zeros(flat.numel(), dtype=torch.bool)
     if keep_weights > 0:
@@ -344,15 +378,15 @@ def _global_masks(modules: List[nn.Module], sparsity: float, pattern: str, metho
         n_tiles = int(torch.searchsorted(cum, torch.tensor(keep_weights), right=False)) + 1
         kept[order[:min(n_tiles, flat.numel())]] = True
     masks, start = [], 0
-    for m, s in zip(modules, scores):
+    for w, s in zip(weights, scores):
         k = kept[start:start + s.numel()].reshape(s.shape)
         start += s.numel()
         rows, cols = block
         gm, gk = s.shape
         full = k[:, None, :, None].expand(gm, rows, gk, cols).reshape(gm * rows, gk * cols)
-        M = m.weight.shape[0]
-        K = m.weight[0].numel()
-        masks.append(full[:M, :K].reshape(m.weight.shape).contiguous().to(m.weight.device))
+        M = w.shape[0]
+        K = w[0].numel()
+        masks.append(full[:M, :K].reshape(w.shape).contiguous().to(w.device))
     return masks
 
 
@@ -376,7 +410,7 @@ def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _convert(module: nn.Module, kind: str, mask, sparsity, pattern, method, generator):
-    if kind == "Linear":
+    if kind in ("Linear", "Conv1D"):
         from .nn import SparseLinear as cls
     else:
         cls = _conv_class()
@@ -387,7 +421,7 @@ def _convert(module: nn.Module, kind: str, mask, sparsity, pattern, method, gene
         kwargs["sparsity"] = sparsity
     if generator is not None and mask is None and method == "random":
         kwargs["generator"] = generator
-    new = cls.from_dense(module, **kwargs)
+    new = cls.from_dense(_as_linear(module) if kind == "Conv1D" else module, **kwargs)
     device = module.weight.device
     if device.type != "cpu":
         new = new.to(device)
@@ -528,8 +562,8 @@ def sparsify(model: nn.Module, sparsity: Union[None, float, Mapping[str, float]]
     while True:
         masks = [None] * len(candidates)
         if global_pruning and candidates:
-            masks = _global_masks([c[1] for c in candidates], float(sparsity), pattern, method,
-                                  generator)
+            masks = _global_masks([_linear_weight(c[1]) for c in candidates], float(sparsity),
+                                  pattern, method, generator)
         converted.clear()
         failed = []
         for (name, mod, kind, forced, row, target), mask in zip(candidates, masks):
