@@ -12,6 +12,10 @@ from .nn import SparseLinear
 from .nn import SparseConv, SparseConv2d, fold_batchnorm, fuse_activations  # sparse conv (issue 4)
 from .prune import block_mask, magnitude_mask, parse_pattern, random_mask
 
+# --- sparsify (issue 6) -------------------------------------------------------------------------
+from .sparsify import SparsifyReport, densify, sparsify
+# --- end sparsify -------------------------------------------------------------------------------
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -26,5 +30,9 @@ __all__ = [
     "set_isa",
     "supported_isas",
     "use_isa",
+    # sparsify (issue 6)
+    "SparsifyReport",
+    "densify",
+    "sparsify",
 ]
 __all__ += ["SparseConv", "SparseConv2d", "fold_batchnorm", "fuse_activations"]  # sparse conv
