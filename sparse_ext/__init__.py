@@ -26,3 +26,10 @@ __all__ = [
     "supported_isas",
     "use_isa",
 ]
+
+# ---- N:M semi-structured (issue 3) ----
+from .formats import NMWeight  # noqa: E402
+from .prune import nm_mask  # noqa: E402
+
+__all__ += ["NMWeight", "nm_mask"]
+# ---- end N:M ----
