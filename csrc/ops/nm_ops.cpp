@@ -93,11 +93,18 @@ at::Tensor pack_panels(const at::Tensor& rows, int64_t Kp, int64_t nt) {
       const int64_t p = task / col_blocks, c0 = (task % col_blocks) * kCols;
       const int64_t c1 = std::min(Kp, c0 + kCols);
       float* panel = dst + p * Kp * nt;
-      for (int64_t c = c0; c < c1; ++c)
-        for (int64_t t = 0; t < nt; ++t) {
-          const int64_t token = p * nt + t;
-          panel[c * nt + t] = (c < K && token < T) ? src[token * K + c] : 0.f;
+      // Token-major reads (contiguous rows of x); the [64 columns, nt] destination stays in L1.
+      for (int64_t t = 0; t < nt; ++t) {
+        const int64_t token = p * nt + t;
+        const float* srow = src + token * K;
+        if (token < T) {
+          const int64_t cv = std::min(c1, K);
+          for (int64_t c = c0; c < cv; ++c) panel[c * nt + t] = srow[c];
+          for (int64_t c = std::max(c0, cv); c < c1; ++c) panel[c * nt + t] = 0.f;
+        } else {
+          for (int64_t c = c0; c < c1; ++c) panel[c * nt + t] = 0.f;
         }
+      }
     }
   });
   return out;
@@ -203,7 +210,7 @@ at::Tensor nm_linear_grad_input_cpu(const at::Tensor& grad_out, const at::Tensor
       // dy panels [P, rows, nt]: pack_panels of dy^T's rows is dy itself with K = rows.
       const at::Tensor dyP = pack_panels(dy, M_out, k.scatter_nt);
       // Threads own whole K-blocks so every slot range starts at a multiple of 8.
-      const int64_t kbg = nm_k_block(n, m) / m, units = (G + kbg - 1) / kbg;
+      const int64_t kbg = nm_k_block(n, m, k.scatter_nt) / m, units = (G + kbg - 1) / kbg;
       parallel_ranges(even_split(units), [&](int64_t u0, int64_t u1) {
         nm_grad_input_groups(w, dyP.data_ptr<float>(), T, k, gcol.data_ptr<int32_t>(), u0 * kbg,
                              std::min(G, u1 * kbg), dx.data_ptr<float>(), K);

@@ -146,7 +146,7 @@ void check_entry(const NmRegistryEntry& e, int64_t rows, int64_t cols, int64_t T
         dx_ref[t * cols + c] = static_cast<float>(acc);
       }
     // split at a K-block boundary (a multiple of 8 slots)
-    const int64_t G = w.groups(), kbg = nm_k_block(n, m) / m;
+    const int64_t G = w.groups(), kbg = nm_k_block(n, m, e.kernels->scatter_nt) / m;
     const int64_t mid = std::min(G, kbg);
     nm_grad_input_groups(w, dyP.data(), T, *e.kernels, gcol.data(), 0, mid, dx.data(), cols);
     nm_grad_input_groups(w, dyP.data(), T, *e.kernels, gcol.data(), mid, G, dx.data(), cols);

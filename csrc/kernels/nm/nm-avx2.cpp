@@ -182,6 +182,8 @@ void gemv(const NmWeight& w, const float* x, const int32_t* gcol, int64_t r0, in
   }
 }
 
+constexpr int64_t kPrefetchRows = 4;
+
 // ---- Token tile: NT = 8 * NV tokens of one row in NV registers ---------------------------------
 // U accumulator sets take slots in turn so that NV * U = 8 independent FMA chains hide latency.
 // Accumulators are one flat local array, fully unrolled, so GCC keeps them in registers.
@@ -196,7 +198,17 @@ void tile_impl(const NmWeight& w, const float* xP, const int32_t* gcol, int64_t 
   const int64_t j0 = g0 * N, cnt = (g1 - g0) * N;
   const float* xb = xP + g0 * M * NT;
   alignas(32) int32_t offs[kNmMaxBlockSlots];
+  constexpr int64_t kValueBytes = VT == ValueType::kF32 ? 4 : 2;
+  const int64_t block_bytes = cnt * kValueBytes;
   for (int64_t r = r0; r < r1; ++r) {
+    // Rows are `kept` values apart, so the hardware prefetcher cannot follow this walk over one
+    // column block of many rows: fetch the block of row r + kPrefetchRows ahead of use.
+    {
+      const int64_t rp = r + kPrefetchRows < r1 ? r + kPrefetchRows : r1 - 1;
+      const char* pv = static_cast<const char*>(w.values) + (rp * kept + j0) * kValueBytes;
+      for (int64_t off = 0; off < block_bytes; off += 64) _mm_prefetch(pv + off, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w.meta + rp * stride + ((j0 * B) >> 3)), _MM_HINT_T0);
+    }
     decode_offsets<B, LOG_NT>(w.meta + r * stride, gcol, j0, cnt, offs);
     const int64_t vbase = r * kept + j0;
     float* yr = ytile + (r - r0) * NT;
@@ -231,13 +243,90 @@ void tile_impl(const NmWeight& w, const float* xP, const int32_t* gcol, int64_t 
   }
 }
 
+// Same contract as tile_impl, for N dividing 8 (N = 1, 2, 4, 8): the 8 slots of one B-byte
+// metadata word span 8 / N whole groups, so each slot's column is a compile-time group offset plus
+// its B-bit index, decoded in registers (no offset table, no extra load per slot).
+template <ValueType VT, int NV, int U, int B, int N>
+void tile_fixed_impl(const NmWeight& w, const float* xP, const int32_t* gcol, int64_t g0,
+                     int64_t g1, int64_t r0, int64_t r1, float* ytile) {
+  constexpr int NT = 8 * NV;
+  constexpr int M = 1 << B;
+  constexpr int A = NV * U;
+  constexpr uint32_t kMask = (1u << B) - 1u;
+  const int64_t kept = w.kept(), stride = w.meta_stride();
+  const int64_t j0 = g0 * N, cnt = (g1 - g0) * N, full = cnt & ~int64_t{7};
+  const float* xb = xP + g0 * M * NT;
+  constexpr int64_t kValueBytes = VT == ValueType::kF32 ? 4 : 2;
+  const int64_t block_bytes = cnt * kValueBytes;
+  for (int64_t r = r0; r < r1; ++r) {
+    {
+      const int64_t rp = r + kPrefetchRows < r1 ? r + kPrefetchRows : r1 - 1;
+      const char* pv = static_cast<const char*>(w.values) + (rp * kept + j0) * kValueBytes;
+      for (int64_t off = 0; off < block_bytes; off += 64) _mm_prefetch(pv + off, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w.meta + rp * stride + ((j0 * B) >> 3)), _MM_HINT_T0);
+    }
+    const uint8_t* row_meta = w.meta + r * stride;
+    const uint8_t* meta = row_meta + ((j0 * B) >> 3);
+    const int64_t vbase = r * kept + j0;
+    float* yr = ytile + (r - r0) * NT;
+    __m256 acc[A];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[v] = _mm256_loadu_ps(yr + 8 * v);
+#pragma GCC unroll 8
+    for (int i = NV; i < A; ++i) acc[i] = _mm256_setzero_ps();
+    const float* xg = xb;
+    for (int64_t c = 0; c < full; c += 8) {
+      const uint32_t word = load_meta_word<B>(meta + (c >> 3) * B);
+#pragma GCC unroll 8
+      for (int sl = 0; sl < 8; ++sl) {
+        const uint32_t idx = (word >> (sl * B)) & kMask;
+        const float* xr = xg + ((sl / N) * M + static_cast<int64_t>(idx)) * NT;
+        const __m256 wv = broadcast_value<VT>(w.values, vbase + c + sl);
+        const int set = sl % U;
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v)
+          acc[set * NV + v] =
+              _mm256_fmadd_ps(wv, _mm256_loadu_ps(xr + 8 * v), acc[set * NV + v]);
+      }
+      xg += (8 / N) * M * NT;
+    }
+    for (int64_t c = full; c < cnt; ++c) {
+      const float* xr = xb + (gcol[c] + nm_read_index(row_meta, j0 + c, B)) * NT;
+      const __m256 wv = broadcast_value<VT>(w.values, vbase + c);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[v] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xr + 8 * v), acc[v]);
+    }
+#pragma GCC unroll 8
+    for (int u = 1; u < U; ++u)
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[v] = _mm256_add_ps(acc[v], acc[u * NV + v]);
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(yr + 8 * v, acc[v]);
+  }
+}
+
+template <ValueType VT, int NV, int U, int B>
+void tile_bits(const NmWeight& w, const float* xP, const int32_t* gcol, int64_t g0, int64_t g1,
+               int64_t r0, int64_t r1, float* ytile) {
+  switch (w.n) {
+    case 1: return tile_fixed_impl<VT, NV, U, B, 1>(w, xP, gcol, g0, g1, r0, r1, ytile);
+    case 2: return tile_fixed_impl<VT, NV, U, B, 2>(w, xP, gcol, g0, g1, r0, r1, ytile);
+    case 4: return tile_fixed_impl<VT, NV, U, B, 4>(w, xP, gcol, g0, g1, r0, r1, ytile);
+    default:
+      if constexpr (B == 4) {
+        if (w.n == 8) return tile_fixed_impl<VT, NV, U, B, 8>(w, xP, gcol, g0, g1, r0, r1, ytile);
+      }
+      return tile_impl<VT, NV, U, B>(w, xP, gcol, g0, g1, r0, r1, ytile);
+  }
+}
+
 template <ValueType VT, int NV, int U>
 void tile(const NmWeight& w, const float* xP, const int32_t* gcol, int64_t g0, int64_t g1,
           int64_t r0, int64_t r1, float* ytile) {
   switch (w.bits()) {
-    case 2: return tile_impl<VT, NV, U, 2>(w, xP, gcol, g0, g1, r0, r1, ytile);
-    case 3: return tile_impl<VT, NV, U, 3>(w, xP, gcol, g0, g1, r0, r1, ytile);
-    default: return tile_impl<VT, NV, U, 4>(w, xP, gcol, g0, g1, r0, r1, ytile);
+    case 2: return tile_bits<VT, NV, U, 2>(w, xP, gcol, g0, g1, r0, r1, ytile);
+    case 3: return tile_bits<VT, NV, U, 3>(w, xP, gcol, g0, g1, r0, r1, ytile);
+    default: return tile_bits<VT, NV, U, 4>(w, xP, gcol, g0, g1, r0, r1, ytile);
   }
 }
 

@@ -2,6 +2,7 @@
 #include "nm.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -43,10 +44,19 @@ void nm_fill_gcol(int64_t n, int64_t m, int64_t count, int32_t* gcol) {
   for (int64_t j = 0; j < count; ++j) gcol[j] = static_cast<int32_t>((j / n) * m);
 }
 
-int64_t nm_k_block(int64_t n, int64_t m) {
+static int64_t env_int(const char* name, int64_t fallback) {
+  const char* v = std::getenv(name);
+  return v != nullptr ? std::atoll(v) : fallback;
+}
+
+int64_t nm_k_block(int64_t n, int64_t m, int64_t nt) {
+  // The x block [KC, nt] floats should stay in L1 (about 16 KB) while a chunk of rows reuses it;
+  // full blocks hold a multiple of 8 slots per row and at most kNmMaxBlockSlots.
+  static const int64_t block_bytes = env_int("NM_XBLOCK", 16384);
   const int64_t unit = 8 * m;
-  const int64_t want = 32 * m / n;  // about 32 slots per row per block
-  return std::max<int64_t>(unit, (want + unit - 1) / unit * unit);
+  const int64_t want = std::max<int64_t>(unit, block_bytes / (4 * nt) / unit * unit);
+  const int64_t cap = std::max<int64_t>(unit, kNmMaxBlockSlots * m / n / unit * unit);
+  return std::min(want, cap);
 }
 
 NmTileUkernel nm_tile_for(const NmUkernels& k, int64_t nt) {
@@ -56,6 +66,8 @@ NmTileUkernel nm_tile_for(const NmUkernels& k, int64_t nt) {
 }
 
 int64_t nm_pick_nt(const NmUkernels& k, int64_t tokens) {
+  static const int64_t force = env_int("NM_NT", 0);
+  if (force) for (const auto& t : k.tiles) if (t.fn != nullptr && t.nt == force) return force;
   // Narrowest tile that covers the tokens, else the widest.
   int64_t widest = 0;
   for (const auto& t : k.tiles) {
@@ -77,11 +89,11 @@ void nm_run_rows(const NmWeight& w, const NmActivations& a, const NmUkernels& k,
   }
   const int64_t NT = a.nt, G = w.groups(), N = w.n, M = w.m;
   const NmTileUkernel tile = nm_tile_for(k, NT);
-  const int64_t kb_groups = nm_k_block(N, M) / M;
+  const int64_t kb_groups = nm_k_block(N, M, NT) / M;
   const int64_t panels = (a.tokens + NT - 1) / NT;
   const int64_t panel_size = w.padded_cols() * NT;
   // Rows per chunk: the chunk's slice of W (~ rows * kept * 4 B) is reused by every token panel.
-  const int64_t chunk = 64;
+  static const int64_t chunk = env_int("NM_CHUNK", 64);
   std::vector<float> ytile(static_cast<size_t>(chunk * NT));
   for (int64_t c0 = r0; c0 < r1; c0 += chunk) {
     const int64_t c1 = std::min(r1, c0 + chunk);
@@ -110,7 +122,7 @@ void nm_grad_input_groups(const NmWeight& w, const float* dyP, int64_t tokens, c
                           const int32_t* gcol, int64_t g0, int64_t g1, float* dx, int64_t ldx) {
   if (g1 <= g0) return;
   const int64_t NT = k.scatter_nt, M = w.m, N = w.n, K = w.cols;
-  const int64_t kb_groups = nm_k_block(N, M) / M;
+  const int64_t kb_groups = nm_k_block(N, M, NT) / M;
   const int64_t panels = (tokens + NT - 1) / NT;
   std::vector<float> dxtile(static_cast<size_t>(kb_groups * M * NT));
   for (int64_t p = 0; p < panels; ++p) {

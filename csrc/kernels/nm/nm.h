@@ -128,9 +128,10 @@ const NmRegistryEntry& nm_registry_entry(int i);
 // Fills gcol[j] = (j / n) * m for j < count.
 void nm_fill_gcol(int64_t n, int64_t m, int64_t count, int32_t* gcol);
 
-// Columns per K-block of the tile driver for this pattern: a multiple of 8 * M keeping about 32
-// slots per row per block (so slot counts of full blocks are multiples of 8).
-int64_t nm_k_block(int64_t n, int64_t m);
+// Columns per K-block of the tile driver and the scatter for panels of nt tokens: a multiple of
+// 8 * M (so full blocks hold a multiple of 8 slots per row, at most kNmMaxBlockSlots) sized so
+// that the [KC, nt] activation block stays in L1.
+int64_t nm_k_block(int64_t n, int64_t m, int64_t nt);
 
 // Driver for rows [r0, r1) over every token:
 //   y[t * ldy + r] = sum_j W[r, col(r, j)] x[t, col(r, j)] + bias[r].
