@@ -183,6 +183,9 @@ void gemv(const NmWeight& w, const float* x, const int32_t* gcol, int64_t r0, in
 }
 
 constexpr int64_t kPrefetchRows = 4;
+#ifndef NM_SHUF_BCAST
+#define NM_SHUF_BCAST 1
+#endif
 
 // ---- Token tile: NT = 8 * NV tokens of one row in NV registers ---------------------------------
 // U accumulator sets take slots in turn so that NV * U = 8 independent FMA chains hide latency.
@@ -277,11 +280,24 @@ void tile_fixed_impl(const NmWeight& w, const float* xP, const int32_t* gcol, in
     const float* xg = xb;
     for (int64_t c = 0; c < full; c += 8) {
       const uint32_t word = load_meta_word<B>(meta + (c >> 3) * B);
+#if NM_SHUF_BCAST
+      // One vector load of 8 values; each slot's broadcast is an in-lane shuffle of the duplicated
+      // low or high half (shuffle port) instead of one more load per slot (load ports are the
+      // bottleneck: every FMA already loads its activation vector).
+      const __m256 v8 = load8_values<VT>(w.values, vbase + c);
+      const __m256 lo = _mm256_permute2f128_ps(v8, v8, 0x00);
+      const __m256 hi = _mm256_permute2f128_ps(v8, v8, 0x11);
+#endif
 #pragma GCC unroll 8
       for (int sl = 0; sl < 8; ++sl) {
         const uint32_t idx = (word >> (sl * B)) & kMask;
         const float* xr = xg + ((sl / N) * M + static_cast<int64_t>(idx)) * NT;
+#if NM_SHUF_BCAST
+        const __m256 half = sl < 4 ? lo : hi;
+        const __m256 wv = _mm256_shuffle_ps(half, half, (sl & 3) * 0x55);
+#else
         const __m256 wv = broadcast_value<VT>(w.values, vbase + c + sl);
+#endif
         const int set = sl % U;
 #pragma GCC unroll 8
         for (int v = 0; v < NV; ++v)
