@@ -170,14 +170,54 @@ void gemv_2of4(const NmWeight& w, const float* x, const int32_t* gcol, int64_t r
   }
 }
 
+// 1:4 and 2:8 GEMV without gathers: 8 slots cover 32 consecutive columns = four vectors of x,
+// and slots 2k, 2k+1 always fall in vector k (group k for 2:8, groups 2k and 2k+1 for 1:4). Four
+// vpermps pick the activations (low 3 bits of each column) and three blends merge the lanes.
+template <ValueType VT, int B>
+void gemv_span32(const NmWeight& w, const float* x, const int32_t* gcol, int64_t r0, int64_t r1,
+                 float* y) {
+  const int64_t kept = w.kept(), stride = w.meta_stride();
+  const __m256i base = B == 2 ? _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)
+                              : _mm256_setr_epi32(0, 0, 8, 8, 16, 16, 24, 24);
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* meta = w.meta + r * stride;
+    const int64_t vbase = r * kept;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int64_t c = 0;
+    for (; c + 16 <= kept; c += 16) {
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {
+        const float* xc = x + 4 * (c + 8 * h);
+        const __m256i o = _mm256_add_epi32(base, decode8<B>(meta, (c >> 3) + h));
+        const __m256 p0 = _mm256_permutevar8x32_ps(_mm256_loadu_ps(xc), o);
+        const __m256 p1 = _mm256_permutevar8x32_ps(_mm256_loadu_ps(xc + 8), o);
+        const __m256 p2 = _mm256_permutevar8x32_ps(_mm256_loadu_ps(xc + 16), o);
+        const __m256 p3 = _mm256_permutevar8x32_ps(_mm256_loadu_ps(xc + 24), o);
+        const __m256 g = _mm256_blend_ps(_mm256_blend_ps(p0, p1, 0x0C),
+                                         _mm256_blend_ps(p2, p3, 0xC0), 0xF0);
+        const __m256 v = load8_values<VT>(w.values, vbase + c + 8 * h);
+        if (h == 0) acc0 = _mm256_fmadd_ps(v, g, acc0);
+        else acc1 = _mm256_fmadd_ps(v, g, acc1);
+      }
+    }
+    float tail = 0.f;
+    for (; c < kept; ++c)
+      tail += load1_value<VT>(w.values, vbase + c) * x[gcol[c] + nm_read_index(meta, c, B)];
+    y[r] = hsum(_mm256_add_ps(acc0, acc1)) + tail;
+  }
+}
+
 template <ValueType VT>
 void gemv(const NmWeight& w, const float* x, const int32_t* gcol, int64_t r0, int64_t r1,
           float* y) {
   switch (w.bits()) {
     case 2:
       if (w.n == 2) return gemv_2of4<VT>(w, x, gcol, r0, r1, y);
+      if (w.n == 1) return gemv_span32<VT, 2>(w, x, gcol, r0, r1, y);  // 1:4
       return gemv_impl<VT, 2>(w, x, gcol, r0, r1, y);
-    case 3: return gemv_impl<VT, 3>(w, x, gcol, r0, r1, y);
+    case 3:
+      if (w.n == 2) return gemv_span32<VT, 3>(w, x, gcol, r0, r1, y);  // 2:8
+      return gemv_impl<VT, 3>(w, x, gcol, r0, r1, y);
     default: return gemv_impl<VT, 4>(w, x, gcol, r0, r1, y);
   }
 }
