@@ -2,7 +2,6 @@
 #include "nm.h"
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -44,17 +43,17 @@ void nm_fill_gcol(int64_t n, int64_t m, int64_t count, int32_t* gcol) {
   for (int64_t j = 0; j < count; ++j) gcol[j] = static_cast<int32_t>((j / n) * m);
 }
 
-static int64_t env_int(const char* name, int64_t fallback) {
-  const char* v = std::getenv(name);
-  return v != nullptr ? std::atoll(v) : fallback;
-}
-
 int64_t nm_k_block(int64_t n, int64_t m, int64_t nt) {
   // The x block [KC, nt] floats should stay in L1 (about 16 KB) while a chunk of rows reuses it;
   // full blocks hold a multiple of 8 slots per row and at most kNmMaxBlockSlots.
-  static const int64_t block_bytes = env_int("NM_XBLOCK", 16384);
+  // Measured on the 2-core Zen 4 dev VM (bench/bench_nm.py, tools in docs/nm.md): 32 KB blocks
+  // and >= 32 slots per row and block beat 8-16 KB blocks, whose per-row setup then dominates.
+  constexpr int64_t block_bytes = 32768;
+  constexpr int64_t min_slots = 32;
   const int64_t unit = 8 * m;
-  const int64_t want = std::max<int64_t>(unit, block_bytes / (4 * nt) / unit * unit);
+  const int64_t by_bytes = block_bytes / (4 * nt) / unit * unit;
+  const int64_t by_slots = (min_slots * m / n + unit - 1) / unit * unit;
+  const int64_t want = std::max<int64_t>(unit, std::max(by_bytes, by_slots));
   const int64_t cap = std::max<int64_t>(unit, kNmMaxBlockSlots * m / n / unit * unit);
   return std::min(want, cap);
 }
@@ -66,8 +65,6 @@ NmTileUkernel nm_tile_for(const NmUkernels& k, int64_t nt) {
 }
 
 int64_t nm_pick_nt(const NmUkernels& k, int64_t tokens) {
-  static const int64_t force = env_int("NM_NT", 0);
-  if (force) for (const auto& t : k.tiles) if (t.fn != nullptr && t.nt == force) return force;
   // Narrowest tile that covers the tokens, else the widest.
   int64_t widest = 0;
   for (const auto& t : k.tiles) {
@@ -93,7 +90,7 @@ void nm_run_rows(const NmWeight& w, const NmActivations& a, const NmUkernels& k,
   const int64_t panels = (a.tokens + NT - 1) / NT;
   const int64_t panel_size = w.padded_cols() * NT;
   // Rows per chunk: the chunk's slice of W (~ rows * kept * 4 B) is reused by every token panel.
-  static const int64_t chunk = env_int("NM_CHUNK", 64);
+  constexpr int64_t chunk = 64;
   std::vector<float> ytile(static_cast<size_t>(chunk * NT));
   for (int64_t c0 = r0; c0 < r1; c0 += chunk) {
     const int64_t c1 = std::min(r1, c0 + chunk);
