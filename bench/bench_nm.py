@@ -130,8 +130,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="every shape, pattern and N")
     parser.add_argument("--reps", type=int, default=0, help="timed repetitions per case")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads for both sides (default: all cores, as TARGETS.md)")
     args = parser.parse_args()
     args.quick = not args.full
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     info = machine_info()
     print(f"# {info['cpu']}, {info['threads']} threads, isa {info['isa']}, torch {info['torch']}")
     rows = run(args, lambda msg: print(msg, flush=True))
