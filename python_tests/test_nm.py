@@ -345,7 +345,7 @@ def test_torch_compile_fullgraph():
         se.SparseLinear.from_dense(torch.nn.Linear(24, 8), pattern="1:8"),
     )
     x = torch.randn(5, 32)
-    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x), model(x))
     xg = x.clone().requires_grad_()
     compiled(xg).sum().backward()
