@@ -207,6 +207,44 @@ void gemv_span32(const NmWeight& w, const float* x, const int32_t* gcol, int64_t
   }
 }
 
+// 1:8 GEMV without gathers: slot l of 8 is group l, i.e. vector l of the 64 columns they span;
+// eight vpermps (each by the slot's own index) and a blend tree keep lane l of permute l.
+template <ValueType VT>
+void gemv_1of8(const NmWeight& w, const float* x, const int32_t* gcol, int64_t r0, int64_t r1,
+               float* y) {
+  const int64_t kept = w.kept(), stride = w.meta_stride();
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* meta = w.meta + r * stride;
+    const int64_t vbase = r * kept;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int64_t c = 0;
+    for (; c + 16 <= kept; c += 16) {
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {
+        const float* xc = x + 8 * (c + 8 * h);
+        const __m256i o = decode8<3>(meta, (c >> 3) + h);
+        const __m256 b01 = _mm256_blend_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(xc), o),
+                                           _mm256_permutevar8x32_ps(_mm256_loadu_ps(xc + 8), o), 0x02);
+        const __m256 b23 = _mm256_blend_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(xc + 16), o),
+                                           _mm256_permutevar8x32_ps(_mm256_loadu_ps(xc + 24), o), 0x08);
+        const __m256 b45 = _mm256_blend_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(xc + 32), o),
+                                           _mm256_permutevar8x32_ps(_mm256_loadu_ps(xc + 40), o), 0x20);
+        const __m256 b67 = _mm256_blend_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(xc + 48), o),
+                                           _mm256_permutevar8x32_ps(_mm256_loadu_ps(xc + 56), o), 0x80);
+        const __m256 g = _mm256_blend_ps(_mm256_blend_ps(b01, b23, 0x0C),
+                                         _mm256_blend_ps(b45, b67, 0xC0), 0xF0);
+        const __m256 v = load8_values<VT>(w.values, vbase + c + 8 * h);
+        if (h == 0) acc0 = _mm256_fmadd_ps(v, g, acc0);
+        else acc1 = _mm256_fmadd_ps(v, g, acc1);
+      }
+    }
+    float tail = 0.f;
+    for (; c < kept; ++c)
+      tail += load1_value<VT>(w.values, vbase + c) * x[gcol[c] + nm_read_index(meta, c, 3)];
+    y[r] = hsum(_mm256_add_ps(acc0, acc1)) + tail;
+  }
+}
+
 template <ValueType VT>
 void gemv(const NmWeight& w, const float* x, const int32_t* gcol, int64_t r0, int64_t r1,
           float* y) {
@@ -217,15 +255,13 @@ void gemv(const NmWeight& w, const float* x, const int32_t* gcol, int64_t r0, in
       return gemv_impl<VT, 2>(w, x, gcol, r0, r1, y);
     case 3:
       if (w.n == 2) return gemv_span32<VT, 3>(w, x, gcol, r0, r1, y);  // 2:8
+      if (w.n == 1) return gemv_1of8<VT>(w, x, gcol, r0, r1, y);  // 1:8
       return gemv_impl<VT, 3>(w, x, gcol, r0, r1, y);
     default: return gemv_impl<VT, 4>(w, x, gcol, r0, r1, y);
   }
 }
 
 constexpr int64_t kPrefetchRows = 4;
-#ifndef NM_SHUF_BCAST
-#define NM_SHUF_BCAST 1
-#endif
 
 // ---- Token tile: NT = 8 * NV tokens of one row in NV registers ---------------------------------
 // U accumulator sets take slots in turn so that NV * U = 8 independent FMA chains hide latency.
@@ -320,24 +356,18 @@ void tile_fixed_impl(const NmWeight& w, const float* xP, const int32_t* gcol, in
     const float* xg = xb;
     for (int64_t c = 0; c < full; c += 8) {
       const uint32_t word = load_meta_word<B>(meta + (c >> 3) * B);
-#if NM_SHUF_BCAST
       // One vector load of 8 values; each slot's broadcast is an in-lane shuffle of the duplicated
       // low or high half (shuffle port) instead of one more load per slot (load ports are the
       // bottleneck: every FMA already loads its activation vector).
       const __m256 v8 = load8_values<VT>(w.values, vbase + c);
       const __m256 lo = _mm256_permute2f128_ps(v8, v8, 0x00);
       const __m256 hi = _mm256_permute2f128_ps(v8, v8, 0x11);
-#endif
 #pragma GCC unroll 8
       for (int sl = 0; sl < 8; ++sl) {
         const uint32_t idx = (word >> (sl * B)) & kMask;
         const float* xr = xg + ((sl / N) * M + static_cast<int64_t>(idx)) * NT;
-#if NM_SHUF_BCAST
         const __m256 half = sl < 4 ? lo : hi;
         const __m256 wv = _mm256_shuffle_ps(half, half, (sl & 3) * 0x55);
-#else
-        const __m256 wv = broadcast_value<VT>(w.values, vbase + c + sl);
-#endif
         const int set = sl % U;
 #pragma GCC unroll 8
         for (int v = 0; v < NV; ++v)
