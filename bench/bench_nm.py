@@ -29,11 +29,15 @@ BF16_TARGET = 1.6
 
 
 def _reps(args, tokens, out_features):
+    """Short calls get many repetitions: on a shared machine single runs can stall a scheduler
+    tick (4 ms), which a median over few repetitions would report."""
     reps = int(getattr(args, "reps", 0) or 0)
     if reps > 0:
         return reps
     work = tokens * out_features
-    return 9 if work <= 64 * 4096 else 5 if work <= 64 * 11008 else 3
+    if tokens == 1:
+        return 31
+    return 15 if work <= 16 * 11008 else 9 if work <= 64 * 11008 else 5
 
 
 def _row(shape, pattern, tokens, dense_ms, ours_ms, flops, dtype="float32"):
