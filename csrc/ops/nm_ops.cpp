@@ -4,6 +4,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <functional>
+#include <memory>
+#include <mutex>
 
 #include "../kernels/nm/nm.h"
 #include "common.h"
@@ -79,6 +84,49 @@ at::Tensor gcol_table(const NmWeight& w) {
   return gcol;
 }
 
+// Runs fn(begin, end) over [0, items) in chunks of `grain`, on the calling thread plus
+// torch.get_num_threads() - 1 helper tasks on ATen's inter-op pool that take chunks whenever they
+// get a CPU. Unlike a fork-join region, the caller never waits for a helper that has not started:
+// on a busy machine (more runnable threads than cores) a late helper finds no chunk left and
+// returns. Each chunk has one writer, so results do not depend on who ran it. Used for the
+// forward pass, whose ~1 ms one-token calls a single descheduled thread would otherwise stall for
+// a whole scheduler tick.
+template <typename Fn>
+void run_elastic(int64_t items, int64_t grain, const Fn& fn) {
+  const int64_t chunks = (items + grain - 1) / grain;
+  const int64_t helpers = std::min<int64_t>(work_parts() - 1, chunks - 1);
+  if (helpers <= 0 || at::in_parallel_region()) {
+    fn(0, items);
+    return;
+  }
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+    std::mutex mutex;
+    std::condition_variable finished;
+    std::function<void(int64_t, int64_t)> body;
+    int64_t chunks, grain, items;
+  };
+  auto state = std::make_shared<State>();
+  state->body = [&fn](int64_t b, int64_t e) { fn(b, e); };
+  state->chunks = chunks;
+  state->grain = grain;
+  state->items = items;
+  auto work = [state]() {
+    for (int64_t c = state->next.fetch_add(1); c < state->chunks; c = state->next.fetch_add(1)) {
+      state->body(c * state->grain, std::min(state->items, (c + 1) * state->grain));
+      if (state->done.fetch_add(1) + 1 == state->chunks) {
+        std::lock_guard<std::mutex> lock(state->mutex);
+        state->finished.notify_all();
+      }
+    }
+  };
+  for (int64_t h = 0; h < helpers; ++h) at::launch(work);
+  work();
+  std::unique_lock<std::mutex> lock(state->mutex);
+  state->finished.wait(lock, [&] { return state->done.load() == chunks; });
+}
+
 // Panels of `rows` [T, K] float: ceil(T / nt) blocks [Kp, nt], zero-padded in columns and tokens.
 at::Tensor pack_panels(const at::Tensor& rows, int64_t Kp, int64_t nt) {
   const int64_t T = rows.size(0), K = rows.size(1);
@@ -88,7 +136,7 @@ at::Tensor pack_panels(const at::Tensor& rows, int64_t Kp, int64_t nt) {
   at::Tensor out = at::empty({P, Kp, nt}, rows.options());
   const float* src = rows.data_ptr<float>();
   float* dst = out.data_ptr<float>();
-  at::parallel_for(0, P * col_blocks, 1, [&](int64_t b, int64_t e) {
+  run_elastic(P * col_blocks, 4, [&](int64_t b, int64_t e) {
     for (int64_t task = b; task < e; ++task) {
       const int64_t p = task / col_blocks, c0 = (task % col_blocks) * kCols;
       const int64_t c1 = std::min(Kp, c0 + kCols);
@@ -119,6 +167,7 @@ at::Tensor transposed_padded(const at::Tensor& rows, int64_t padded_k, int64_t l
 std::vector<int64_t> even_split(int64_t items) {
   return balanced_split(items, work_parts(), [](int64_t i) { return i; });
 }
+
 
 at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& metadata,
                          const c10::optional<at::Tensor>& bias, int64_t n, int64_t m) {
@@ -172,8 +221,9 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
       staged = pack_panels(rows, w.padded_cols(), a.nt);
       a.panels = staged.data_ptr<float>();
     }
-    parallel_ranges(even_split(out_features),
-                    [&](int64_t r0, int64_t r1) { nm_run_rows(w, a, k, r0, r1); });
+    // 64 rows per chunk (the driver's row chunk): every chunk costs the same (fixed slots per
+    // row), and there are enough chunks for a late helper to be absorbed by the others.
+    run_elastic(out_features, 64, [&](int64_t r0, int64_t r1) { nm_run_rows(w, a, k, r0, r1); });
   }
   return y.to(x.scalar_type()).reshape(out_shape);
 }
