@@ -147,10 +147,24 @@ def test_isas_agree():
         assert_close_to_reference(y, ref)
 
 
-def test_deterministic():
-    nm = _nm(64, 256, 2, 4)
-    x = torch.randn(50, 256)
-    assert torch.equal(se.ops.nm_linear(x, nm), se.ops.nm_linear(x, nm))
+@pytest.mark.parametrize("tokens", [1, 50])
+def test_deterministic_across_threads(tokens):
+    nm = _nm(300, 256, 2, 4)
+    x = torch.randn(tokens, 256)
+    dy = torch.randn(tokens, 300)
+    previous = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2, 1, 2):
+            torch.set_num_threads(threads)
+            outs.append((se.ops.nm_linear(x, nm),
+                         _lib.nm_linear_grad_input(dy, nm.values, nm.metadata, 256, 2, 4),
+                         _lib.nm_linear_grad_values(dy, x, nm.metadata, 2, 4)))
+    finally:
+        torch.set_num_threads(previous)
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            assert torch.equal(a, b)
 
 
 # ---- backward ops, opcheck, gradcheck -------------------------------------------------------------

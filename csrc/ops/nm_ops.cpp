@@ -88,9 +88,9 @@ at::Tensor gcol_table(const NmWeight& w) {
 // torch.get_num_threads() - 1 helper tasks on ATen's inter-op pool that take chunks whenever they
 // get a CPU. Unlike a fork-join region, the caller never waits for a helper that has not started:
 // on a busy machine (more runnable threads than cores) a late helper finds no chunk left and
-// returns. Each chunk has one writer, so results do not depend on who ran it. Used for the
-// forward pass, whose ~1 ms one-token calls a single descheduled thread would otherwise stall for
-// a whole scheduler tick.
+// returns. Each chunk has one writer, so results do not depend on who ran it. Used by the fp32 /
+// bf16 paths, whose ~1 ms one-token calls a single descheduled thread would otherwise stall for
+// a whole scheduler tick; the float64 reference paths keep at::parallel_for.
 template <typename Fn>
 void run_elastic(int64_t items, int64_t grain, const Fn& fn) {
   const int64_t chunks = (items + grain - 1) / grain;
@@ -261,7 +261,7 @@ at::Tensor nm_linear_grad_input_cpu(const at::Tensor& grad_out, const at::Tensor
       const at::Tensor dyP = pack_panels(dy, M_out, k.scatter_nt);
       // Threads own whole K-blocks so every slot range starts at a multiple of 8.
       const int64_t kbg = nm_k_block(n, m, k.scatter_nt) / m, units = (G + kbg - 1) / kbg;
-      parallel_ranges(even_split(units), [&](int64_t u0, int64_t u1) {
+      run_elastic(units, 1, [&](int64_t u0, int64_t u1) {
         nm_grad_input_groups(w, dyP.data_ptr<float>(), T, k, gcol.data_ptr<int32_t>(), u0 * kbg,
                              std::min(G, u1 * kbg), dx.data_ptr<float>(), K);
       });
@@ -303,7 +303,7 @@ at::Tensor nm_linear_grad_values_cpu(const at::Tensor& grad_out, const at::Tenso
   const at::Tensor xT = transposed_padded(xr, w.padded_cols(), ld);
   const at::Tensor gcol = gcol_table(w);
   const NmUkernels& k = ukernels_for(ValueType::kF32);
-  parallel_ranges(even_split(M_out), [&](int64_t r0, int64_t r1) {
+  run_elastic(M_out, 64, [&](int64_t r0, int64_t r1) {
     k.sddmm(w, dyT.data_ptr<float>(), xT.data_ptr<float>(), ld, gcol.data_ptr<int32_t>(), r0, r1,
             dv.data_ptr<float>());
   });
