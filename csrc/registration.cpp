@@ -34,4 +34,22 @@ TORCH_LIBRARY(sparse_ext, m) {
       "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, int block_rows) "
       "-> Tensor");
   // ---- end sparse conv ----
+
+  // ---- N:M semi-structured: weight [out_features, in_features] (csrc/kernels/nm/nm.h) ----
+  // values [out_features, ceil(in_features / m) * n] (f32 | bf16 | f64), metadata uint8
+  // [out_features, ceil(ceil(in_features / m) * n * log2(m) / 8)]: packed log2(m)-bit indices.
+  // y = x @ W^T + bias for x [..., in_features] -> [..., out_features].
+  m.def(
+      "nm_linear(Tensor x, Tensor values, Tensor metadata, Tensor? bias, int n, int m) -> Tensor");
+  // grad_out @ W: [..., out_features] -> [..., in_features], in grad_out's dtype.
+  m.def(
+      "nm_linear_grad_input(Tensor grad_out, Tensor values, Tensor metadata, int in_features, "
+      "int n, int m) -> Tensor");
+  // grad_out^T @ x at the stored slots: float32 (float64 for float64 inputs) shaped like values.
+  m.def(
+      "nm_linear_grad_values(Tensor grad_out, Tensor x, Tensor metadata, int n, int m) -> Tensor");
+  // Full canonical check (indices strictly increasing within each group); raises naming the first
+  // bad row and group, else returns a true bool scalar.
+  m.def("nm_validate(Tensor values, Tensor metadata, int in_features, int n, int m) -> Tensor");
+  // ---- end N:M ----
 }

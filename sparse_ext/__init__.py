@@ -36,3 +36,10 @@ __all__ = [
     "sparsify",
 ]
 __all__ += ["SparseConv", "SparseConv2d", "fold_batchnorm", "fuse_activations"]  # sparse conv
+
+# ---- N:M semi-structured (issue 3) ----
+from .formats import NMWeight  # noqa: E402
+from .prune import nm_mask  # noqa: E402
+
+__all__ += ["NMWeight", "nm_mask"]
+# ---- end N:M ----

@@ -160,3 +160,243 @@ class CSRWeight:
     def __repr__(self) -> str:
         return (f"CSRWeight(shape={self.shape}, block_rows={self.block_rows}, nnz={self.nnz}, "
                 f"density={self.density:.3f}, dtype={self.values.dtype}, nbytes={self.nbytes})")
+
+
+# ---- N:M semi-structured (issue 3) ------------------------------------------------------------
+# Layout of csrc/kernels/nm/nm.h. Padding rule: when in_features % M != 0 the last group is padded
+# with virtual zero columns in_features .. G*M - 1 (G = ceil(in_features / M)); slots may point at
+# them and then hold zero values; they never contribute (activations are zero-padded).
+_NM_BITS = {4: 2, 8: 3, 16: 4}
+
+
+def _check_nm_pattern(n, m):
+    if m not in _NM_BITS:
+        raise ValueError(f"m must be 4, 8 or 16, got {m!r}")
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n < m:
+        raise ValueError(f"n must be an integer with 1 <= n < m ({m}), got {n!r}")
+
+
+def nm_meta_stride(in_features: int, n: int, m: int) -> int:
+    """Bytes of packed metadata per row: ceil(ceil(in_features / m) * n * log2(m) / 8)."""
+    return (-(-in_features // m) * n * _NM_BITS[m] + 7) // 8
+
+
+def nm_pack_indices(indices: torch.Tensor, m: int) -> torch.Tensor:
+    """[rows, slots] indices in [0, m) -> uint8 [rows, ceil(slots * log2(m) / 8)] bit stream
+    (slot j's index in bits j*B .. j*B+B-1, little-endian within and across bytes)."""
+    bits = _NM_BITS[m]
+    rows, slots = indices.shape
+    idx = indices.to(torch.uint8)
+    planes = torch.stack([(idx >> k) & 1 for k in range(bits)], dim=-1).reshape(rows, slots * bits)
+    stride = (slots * bits + 7) // 8
+    padded = torch.zeros(rows, stride * 8, dtype=torch.uint8, device=indices.device)
+    padded[:, :slots * bits] = planes
+    padded = padded.reshape(rows, stride, 8)
+    out = torch.zeros(rows, stride, dtype=torch.uint8, device=indices.device)
+    for p in range(8):
+        out |= padded[..., p] << p
+    return out
+
+
+def nm_unpack_indices(metadata: torch.Tensor, slots: int, m: int) -> torch.Tensor:
+    """Inverse of :func:`nm_pack_indices`: int64 [rows, slots]."""
+    bits = _NM_BITS[m]
+    rows = metadata.shape[0]
+    meta = metadata.to(torch.uint8)
+    planes = torch.stack([(meta >> p) & 1 for p in range(8)], dim=-1).reshape(rows, -1)
+    planes = planes[:, :slots * bits].reshape(rows, slots, bits)
+    idx = torch.zeros(rows, slots, dtype=torch.uint8, device=metadata.device)
+    for k in range(bits):
+        idx |= planes[..., k] << k
+    return idx.long()
+
+
+class NMWeight:
+    """N:M semi-structured weight W [out_features, in_features]: every group of ``m`` consecutive
+    input columns keeps ``n`` slots (``m`` in 4/8/16, ``1 <= n < m``).
+
+    Attributes:
+      values    float32 | bfloat16 | float64 [out_features, G * n], G = ceil(in_features / m)
+      metadata  uint8 [out_features, ceil(G * n * log2(m) / 8)]: each slot's index in its group,
+                log2(m) bits per slot (see :func:`nm_pack_indices`)
+    Canonical form: the n indices of a group strictly increase; unused slots hold zeros.
+    """
+
+    def __init__(self, values: torch.Tensor, metadata: torch.Tensor, shape: Tuple[int, int],
+                 n: int, m: int):
+        self.values = values
+        self.metadata = metadata
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.n = int(n)
+        self.m = int(m)
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, n: int, m: int,
+                   mask: Optional[torch.Tensor] = None) -> "NMWeight":
+        """Keeps the ``n`` largest magnitudes of every group of ``m`` columns, or, with ``mask``,
+        exactly the masked entries (a group with more than ``n`` masked entries is rejected)."""
+        _check_nm_pattern(n, m)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise ValueError(f"weight must be a 2-D tensor [out_features, in_features], got "
+                             f"{getattr(weight, 'shape', type(weight).__name__)}")
+        if weight.dtype not in _VALUE_DTYPES:
+            raise TypeError(f"weight must be float32, bfloat16 or float64, got {weight.dtype}")
+        weight = weight.detach()
+        M, K = weight.shape
+        G = -(-K // m)
+        wp = torch.zeros(M, G * m, dtype=weight.dtype, device=weight.device)
+        wp[:, :K] = weight
+        wg = wp.reshape(M, G, m)
+        pos = torch.arange(m, device=weight.device, dtype=torch.float32)
+        if mask is None:
+            score = wg.abs().float()
+            score = torch.nan_to_num(score, nan=0.0)
+            valid = torch.zeros(M, G * m, dtype=torch.bool, device=weight.device)
+            valid[:, :K] = True
+            valid = valid.reshape(M, G, m)
+            # real columns rank above padding columns (which only fill slots when K % m < n)
+            score = torch.where(valid, score + 1.0, torch.zeros_like(score))
+            keep = None
+        else:
+            if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (M, K):
+                raise ValueError(f"mask must be a tensor of shape {(M, K)}, got "
+                                 f"{getattr(mask, 'shape', type(mask).__name__)}")
+            mp = torch.zeros(M, G * m, dtype=torch.bool, device=weight.device)
+            mp[:, :K] = mask.to(device=weight.device, dtype=torch.bool)
+            keep = mp.reshape(M, G, m)
+            counts = keep.sum(-1)
+            bad = (counts > n).nonzero()
+            if bad.numel():
+                r, g = (int(v) for v in bad[0])
+                raise ValueError(
+                    f"mask breaks the {n}:{m} pattern: row {r}, group {g} (columns {g * m}.."
+                    f"{min(g * m + m, K) - 1}) keeps {int(counts[r, g])} > {n} entries "
+                    f"({bad.shape[0]} such groups)")
+            # masked first, then the lowest free index fills the remaining slots with zeros
+            score = keep.float() * 2.0 - pos / m
+        idx = torch.topk(score, n, dim=-1).indices.sort(dim=-1).values      # [M, G, n]
+        vals = torch.gather(wg, -1, idx)
+        if keep is not None:
+            vals = vals * torch.gather(keep, -1, idx).to(vals.dtype)
+        return cls(vals.reshape(M, G * n).contiguous().cpu(),
+                   nm_pack_indices(idx.reshape(M, G * n), m).cpu(), (M, K), n, m)
+
+    @classmethod
+    def from_indices(cls, values: torch.Tensor, indices: torch.Tensor, shape: Tuple[int, int],
+                     n: int, m: int) -> "NMWeight":
+        """From unpacked per-slot indices [out, G*n] (each in [0, m), strictly increasing within a
+        group) and values of the same shape; checks everything and packs the metadata."""
+        _check_nm_pattern(n, m)
+        M, K = int(shape[0]), int(shape[1])
+        G = -(-K // m)
+        if tuple(indices.shape) != (M, G * n) or tuple(values.shape) != (M, G * n):
+            raise ValueError(f"values and indices must both have shape {(M, G * n)} for shape "
+                             f"{(M, K)} and {n}:{m}, got {tuple(values.shape)} and "
+                             f"{tuple(indices.shape)}")
+        if indices.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool):
+            raise TypeError(f"indices must be an integer tensor, got {indices.dtype}")
+        idx = indices.long()
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= m):
+            bad = ((idx < 0) | (idx >= m)).nonzero()[0]
+            raise ValueError(f"index {int(idx[bad[0], bad[1]])} at row {int(bad[0])}, slot "
+                             f"{int(bad[1])} is outside [0, {m}) for m = {m}")
+        grouped = idx.reshape(M, G, n)
+        if n > 1 and bool((grouped[..., 1:] <= grouped[..., :-1]).any()):
+            r, g = (int(v) for v in (grouped[..., 1:] <= grouped[..., :-1]).any(-1).nonzero()[0])
+            raise ValueError(f"row {r}, group {g}: indices {grouped[r, g].tolist()} must be strictly "
+                             f"increasing (a group names more than its {n} distinct columns)")
+        return cls(values.contiguous(), nm_pack_indices(idx, m), (M, K), n, m).validate()
+
+    # ---- views ------------------------------------------------------------------------------
+    @property
+    def out_features(self) -> int:
+        return self.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.shape[1]
+
+    @property
+    def groups(self) -> int:
+        return -(-self.in_features // self.m)
+
+    @property
+    def pattern(self) -> str:
+        return f"{self.n}:{self.m}"
+
+    @property
+    def nnz(self) -> int:
+        """Stored slots (explicit zeros included)."""
+        return self.values.numel()
+
+    @property
+    def density(self) -> float:
+        total = self.shape[0] * self.shape[1]
+        return min(1.0, self.nnz / total) if total else 0.0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of everything the kernels read: values and metadata."""
+        return sum(t.numel() * t.element_size() for t in (self.values, self.metadata))
+
+    def dense_nbytes(self, dtype: Optional[torch.dtype] = None) -> int:
+        dtype = dtype or self.values.dtype
+        return self.shape[0] * self.shape[1] * torch.empty((), dtype=dtype).element_size()
+
+    def indices(self) -> torch.Tensor:
+        """Unpacked slot indices, int64 [out_features, G * n]."""
+        return nm_unpack_indices(self.metadata, self.groups * self.n, self.m)
+
+    def columns(self) -> torch.Tensor:
+        """Column of every slot, int64 [out_features, G * n] (may be >= in_features: padding)."""
+        slot = torch.arange(self.groups * self.n, device=self.metadata.device)
+        return (slot // self.n) * self.m + self.indices()
+
+    def to_dense(self) -> torch.Tensor:
+        M, K = self.shape
+        dense = torch.zeros(M, self.groups * self.m, dtype=self.values.dtype,
+                            device=self.values.device)
+        dense.scatter_(1, self.columns().to(self.values.device), self.values)
+        return dense[:, :K].contiguous()
+
+    def mask(self) -> torch.Tensor:
+        """Positions of the stored slots, bool [out_features, in_features]."""
+        M, K = self.shape
+        out = torch.zeros(M, self.groups * self.m, dtype=torch.bool, device=self.metadata.device)
+        out.scatter_(1, self.columns(), True)
+        return out[:, :K].contiguous()
+
+    def validate(self) -> "NMWeight":
+        """Checks dtypes, shapes and the canonical metadata with the kernels' rules; raises
+        ValueError naming what is wrong."""
+        _check_nm_pattern(self.n, self.m)
+        M, K = self.shape
+        if self.values.dtype not in _VALUE_DTYPES:
+            raise ValueError(f"values must be float32, bfloat16 or float64, got {self.values.dtype}")
+        if self.metadata.dtype != torch.uint8:
+            raise ValueError(f"metadata must be uint8, got {self.metadata.dtype}")
+        want_v = (M, self.groups * self.n)
+        want_m = (M, nm_meta_stride(K, self.n, self.m))
+        if tuple(self.values.shape) != want_v:
+            raise ValueError(f"values must have shape {want_v}, got {tuple(self.values.shape)}")
+        if tuple(self.metadata.shape) != want_m:
+            raise ValueError(f"metadata must have shape {want_m} ({self.groups * self.n} slots of "
+                             f"{_NM_BITS[self.m]} bits per row), got {tuple(self.metadata.shape)}")
+        try:
+            torch.ops.sparse_ext.nm_validate(self.values.cpu().contiguous(),
+                                             self.metadata.cpu().contiguous(), K, self.n, self.m)
+        except RuntimeError as e:
+            raise ValueError(str(e).split("\n")[0]) from None
+        return self
+
+    # ---- movement -----------------------------------------------------------------------------
+    def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "NMWeight":
+        return NMWeight(self.values.to(device=device, dtype=dtype), self.metadata.to(device),
+                        self.shape, self.n, self.m)
+
+    def __repr__(self) -> str:
+        return (f"NMWeight(shape={self.shape}, pattern='{self.n}:{self.m}', "
+                f"dtype={self.values.dtype}, nbytes={self.nbytes} "
+                f"({self.nbytes / max(self.dense_nbytes(), 1):.3f}x dense))")
+# ---- end N:M ----

@@ -191,3 +191,59 @@ def _sparse_conv2d_backward(ctx, grad):
 torch.library.register_autograd("sparse_ext::sparse_conv2d", _sparse_conv2d_backward,
                                 setup_context=_sparse_conv2d_setup_context)
 # ---- end sparse conv ----
+# ---- N:M semi-structured (issue 3) ------------------------------------------------------------
+from .formats import NMWeight  # noqa: E402
+
+
+def nm_linear(x: torch.Tensor, weight: NMWeight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x @ W^T + bias`` for ``x [..., in_features]`` and an ``NMWeight`` W."""
+    return _lib.nm_linear(x, weight.values, weight.metadata, bias, weight.n, weight.m)
+
+
+@torch.library.register_fake("sparse_ext::nm_linear")
+def _nm_linear_fake(x, values, metadata, bias, n, m):
+    torch._check(x.dim() >= 1, lambda: "x must have at least one dimension")
+    torch._check(values.dim() == 2, lambda: "values must be 2-D")
+    return x.new_empty((*x.shape[:-1], values.shape[0]))
+
+
+@torch.library.register_fake("sparse_ext::nm_linear_grad_input")
+def _nm_linear_grad_input_fake(grad_out, values, metadata, in_features, n, m):
+    return grad_out.new_empty((*grad_out.shape[:-1], in_features))
+
+
+@torch.library.register_fake("sparse_ext::nm_linear_grad_values")
+def _nm_linear_grad_values_fake(grad_out, x, metadata, n, m):
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.new_empty((grad_out.shape[-1], -(-x.shape[-1] // m) * n), dtype=dtype)
+
+
+@torch.library.register_fake("sparse_ext::nm_validate")
+def _nm_validate_fake(values, metadata, in_features, n, m):
+    return metadata.new_empty((), dtype=torch.bool)
+
+
+def _nm_linear_setup_context(ctx, inputs, output):
+    x, values, metadata, bias, n, m = inputs
+    ctx.save_for_backward(x, values, metadata)
+    ctx.n, ctx.m = n, m
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _nm_linear_backward(ctx, grad):
+    x, values, metadata = ctx.saved_tensors
+    n, m = ctx.n, ctx.m
+    grad_x = grad_values = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        g = grad.to(torch.float64) if values.dtype == torch.float64 else grad
+        grad_x = _lib.nm_linear_grad_input(g, values, metadata, x.shape[-1], n, m).to(x.dtype)
+    if ctx.needs_input_grad[1]:
+        grad_values = _lib.nm_linear_grad_values(grad, x, metadata, n, m).to(values.dtype)
+    if ctx.needs_input_grad[3]:
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
+    return grad_x, grad_values, None, grad_bias, None, None
+
+
+torch.library.register_autograd("sparse_ext::nm_linear", _nm_linear_backward,
+                                setup_context=_nm_linear_setup_context)
+# ---- end N:M ----

@@ -101,3 +101,34 @@ def build_mask(weight: torch.Tensor, sparsity: float, pattern: str = "unstructur
     if kind == "block":
         return block_mask(weight, sparsity, shape, method, generator)
     raise ValueError(f"build_mask handles unstructured and block patterns, got {pattern!r}")
+
+
+# ---- N:M semi-structured (issue 3) ------------------------------------------------------------
+def nm_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keeps the ``n`` largest magnitudes in every group of ``m`` consecutive entries along the last
+    dimension of any weight (flattened to [out, -1], e.g. conv kernels); a partial last group keeps
+    at most ``n`` of its entries."""
+    if m not in (4, 8, 16):
+        raise ValueError(f"m must be 4, 8 or 16, got {m!r}")
+    if not isinstance(n, int) or not 1 <= n < m:
+        raise ValueError(f"n must be an integer with 1 <= n < m ({m}), got {n!r}")
+    w = weight.detach().reshape(weight.shape[0], -1) if weight.dim() > 1 else weight.detach()[None]
+    M, K = w.shape
+    G = -(-K // m)
+    score = torch.full((M, G * m), -1.0, dtype=torch.float32, device=w.device)
+    score[:, :K] = torch.nan_to_num(w.abs().float(), nan=0.0)
+    idx = torch.topk(score.reshape(M, G, m), n, dim=-1, sorted=False).indices
+    keep = torch.zeros(M, G, m, dtype=torch.bool, device=w.device)
+    keep.scatter_(-1, idx, True)
+    return keep.reshape(M, G * m)[:, :K].reshape(weight.shape).contiguous()
+
+
+def parse_nm(pattern: str) -> Tuple[int, int]:
+    """``"2:4"`` -> (2, 4), checking M in {4, 8, 16} and 1 <= N < M."""
+    kind, (n, m) = parse_pattern(pattern)
+    if kind != "nm":
+        raise ValueError(f"expected an 'N:M' pattern, got {pattern!r}")
+    if m not in (4, 8, 16) or not 1 <= n < m:
+        raise ValueError(f"N:M pattern {pattern!r} needs M in 4, 8, 16 and 1 <= N < M")
+    return n, m
+# ---- end N:M ----

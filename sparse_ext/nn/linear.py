@@ -6,6 +6,7 @@ from torch import nn
 
 from .. import ops
 from ..formats import CSRWeight
+from ..formats import NMWeight  # N:M (issue 3)
 from ..prune import build_mask, parse_pattern
 
 
@@ -27,6 +28,10 @@ class SparseLinear(nn.Module):
     def __init__(self, weight: CSRWeight, bias: Optional[torch.Tensor] = None,
                  pattern: str = "unstructured"):
         super().__init__()
+        self.format_kind = "csr"
+        if isinstance(weight, NMWeight):  # N:M (issue 3): own buffers, see _init_nm
+            self._init_nm(weight, bias, pattern)
+            return
         if not isinstance(weight, CSRWeight):
             raise TypeError(f"weight must be a CSRWeight, got {type(weight).__name__}")
         weight.validate()
@@ -54,8 +59,8 @@ class SparseLinear(nn.Module):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         weight = linear.weight.detach()
         kind, _ = parse_pattern(pattern)
-        if kind == "nm":
-            raise NotImplementedError("N:M patterns are not available in this build")
+        if kind == "nm":  # N:M (issue 3)
+            return cls._from_dense_nm(linear, sparsity, pattern, method, mask)
         if mask is None:
             if sparsity is None:
                 raise ValueError("from_dense needs sparsity=... or mask=...")
@@ -66,10 +71,15 @@ class SparseLinear(nn.Module):
         return cls(csr, linear.bias, pattern)
 
     def weight_format(self) -> CSRWeight:
+        if self.format_kind == "nm":  # N:M (issue 3)
+            return NMWeight(self.values, self.metadata, (self.out_features, self.in_features),
+                            self.nm_n, self.nm_m)
         return CSRWeight(self.offsets, self.indices, self.values,
                          (self.out_features, self.in_features), self.block_rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.format_kind == "nm":  # N:M (issue 3)
+            return ops.nm_linear(x, self.weight_format(), self.bias)
         return ops.spmm(x, self.weight_format(), self.bias)
 
     def to_dense(self) -> nn.Linear:
@@ -92,18 +102,22 @@ class SparseLinear(nn.Module):
 
     def get_extra_state(self):
         return {"shape": (self.out_features, self.in_features), "block_rows": self.block_rows,
-                "pattern": self.pattern}
+                "pattern": self.pattern, "format": self.format_kind}
 
     def set_extra_state(self, state):
         if tuple(state["shape"]) != (self.out_features, self.in_features):
             raise ValueError(f"state_dict is for a {tuple(state['shape'])} weight, this module is "
                              f"{(self.out_features, self.in_features)}")
+        if state.get("format", "csr") != self.format_kind:  # N:M (issue 3)
+            raise ValueError(f"state_dict holds a {state.get('format', 'csr')!r} weight, this module "
+                             f"stores {self.format_kind!r}: build it with the same pattern first")
         self.block_rows = int(state["block_rows"])
         self.pattern = state["pattern"]
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # The number of stored entries differs between masks: adopt the saved sizes before copying.
-        for name in ("offsets", "indices", "values"):
+        names = ("metadata", "values") if self.format_kind == "nm" else ("offsets", "indices", "values")
+        for name in names:
             saved = state_dict.get(prefix + name)
             current = getattr(self, name)
             if saved is not None and saved.shape != current.shape:
@@ -120,3 +134,39 @@ class SparseLinear(nn.Module):
                 f"bias={self.bias is not None}, pattern={self.pattern!r}, "
                 f"sparsity={self.sparsity:.3f}, dtype={self.values.dtype}, "
                 f"weight_bytes={self.weight_nbytes} ({self.weight_nbytes / max(dense_bytes, 1):.3f}x dense)")
+
+    # ---- N:M semi-structured (issue 3) ---------------------------------------------------------
+    def _init_nm(self, weight: NMWeight, bias: Optional[torch.Tensor], pattern: str) -> None:
+        """Parameters ``values`` [out, G*n] and ``bias``; buffer ``metadata`` (packed indices)."""
+        weight.validate()
+        self.format_kind = "nm"
+        self.in_features = weight.in_features
+        self.out_features = weight.out_features
+        self.block_rows = 1
+        self.nm_n, self.nm_m = weight.n, weight.m
+        self.pattern = pattern
+        self.register_buffer("metadata", weight.metadata)
+        self.values = nn.Parameter(weight.values)
+        if bias is not None:
+            if bias.shape != (self.out_features,):
+                raise ValueError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
+            self.bias = nn.Parameter(bias.detach().clone())
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def _from_dense_nm(cls, linear: nn.Linear, sparsity: Optional[float], pattern: str,
+                       method: str, mask: Optional[torch.Tensor]) -> "SparseLinear":
+        from ..prune import parse_nm
+
+        n, m = parse_nm(pattern)
+        if sparsity is not None and abs(float(sparsity) - (1.0 - n / m)) > 1e-6:
+            raise ValueError(f"pattern {pattern!r} fixes sparsity at {1.0 - n / m:g}, got "
+                             f"sparsity={sparsity}")
+        if method != "magnitude" and mask is None:
+            raise ValueError(f"N:M patterns are built by magnitude (or pass mask=...), got "
+                             f"method={method!r}")
+        weight = linear.weight.detach()
+        nm = NMWeight.from_dense(weight, n, m, mask=None if mask is None else mask.bool())
+        return cls(nm, linear.bias, pattern)
+    # ---- end N:M ----

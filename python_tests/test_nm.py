@@ -1,0 +1,366 @@
+"""N:M semi-structured sparsity: format, ops, autograd, module, bad input (issue 3)."""
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sparse_ext as se
+from sparse_ext.formats import NMWeight, nm_pack_indices, nm_unpack_indices
+from reference import assert_close_to_reference, linear_reference
+
+PATTERNS = [(2, 4), (1, 4), (3, 4), (2, 8), (1, 8), (4, 16), (1, 16)]
+_lib = torch.ops.sparse_ext
+
+
+def _nm(out_f, in_f, n, m, dtype=torch.float32):
+    w = torch.randn(out_f, in_f, dtype=torch.float32)
+    return NMWeight.from_dense(w, n, m).to(dtype=dtype)
+
+
+# ---- format -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n,m", PATTERNS)
+@pytest.mark.parametrize("in_f", [1, 3, 16, 33, 100])
+def test_from_dense_keeps_n_largest(n, m, in_f):
+    w = torch.randn(7, in_f)
+    nm = NMWeight.from_dense(w, n, m).validate()
+    dense = nm.to_dense()
+    G = -(-in_f // m)
+    assert nm.values.shape == (7, G * n)
+    assert nm.metadata.dtype == torch.uint8
+    assert nm.metadata.shape == (7, (G * n * {4: 2, 8: 3, 16: 4}[m] + 7) // 8)
+    # every kept entry equals the original, every group keeps min(n, its width) entries
+    kept = dense != 0
+    assert torch.equal(dense[kept], w[kept])
+    pad = torch.zeros(7, G * m)
+    pad[:, :in_f] = w.abs()
+    groups = pad.reshape(7, G, m)
+    mask = torch.zeros(7, G * m, dtype=torch.bool)
+    mask[:, :in_f] = kept
+    mask = mask.reshape(7, G, m)
+    widths = torch.tensor([min(m, in_f - g * m) for g in range(G)])
+    assert torch.equal(mask.sum(-1), torch.minimum(widths, torch.tensor(n)).expand(7, G))
+    # the kept ones are the largest: smallest kept >= largest dropped in each group
+    kept_min = torch.where(mask, groups, torch.full_like(groups, float("inf"))).amin(-1)
+    real = torch.arange(G * m).reshape(G, m) < in_f
+    dropped = torch.where(~mask & real, groups, torch.full_like(groups, -1.0)).amax(-1)
+    assert bool((kept_min >= dropped).all())
+    assert torch.equal(nm.mask(), kept)
+
+
+def test_pack_unpack_roundtrip():
+    for m in (4, 8, 16):
+        idx = torch.randint(0, m, (5, 37))
+        assert torch.equal(nm_unpack_indices(nm_pack_indices(idx, m), 37, m), idx)
+
+
+def test_from_dense_mask_and_rejection():
+    w = torch.randn(4, 10)
+    mask = torch.zeros(4, 10, dtype=torch.bool)
+    mask[:, 0] = True
+    mask[1, 5] = True
+    mask[2, 9] = True
+    nm = NMWeight.from_dense(w, 2, 4, mask=mask).validate()
+    assert torch.equal(nm.to_dense(), w * mask)
+    bad = mask.clone()
+    bad[3, 0:3] = True
+    with pytest.raises(ValueError, match=r"breaks the 2:4 pattern: row 3, group 0"):
+        NMWeight.from_dense(w, 2, 4, mask=bad)
+    with pytest.raises(ValueError, match="mask must be a tensor of shape"):
+        NMWeight.from_dense(w, 2, 4, mask=mask[:, :5])
+
+
+def test_nm_mask_builder():
+    w = torch.randn(6, 3, 5)  # conv-like weight, flattened to [6, 15]
+    mask = se.nm_mask(w, 2, 4)
+    assert mask.shape == w.shape and mask.dtype == torch.bool
+    flat = torch.zeros(6, 16, dtype=torch.bool)
+    flat[:, :15] = mask.reshape(6, 15)
+    assert bool((flat.reshape(6, 4, 4).sum(-1) <= 2).all())
+    lin = torch.randn(8, 64)
+    m2 = se.nm_mask(lin, 1, 8)
+    nm = NMWeight.from_dense(lin, 1, 8, mask=m2)
+    assert torch.equal(nm.to_dense(), NMWeight.from_dense(lin, 1, 8).to_dense())
+
+
+@pytest.mark.parametrize("bad_n,bad_m", [(0, 4), (4, 4), (2, 6), (1, 32)])
+def test_bad_pattern(bad_n, bad_m):
+    with pytest.raises(ValueError):
+        NMWeight.from_dense(torch.randn(4, 8), bad_n, bad_m)
+    with pytest.raises((RuntimeError, ValueError), match="must"):
+        _lib.nm_linear(torch.randn(2, 8), torch.randn(4, 4), torch.zeros(4, 1, dtype=torch.uint8),
+                       None, bad_n, bad_m)
+
+
+def test_nbytes_2_4():
+    nm = _nm(256, 512, 2, 4)
+    assert nm.nbytes == 256 * 256 * 4 + 256 * 64
+    assert nm.nbytes / nm.dense_nbytes() <= 0.57
+    assert nm.to(dtype=torch.bfloat16).nbytes / nm.dense_nbytes() <= 0.29
+
+
+# ---- forward against the dense masked reference -------------------------------------------------
+@pytest.mark.parametrize("n,m", PATTERNS)
+@pytest.mark.parametrize("in_f", [7, 33, 64, 300])
+@pytest.mark.parametrize("tokens", [1, 5, 17, 40, 70])
+def test_forward_matches_reference(isa, n, m, in_f, tokens):
+    out_f = 24
+    nm = _nm(out_f, in_f, n, m)
+    x = torch.randn(tokens, in_f)
+    bias = torch.randn(out_f)
+    y = se.ops.nm_linear(x, nm, bias)
+    assert_close_to_reference(y, linear_reference(x, nm.to_dense(), bias))
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 40), (40,), (1, 1, 40), (0, 40)])
+def test_forward_batch_dims(isa, shape):
+    nm = _nm(9, 40, 2, 4)
+    x = torch.randn(*shape)
+    y = se.ops.nm_linear(x, nm)
+    assert y.shape == (*shape[:-1], 9)
+    assert_close_to_reference(y, linear_reference(x, nm.to_dense()))
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 8), (4, 16)])
+@pytest.mark.parametrize("tokens", [1, 16, 33])
+def test_forward_bf16(isa, n, m, tokens):
+    nm32 = _nm(48, 96, n, m)
+    nm = nm32.to(dtype=torch.bfloat16)
+    x = torch.randn(tokens, 96).bfloat16()
+    ref = linear_reference(x, nm.to_dense())
+    torch_bf16 = F.linear(x, nm.to_dense())
+    assert_close_to_reference(se.ops.nm_linear(x, nm), ref, torch_bf16)
+    # bf16 weights with fp32 activations compute in fp32
+    xf = x.float()
+    assert_close_to_reference(se.ops.nm_linear(xf, nm), linear_reference(xf, nm.to_dense()))
+
+
+def test_isas_agree():
+    nm = _nm(40, 200, 2, 8)
+    x = torch.randn(37, 200)
+    outs = {}
+    for isa in se.supported_isas():
+        with se.use_isa(isa):
+            outs[isa] = se.ops.nm_linear(x, nm)
+    ref = linear_reference(x, nm.to_dense())
+    for y in outs.values():
+        assert_close_to_reference(y, ref)
+
+
+@pytest.mark.parametrize("tokens", [1, 50])
+def test_deterministic_across_threads(tokens):
+    nm = _nm(300, 256, 2, 4)
+    x = torch.randn(tokens, 256)
+    dy = torch.randn(tokens, 300)
+    previous = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2, 1, 2):
+            torch.set_num_threads(threads)
+            outs.append((se.ops.nm_linear(x, nm),
+                         _lib.nm_linear_grad_input(dy, nm.values, nm.metadata, 256, 2, 4),
+                         _lib.nm_linear_grad_values(dy, x, nm.metadata, 2, 4)))
+    finally:
+        torch.set_num_threads(previous)
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            assert torch.equal(a, b)
+
+
+# ---- backward ops, opcheck, gradcheck -------------------------------------------------------------
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 8), (3, 8), (4, 16)])
+@pytest.mark.parametrize("tokens", [1, 9, 40])
+def test_backward_ops(isa, n, m, tokens):
+    nm = _nm(20, 37, n, m)
+    x = torch.randn(tokens, 37)
+    dy = torch.randn(tokens, 20)
+    dense = nm.to_dense()
+    dx = _lib.nm_linear_grad_input(dy, nm.values, nm.metadata, 37, n, m)
+    assert_close_to_reference(dx, dy.double() @ dense.double())
+    dv = _lib.nm_linear_grad_values(dy, x, nm.metadata, n, m)
+    cols = nm.columns()
+    full = torch.zeros(20, nm.groups * m, dtype=torch.float64)
+    full[:, :37] = dy.double().t() @ x.double()
+    assert_close_to_reference(dv, torch.gather(full, 1, cols))
+
+
+def test_opcheck():
+    nm = _nm(12, 21, 2, 4)
+    x = torch.randn(3, 21)
+    bias = torch.randn(12)
+    dy = torch.randn(3, 12)
+    torch.library.opcheck(_lib.nm_linear, (x, nm.values, nm.metadata, bias, 2, 4))
+    torch.library.opcheck(_lib.nm_linear, (x.requires_grad_(), nm.values.requires_grad_(),
+                                           nm.metadata, bias.requires_grad_(), 2, 4))
+    torch.library.opcheck(_lib.nm_linear_grad_input, (dy, nm.values.detach(), nm.metadata, 21, 2, 4))
+    torch.library.opcheck(_lib.nm_linear_grad_values, (dy, x.detach(), nm.metadata, 2, 4))
+    torch.library.opcheck(_lib.nm_validate, (nm.values.detach(), nm.metadata, 21, 2, 4))
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (3, 8), (1, 16)])
+def test_gradcheck_float64(n, m):
+    nm = _nm(6, 19, n, m, dtype=torch.float64)
+    x = torch.randn(2, 3, 19, dtype=torch.float64, requires_grad=True)
+    values = nm.values.clone().requires_grad_()
+    bias = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    fn = lambda x_, v_, b_: _lib.nm_linear(x_, v_, nm.metadata, b_, n, m)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, values, bias))
+
+
+def test_autograd_float32_matches_dense():
+    nm = _nm(16, 40, 2, 4)
+    x = torch.randn(5, 40, requires_grad=True)
+    values = nm.values.clone().requires_grad_()
+    bias = torch.randn(16, requires_grad=True)
+    y = _lib.nm_linear(x, values, nm.metadata, bias, 2, 4)
+    g = torch.randn_like(y)
+    y.backward(g)
+    dense = nm.to_dense().requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    b2 = bias.detach().clone().requires_grad_()
+    F.linear(x2, dense, b2).backward(g)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bias.grad, b2.grad)
+    torch.testing.assert_close(values.grad, torch.gather(
+        F.pad(dense.grad, (0, nm.groups * 4 - 40)), 1, nm.columns()), rtol=1e-5, atol=1e-5)
+
+
+# ---- malformed input ------------------------------------------------------------------------------
+def test_bad_metadata_and_lengths():
+    nm = _nm(8, 32, 2, 4)
+    x = torch.randn(3, 32)
+    v, meta = nm.values, nm.metadata
+    with pytest.raises(RuntimeError, match=r"metadata must have shape \[8, 4\]"):
+        _lib.nm_linear(x, v, meta[:, :3].contiguous(), None, 2, 4)
+    with pytest.raises(RuntimeError, match=r"values must have shape \[8, 16\]"):
+        _lib.nm_linear(x, v[:, :15].contiguous(), meta, None, 2, 4)
+    with pytest.raises(RuntimeError, match=r"in_features 40 .* got \[8, 4\]"):
+        _lib.nm_linear(torch.randn(3, 40), v, meta, None, 2, 4)  # in_features disagrees
+    with pytest.raises(RuntimeError, match="metadata must have dtype"):
+        _lib.nm_linear(x, v, meta.int(), None, 2, 4)
+    with pytest.raises(RuntimeError, match="values must have dtype"):
+        _lib.nm_linear(x, v.half(), meta, None, 2, 4)
+    with pytest.raises(RuntimeError, match="x must have dtype"):
+        _lib.nm_linear(x.int(), v, meta, None, 2, 4)
+    with pytest.raises(RuntimeError, match="bias must have length 8"):
+        _lib.nm_linear(x, v, meta, torch.randn(7), 2, 4)
+    with pytest.raises(RuntimeError, match="float64 needs both"):
+        _lib.nm_linear(x.double(), v, meta, None, 2, 4)
+    with pytest.raises(RuntimeError, match="metadata must be contiguous"):
+        _lib.nm_linear(x, v, torch.zeros(4, 8, dtype=torch.uint8).t(), None, 2, 4)
+    with pytest.raises(RuntimeError, match="same number of tokens"):
+        _lib.nm_linear_grad_values(torch.randn(2, 8), x, meta, 2, 4)
+
+
+def test_from_indices_rejects_bad_metadata():
+    v = torch.randn(2, 4)
+    good = torch.tensor([[0, 3, 1, 2], [1, 2, 0, 1]])
+    nm = NMWeight.from_indices(v, good, (2, 8), 2, 4)
+    assert torch.equal(nm.indices(), good)
+    with pytest.raises(ValueError, match=r"index 4 at row 0, slot 1 is outside \[0, 4\)"):
+        NMWeight.from_indices(v, torch.tensor([[0, 4, 1, 2], [1, 2, 0, 1]]), (2, 8), 2, 4)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        NMWeight.from_indices(v, torch.tensor([[1, 1, 1, 2], [1, 2, 0, 1]]), (2, 8), 2, 4)
+    with pytest.raises(ValueError, match="must both have shape"):
+        NMWeight.from_indices(v[:, :3], good[:, :3], (2, 8), 2, 4)
+    with pytest.raises(TypeError, match="integer"):
+        NMWeight.from_indices(v, good.float(), (2, 8), 2, 4)
+
+
+def test_validate_catches_noncanonical_packed_metadata():
+    nm = _nm(4, 16, 2, 4)
+    idx = nm.indices()
+    idx[2, 3] = idx[2, 2]  # slot repeats its neighbour: the group names fewer than 2 columns
+    broken = NMWeight(nm.values, nm_pack_indices(idx, 4), nm.shape, 2, 4)
+    with pytest.raises(ValueError, match="row 2, group 1: indices must be strictly increasing"):
+        broken.validate()
+    # the kernel never reads out of bounds whatever the bits say: random metadata runs safely
+    junk = torch.randint(0, 256, nm.metadata.shape, dtype=torch.uint8)
+    y = _lib.nm_linear(torch.randn(3, 16), nm.values, junk, None, 2, 4)
+    assert torch.isfinite(y).all()
+    with pytest.raises(ValueError, match="metadata must have shape"):
+        NMWeight(nm.values, nm.metadata[:, :1], nm.shape, 2, 4).validate()
+
+
+# ---- module ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("pattern", ["2:4", "1:4", "2:8", "1:8", "4:16"])
+def test_sparse_linear_from_dense(pattern):
+    lin = torch.nn.Linear(48, 20)
+    sl = se.SparseLinear.from_dense(lin, pattern=pattern)
+    n, m = (int(v) for v in pattern.split(":"))
+    assert sl.format_kind == "nm"
+    assert isinstance(sl.weight_format(), NMWeight)
+    assert abs(sl.sparsity - (1 - n / m)) < 1e-6
+    r = repr(sl)
+    assert f"pattern='{pattern}'" in r and "weight_bytes" in r
+    x = torch.randn(2, 3, 48)
+    ref = F.linear(x, sl.to_dense().weight, lin.bias)
+    torch.testing.assert_close(sl(x), ref, rtol=1e-5, atol=1e-5)
+    dense_again = sl.to_dense()
+    assert isinstance(dense_again, torch.nn.Linear)
+    assert torch.equal(dense_again.weight, sl.weight_format().to_dense())
+
+
+def test_sparse_linear_mask_and_errors():
+    lin = torch.nn.Linear(16, 4)
+    mask = se.nm_mask(lin.weight, 1, 4)
+    sl = se.SparseLinear.from_dense(lin, pattern="2:4", mask=mask)
+    assert torch.equal(sl.to_dense().weight, lin.weight.detach() * mask)
+    with pytest.raises(ValueError, match="fixes sparsity"):
+        se.SparseLinear.from_dense(lin, sparsity=0.9, pattern="2:4")
+    se.SparseLinear.from_dense(lin, sparsity=0.5, pattern="2:4")
+    with pytest.raises(ValueError, match="N:M pattern"):
+        se.SparseLinear.from_dense(lin, pattern="3:5")
+    with pytest.raises(ValueError, match="breaks the 2:4 pattern"):
+        se.SparseLinear.from_dense(lin, pattern="2:4", mask=torch.ones(4, 16, dtype=torch.bool))
+
+
+def test_sparse_linear_training_state_dict_bf16():
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(32, 8)
+    sl = se.SparseLinear.from_dense(lin, pattern="2:8")
+    meta_before = sl.metadata.clone()
+    opt = torch.optim.SGD(sl.parameters(), lr=0.1)
+    x, target = torch.randn(16, 32), torch.randn(16, 8)
+    losses = []
+    for _ in range(5):
+        opt.zero_grad()
+        loss = F.mse_loss(sl(x), target)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert torch.equal(sl.metadata, meta_before)  # the pattern is fixed
+    # state_dict round trip through torch.save
+    buf = io.BytesIO()
+    torch.save(sl.state_dict(), buf)
+    buf.seek(0)
+    other = se.SparseLinear.from_dense(torch.nn.Linear(32, 8), pattern="2:8")
+    other.load_state_dict(torch.load(buf))
+    torch.testing.assert_close(other(x), sl(x))
+    csr = se.SparseLinear.from_dense(torch.nn.Linear(32, 8), sparsity=0.75)
+    with pytest.raises(ValueError, match="state_dict holds a 'nm' weight"):
+        csr.load_state_dict(sl.state_dict())
+    # bf16
+    sb = sl.to(torch.bfloat16)
+    assert sb.values.dtype == torch.bfloat16 and sb.metadata.dtype == torch.uint8
+    yb = sb(x.bfloat16())
+    assert yb.dtype == torch.bfloat16
+    ref = linear_reference(x.bfloat16(), sb.to_dense().weight, sb.bias)
+    assert_close_to_reference(yb, ref, F.linear(x.bfloat16(), sb.to_dense().weight, sb.bias))
+    assert "bfloat16" in repr(sb)
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(
+        se.SparseLinear.from_dense(torch.nn.Linear(32, 24), pattern="2:4"),
+        torch.nn.ReLU(),
+        se.SparseLinear.from_dense(torch.nn.Linear(24, 8), pattern="1:8"),
+    )
+    x = torch.randn(5, 32)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), model(x))
+    xg = x.clone().requires_grad_()
+    compiled(xg).sum().backward()
+    assert xg.grad is not None and model[0].values.grad is not None
