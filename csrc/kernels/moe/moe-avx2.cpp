@@ -1,0 +1,121 @@
+// AVX2 + FMA expert GEMV ukernels. Compiled for every x86-64 build with a file-level target pragma
+// and only called after the runtime check in isa.cpp.
+//
+// Register tile: MR weight rows x NR tokens of 8-wide accumulators. Each weight vector loaded from
+// memory (f32, or bf16 widened to f32 in registers) feeds NR FMAs; the token rows (a few KB) stay
+// in L1. Weight rows are streamed once per token group; with tokens <= NR that is exactly once
+// from memory, further groups re-read the MR rows from L1/L2.
+#include <cstdint>
+#include <cstring>
+
+#include "../common/bf16.h"
+#include "moe.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define SPARSE_EXT_COMPILE_AVX2 1
+#endif
+
+#if SPARSE_EXT_COMPILE_AVX2
+#include <immintrin.h>
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+
+namespace sparse_ext {
+namespace {
+
+template <MoeWeightType WT>
+inline __m256 load8_weight(const void* w, int64_t i) {
+  if constexpr (WT == MoeWeightType::kF32) {
+    return _mm256_loadu_ps(static_cast<const float*>(w) + i);
+  } else {
+    const __m128i raw =
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(w) + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+  }
+}
+
+template <MoeWeightType WT>
+inline float load1_weight(const void* w, int64_t i) {
+  if constexpr (WT == MoeWeightType::kF32) {
+    return static_cast<const float*>(w)[i];
+  } else {
+    return bf16_to_float(static_cast<const uint16_t*>(w)[i]);
+  }
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// y[n * ldy + m] = W[r + m, :] . x[n * ldx, :] for m < MR, n < NR.
+template <MoeWeightType WT, int MR, int NR>
+inline void tile(const void* w, int64_t K, int64_t r, const float* x, int64_t ldx, float* y,
+                 int64_t ldy) {
+  __m256 acc[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NR; ++n) acc[m][n] = _mm256_setzero_ps();
+  int64_t c = 0;
+  for (; c + 8 <= K; c += 8) {
+    __m256 xv[NR];
+    for (int n = 0; n < NR; ++n) xv[n] = _mm256_loadu_ps(x + n * ldx + c);
+    for (int m = 0; m < MR; ++m) {
+      const __m256 wv = load8_weight<WT>(w, (r + m) * K + c);
+      for (int n = 0; n < NR; ++n) acc[m][n] = _mm256_fmadd_ps(wv, xv[n], acc[m][n]);
+    }
+  }
+  float tail[MR][NR] = {};
+  for (; c < K; ++c)
+    for (int m = 0; m < MR; ++m) {
+      const float wv = load1_weight<WT>(w, (r + m) * K + c);
+      for (int n = 0; n < NR; ++n) tail[m][n] += wv * x[n * ldx + c];
+    }
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NR; ++n) y[n * ldy + m] = hsum(acc[m][n]) + tail[m][n];
+}
+
+template <MoeWeightType WT, int MR>
+inline void rows_all_tokens(const void* w, int64_t K, int64_t r, const float* x, int64_t ldx,
+                            int64_t tokens, float* y, int64_t ldy) {
+  int64_t n = 0;
+  for (; n + 3 <= tokens; n += 3) tile<WT, MR, 3>(w, K, r, x + n * ldx, ldx, y + n * ldy, ldy);
+  switch (tokens - n) {
+    case 2: tile<WT, MR, 2>(w, K, r, x + n * ldx, ldx, y + n * ldy, ldy); break;
+    case 1: tile<WT, MR, 1>(w, K, r, x + n * ldx, ldx, y + n * ldy, ldy); break;
+    default: break;
+  }
+}
+
+// Entry: rows [r0, r1) of W [rows, K] (f32 | bf16, row stride K) against x float [tokens, ldx];
+// writes y float [tokens, ldy] at columns r - r0.
+template <MoeWeightType WT>
+void gemv_4x3(const void* w, int64_t K, int64_t r0, int64_t r1, const float* x, int64_t ldx,
+              int64_t tokens, float* y, int64_t ldy) {
+  int64_t r = r0;
+  for (; r + 4 <= r1; r += 4) rows_all_tokens<WT, 4>(w, K, r, x, ldx, tokens, y + (r - r0), ldy);
+  for (; r < r1; ++r) rows_all_tokens<WT, 1>(w, K, r, x, ldx, tokens, y + (r - r0), ldy);
+}
+
+const MoeUkernels kF32 = {"se_f32_moe_gemv_ukernel_4x3__avx2_fma",
+                          gemv_4x3<MoeWeightType::kF32>, 4, 3};
+const MoeUkernels kBF16 = {"se_bf16_moe_gemv_ukernel_4x3__avx2_fma",
+                           gemv_4x3<MoeWeightType::kBF16>, 4, 3};
+
+}  // namespace
+
+const MoeUkernels* moe_ukernels_avx2(MoeWeightType wt) {
+  return wt == MoeWeightType::kF32 ? &kF32 : &kBF16;
+}
+
+}  // namespace sparse_ext
+
+#pragma GCC pop_options
+#else
+
+namespace sparse_ext {
+const MoeUkernels* moe_ukernels_avx2(MoeWeightType) { return nullptr; }
+}  // namespace sparse_ext
+
+#endif
