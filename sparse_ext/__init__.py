@@ -9,6 +9,7 @@ from . import ops  # noqa: F401  fake kernels and autograd
 from .formats import CSRWeight
 from .isa import get_isa, set_isa, supported_isas, use_isa
 from .nn import SparseLinear
+from .nn import MoELayer  # MoE
 from .prune import block_mask, magnitude_mask, parse_pattern, random_mask
 
 __version__ = "0.1.0"
@@ -26,3 +27,4 @@ __all__ = [
     "supported_isas",
     "use_isa",
 ]
+__all__ += ["MoELayer"]  # MoE
