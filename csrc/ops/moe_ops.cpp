@@ -8,7 +8,9 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cstdlib>
+#include <thread>
 #include <cstring>
 
 #include "../kernels/common/bf16.h"
@@ -261,33 +263,43 @@ at::Tensor moe_expert_mlp_cpu(const at::Tensor& x, const at::Tensor& row_token_i
   at::Tensor hbuf = at::empty({a.kept, F}, xs.options());
   float* hp = hbuf.data_ptr<float>();
 
-  // Phase 1: h[rows of e, f0:f1] = act(x W_gate[f0:f1]^T) * (x W_up[f0:f1]^T).
+  // One parallel region; threads take items from a shared counter (robust to a descheduled or
+  // slower thread). Items [0, items1): phase 1, h[rows of e, f0:f1] = act(x Wg[f0:f1]^T) *
+  // (x Wu[f0:f1]^T). Items [items1, items1 + items2): phase 2, y[rows of e, h0:h1] =
+  // h W_down[h0:h1]^T, which starts once every phase-1 tile of expert e is done.
   const int64_t tiles_f = (F + kTileF - 1) / kTileF;
-  const int64_t items1 = static_cast<int64_t>(small_experts.size()) * tiles_f;
-  at::parallel_for(0, items1, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> g(static_cast<size_t>(small * kTileF)), u(g.size());
-    for (int64_t item = i0; item < i1; ++item) {
-      const int64_t e = small_experts[item / tiles_f];
-      const int64_t f0 = (item % tiles_f) * kTileF, f1 = std::min(F, f0 + kTileF);
-      const int64_t n = o[e + 1] - o[e], tf = f1 - f0;
-      const void* we = w1p + e * w1_expert_bytes;
-      const float* xe = xsp + o[e] * H;
-      k1->gemv(we, H, f0, f1, xe, H, n, g.data(), tf);
-      if (a.gated) k1->gemv(we, H, F + f0, F + f1, xe, H, n, u.data(), tf);
-      for (int64_t r = 0; r < n; ++r)
-        moe_activate<float>(a.act, g.data() + r * tf, a.gated ? u.data() + r * tf : nullptr, tf,
-                            hp + (o[e] + r) * F + f0);
-    }
-  });
-  // Phase 2: y[rows of e, h0:h1] = h W_down[h0:h1]^T.
   const int64_t tiles_h = (H + kTileH - 1) / kTileH;
-  const int64_t items2 = static_cast<int64_t>(small_experts.size()) * tiles_h;
-  at::parallel_for(0, items2, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t item = i0; item < i1; ++item) {
-      const int64_t e = small_experts[item / tiles_h];
-      const int64_t h0 = (item % tiles_h) * kTileH, h1 = std::min(H, h0 + kTileH);
-      const int64_t n = o[e + 1] - o[e];
-      k2->gemv(w2p + e * w2_expert_bytes, F, h0, h1, hp + o[e] * F, F, n, yp + o[e] * H + h0, H);
+  const int64_t num_small = static_cast<int64_t>(small_experts.size());
+  const int64_t items1 = num_small * tiles_f, items2 = num_small * tiles_h;
+  std::atomic<int64_t> next{0};
+  std::vector<std::atomic<int64_t>> done1(static_cast<size_t>(num_small));
+  for (auto& d : done1) d.store(0);
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), items1 + items2);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    std::vector<float> g(static_cast<size_t>(small * kTileF)), u(g.size());
+    for (;;) {
+      const int64_t item = next.fetch_add(1);
+      if (item >= items1 + items2) break;
+      if (item < items1) {
+        const int64_t s = item / tiles_f, e = small_experts[s];
+        const int64_t f0 = (item % tiles_f) * kTileF, f1 = std::min(F, f0 + kTileF);
+        const int64_t n = o[e + 1] - o[e], tf = f1 - f0;
+        const void* we = w1p + e * w1_expert_bytes;
+        const float* xe = xsp + o[e] * H;
+        k1->gemv(we, H, f0, f1, xe, H, n, g.data(), tf);
+        if (a.gated) k1->gemv(we, H, F + f0, F + f1, xe, H, n, u.data(), tf);
+        for (int64_t r = 0; r < n; ++r)
+          moe_activate<float>(a.act, g.data() + r * tf, a.gated ? u.data() + r * tf : nullptr, tf,
+                              hp + (o[e] + r) * F + f0);
+        done1[s].fetch_add(1, std::memory_order_release);
+      } else {
+        const int64_t i2 = item - items1, s = i2 / tiles_h, e = small_experts[s];
+        while (done1[s].load(std::memory_order_acquire) < tiles_f) std::this_thread::yield();
+        const int64_t h0 = (i2 % tiles_h) * kTileH, h1 = std::min(H, h0 + kTileH);
+        const int64_t n = o[e + 1] - o[e];
+        k2->gemv(w2p + e * w2_expert_bytes, F, h0, h1, hp + o[e] * F, F, n, yp + o[e] * H + h0,
+                 H);
+      }
     }
   });
   return y;
