@@ -201,6 +201,20 @@ void activate_rows(MoeActivation act, bool gated, const at::Tensor& a, int64_t F
                    });
 }
 
+// Vectorized ATen activation for the BLAS path: act(a[:, :F]) (* a[:, F:] when gated).
+at::Tensor aten_activation(MoeActivation act, bool gated, const at::Tensor& a, int64_t F) {
+  const at::Tensor g = gated ? a.narrow(1, 0, F) : a;
+  at::Tensor h;
+  switch (act) {
+    case MoeActivation::kSilu: h = at::silu(g); break;
+    case MoeActivation::kGelu: h = at::gelu(g); break;
+    case MoeActivation::kGeluTanh: h = at::gelu(g, "tanh"); break;
+    case MoeActivation::kRelu: h = at::relu(g); break;
+  }
+  if (gated) h.mul_(a.narrow(1, F, F));
+  return h;
+}
+
 at::Tensor moe_expert_mlp_cpu(const at::Tensor& x, const at::Tensor& row_token_in,
                               const at::Tensor& offsets_in, const at::Tensor& w1_in,
                               const at::Tensor& w2_in, c10::string_view activation, bool gated) {
@@ -235,10 +249,7 @@ at::Tensor moe_expert_mlp_cpu(const at::Tensor& x, const at::Tensor& row_token_i
     const at::Tensor seg = xs.narrow(0, o[e], n);
     const at::Tensor W1 = w1[e].to(S), W2 = w2[e].to(S);
     const at::Tensor act_in = at::mm(seg, W1.t());
-    at::Tensor h = at::empty({n, a.F}, xs.options());
-    AT_DISPATCH_FLOATING_TYPES(S, "moe_expert_act", [&] {
-      activate_rows<scalar_t>(a.act, a.gated, act_in, a.F, h);
-    });
+    const at::Tensor h = aten_activation(a.act, a.gated, act_in, a.F);
     at::Tensor out = y.narrow(0, o[e], n);
     at::mm_out(out, h, W2.t());
   }
@@ -288,9 +299,13 @@ at::Tensor moe_expert_mlp_cpu(const at::Tensor& x, const at::Tensor& row_token_i
         const float* xe = xsp + o[e] * H;
         k1->gemv(we, H, f0, f1, xe, H, n, g.data(), tf);
         if (a.gated) k1->gemv(we, H, F + f0, F + f1, xe, H, n, u.data(), tf);
-        for (int64_t r = 0; r < n; ++r)
-          moe_activate<float>(a.act, g.data() + r * tf, a.gated ? u.data() + r * tf : nullptr, tf,
-                              hp + (o[e] + r) * F + f0);
+        for (int64_t r = 0; r < n; ++r) {
+          const float* gr = g.data() + r * tf;
+          const float* ur = a.gated ? u.data() + r * tf : nullptr;
+          float* hr = hp + (o[e] + r) * F + f0;
+          if (a.act == MoeActivation::kSilu) k1->silu(gr, ur, tf, hr);
+          else moe_activate<float>(a.act, gr, ur, tf, hr);
+        }
         done1[s].fetch_add(1, std::memory_order_release);
       } else {
         const int64_t i2 = item - items1, s = i2 / tiles_h, e = small_experts[s];

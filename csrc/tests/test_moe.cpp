@@ -48,6 +48,24 @@ void check_gemv(const MoeRegistryEntry& e, int64_t rows, int64_t K, int64_t toke
             e.kernels->gemv_name, (long)rows, (long)K, (long)tokens, err);
 }
 
+void check_silu(const MoeRegistryEntry& e, Rng& rng) {
+  for (int64_t n : {1, 7, 8, 37, 300}) {
+    std::vector<float> g(static_cast<size_t>(n)), u(g.size()), h(g.size()), h1(g.size());
+    for (auto& v : g) v = rng.uniform() * 30.f;
+    for (auto& v : u) v = rng.uniform();
+    g[0] = -100.f;  // far past the exp clamp
+    e.kernels->silu(g.data(), u.data(), n, h.data());
+    e.kernels->silu(g.data(), nullptr, n, h1.data());
+    for (int64_t i = 0; i < n; ++i) {
+      const double gd = g[i], ref = gd / (1.0 + std::exp(-gd));
+      SE_EXPECT(std::fabs(h1[i] - ref) <= 4e-7 * (1.0 + std::fabs(ref)), "%s silu(%g) = %g, want %g",
+                e.kernels->silu_name, gd, h1[i], ref);
+      SE_EXPECT(std::fabs(h[i] - ref * u[i]) <= 4e-7 * (1.0 + std::fabs(ref)), "%s swiglu",
+                e.kernels->silu_name);
+    }
+  }
+}
+
 void check_route(Rng& rng) {
   for (int64_t E : {1, 4, 8, 13}) {
     for (int64_t k = 1; k <= E; k += (E > 4 ? 3 : 1)) {
@@ -173,6 +191,7 @@ int main() {
     const int64_t shapes[][3] = {{1, 1, 1},  {7, 33, 1},  {8, 64, 2},  {9, 100, 3},
                                  {13, 17, 5}, {32, 256, 8}, {5, 1024, 7}, {6, 40, 0}};
     for (const auto& s : shapes) check_gemv(e, s[0], s[1], s[2], rng);
+    check_silu(e, rng);
   }
   check_route(rng);
   check_permute_combine(rng);

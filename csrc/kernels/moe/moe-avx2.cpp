@@ -98,10 +98,48 @@ void gemv_4x3(const void* w, int64_t K, int64_t r0, int64_t r1, const float* x, 
   for (; r < r1; ++r) rows_all_tokens<WT, 1>(w, K, r, x, ldx, tokens, y + (r - r0), ldy);
 }
 
+// exp(x) for 8 lanes: Cephes range reduction x = n ln2 + r, degree-5 polynomial in r (~1 ulp),
+// 2^n through the exponent bits; inputs clamped to +-88.376 (no inf/NaN from the polynomial).
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.3762626647949f)),
+                    _mm256_set1_ps(88.3762626647949f));
+  const __m256 fx = _mm256_floor_ps(
+      _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+  const __m256i pow2 = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(pow2));
+}
+
+// h[i] = silu(g[i]) * u[i] (or silu(g[i]) when u == null).  g, u, h float [n].
+void swiglu_avx2(const float* g, const float* u, int64_t n, float* h) {
+  const __m256 one = _mm256_set1_ps(1.f);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 gv = _mm256_loadu_ps(g + i);
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+    __m256 s = _mm256_div_ps(gv, _mm256_add_ps(one, e));
+    if (u != nullptr) s = _mm256_mul_ps(s, _mm256_loadu_ps(u + i));
+    _mm256_storeu_ps(h + i, s);
+  }
+  if (i < n) moe_activate<float>(MoeActivation::kSilu, g + i, u != nullptr ? u + i : nullptr,
+                                 n - i, h + i);
+}
+
 const MoeUkernels kF32 = {"se_f32_moe_gemv_ukernel_4x3__avx2_fma",
-                          gemv_4x3<MoeWeightType::kF32>, 4, 3};
+                          gemv_4x3<MoeWeightType::kF32>, 4, 3,
+                          "se_f32_moe_swiglu_ukernel__avx2_fma", swiglu_avx2};
 const MoeUkernels kBF16 = {"se_bf16_moe_gemv_ukernel_4x3__avx2_fma",
-                           gemv_4x3<MoeWeightType::kBF16>, 4, 3};
+                           gemv_4x3<MoeWeightType::kBF16>, 4, 3,
+                           "se_f32_moe_swiglu_ukernel__avx2_fma", swiglu_avx2};
 
 }  // namespace
 

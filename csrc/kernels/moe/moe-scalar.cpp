@@ -26,10 +26,16 @@ void gemv_1x1_scalar(const void* w, int64_t K, int64_t r0, int64_t r1, const flo
     }
 }
 
+void swiglu_scalar(const float* g, const float* u, int64_t n, float* h) {
+  moe_activate<float>(MoeActivation::kSilu, g, u, n, h);
+}
+
 const MoeUkernels kF32 = {"se_f32_moe_gemv_ukernel_1x1__scalar",
-                          gemv_1x1_scalar<MoeWeightType::kF32>, 1, 1};
+                          gemv_1x1_scalar<MoeWeightType::kF32>, 1, 1,
+                          "se_f32_moe_swiglu_ukernel__scalar", swiglu_scalar};
 const MoeUkernels kBF16 = {"se_bf16_moe_gemv_ukernel_1x1__scalar",
-                           gemv_1x1_scalar<MoeWeightType::kBF16>, 1, 1};
+                           gemv_1x1_scalar<MoeWeightType::kBF16>, 1, 1,
+                           "se_f32_moe_swiglu_ukernel__scalar", swiglu_scalar};
 
 }  // namespace
 

@@ -114,11 +114,17 @@ enum class MoeWeightType : int { kF32 = 0, kBF16 = 1 };
 using MoeGemvUkernel = void (*)(const void* w, int64_t K, int64_t r0, int64_t r1, const float* x,
                                 int64_t ldx, int64_t tokens, float* y, int64_t ldy);
 
+// Fused SiLU(-GLU): h[i] = silu(g[i]) * u[i] (u != null) or silu(g[i]), i < n; h may alias g.
+//   g, u, h  float [n]
+using MoeSiluUkernel = void (*)(const float* g, const float* u, int64_t n, float* h);
+
 struct MoeUkernels {
   const char* gemv_name;  // XNNPACK style: se_<dtype>_moe_gemv_ukernel_<MR>x<NR>__<isa>
   MoeGemvUkernel gemv;
   int64_t mr;  // weight rows per register tile
   int64_t nr;  // tokens per register tile
+  const char* silu_name;  // se_f32_moe_swiglu_ukernel__<isa>
+  MoeSiluUkernel silu;
 };
 
 // The ukernels for an ISA and weight type, or nullptr when the ISA is not compiled in.
