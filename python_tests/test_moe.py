@@ -294,8 +294,21 @@ def test_torch_compile_fullgraph():
     model = torch.nn.Sequential(torch.nn.Linear(16, 16), layer, torch.nn.ReLU())
     x = torch.randn(2, 5, 16)
     expected = model(x)
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(model, fullgraph=True)
     torch.testing.assert_close(compiled(x), expected)
+
+
+def test_torch_compile_fullgraph_training_backward():
+    layer = _layer(router_jitter=0.0).train()
+    x = torch.randn(9, 16)
+    layer(x).square().sum().backward()
+    expected = [p.grad.clone() for p in (layer.router.weight, layer.w1, layer.w2)]
+    layer.zero_grad()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    (out.square().sum() + 0 * layer.aux_loss).backward()
+    for p, e in zip((layer.router.weight, layer.w1, layer.w2), expected):
+        torch.testing.assert_close(p.grad, e)
 
 
 # ---- HF oracle ---------------------------------------------------------------------------------
