@@ -194,7 +194,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="include T=2048")
     parser.add_argument("--reps", type=int, default=0, help="timed repetitions per case")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads (default: all cores, as TARGETS.md specifies)")
     args = parser.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     args.quick = not args.full
     info = machine_info()
     print(f"# {info['cpu']}, {info['threads']} threads, isa {info['isa']}, torch {info['torch']}")
