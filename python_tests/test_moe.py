@@ -445,3 +445,13 @@ def test_expert_parallel_gloo_matches_single_process():
     torch.testing.assert_close(torch.cat([r["w1_grad"] for r in results]), full.w1.grad)
     torch.testing.assert_close(torch.cat([r["w2_grad"] for r in results]), full.w2.grad)
     torch.testing.assert_close(results[0]["router_grad"], full.router.weight.grad)
+
+
+def test_ukernel_registry_lists_every_isa():
+    rows = sparse_ext._C.moe_registry()
+    isas = {r[0] for r in rows}
+    assert "scalar" in isas
+    assert all(r[2].startswith(("se_f32_moe_gemv_ukernel", "se_bf16_moe_gemv_ukernel")) for r in rows)
+    for isa in sparse_ext.supported_isas():
+        if isa in ("scalar", "avx2"):
+            assert isa in isas

@@ -7,6 +7,7 @@
 // from memory, further groups re-read the MR rows from L1/L2.
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "../common/bf16.h"
 #include "moe.h"
@@ -56,14 +57,15 @@ inline float hsum(__m256 v) {
 // y[n * ldy + m] = W[r + m, :] . x[n * ldx, :] for m < MR, n < NR.
 template <MoeWeightType WT, int MR, int NR>
 inline void tile(const void* w, int64_t K, int64_t r, const float* x, int64_t ldx, float* y,
-                 int64_t ldy, const char* pf) {
+                 int64_t ldy, const char* pf, int pf_mod = 1, int pf_rem = 0) {
   __m256 acc[MR][NR];
   for (int m = 0; m < MR; ++m)
     for (int n = 0; n < NR; ++n) acc[m][n] = _mm256_setzero_ps();
   int64_t c = 0;
   for (; c + 8 <= K; c += 8) {
     if (pf != nullptr && (c & (64 / kWBytes<WT> - 1)) == 0)
-      for (int m = 0; m < MR; ++m) _mm_prefetch(pf + ((m * K + c) * kWBytes<WT>), _MM_HINT_T0);
+      for (int m = 0; m < MR; ++m)
+        if (m % pf_mod == pf_rem) _mm_prefetch(pf + ((m * K + c) * kWBytes<WT>), _MM_HINT_T0);
     __m256 xv[NR];
     for (int n = 0; n < NR; ++n) xv[n] = _mm256_loadu_ps(x + n * ldx + c);
     for (int m = 0; m < MR; ++m) {
@@ -111,6 +113,33 @@ inline void tile_1tok(const void* w, int64_t K, int64_t r, const float* x, float
 
 // Rows [r, r + MR) against all tokens. `pf` points at the next row block (prefetched while the
 // first token group streams this one) or is null at the end of the range.
+// One token, bf16 weights: a 256-bit load of 16 bf16 values widens to fp32 with two unpacks
+// against zero (no cross-lane shuffles); the unpacks leave the values in the order
+// [0..3, 8..11] and [4..7, 12..15], so x comes pre-permuted the same way (xp, see gemv_4x3).
+template <int MR>
+inline void tile_1tok_bf16_unpack(const uint16_t* w, int64_t K, int64_t r, const float* xp,
+                                  const float* x, float* y, const char* pf) {
+  __m256 acc0[MR], acc1[MR];
+  for (int m = 0; m < MR; ++m) acc0[m] = acc1[m] = _mm256_setzero_ps();
+  const __m256i zero = _mm256_setzero_si256();
+  const int64_t K16 = K / 16 * 16;
+  for (int64_t c = 0; c < K16; c += 16) {
+    const __m256 x0 = _mm256_loadu_ps(xp + c), x1 = _mm256_loadu_ps(xp + c + 8);
+    if (pf != nullptr && (c & 16) == 0)
+      for (int m = 0; m < MR; ++m) _mm_prefetch(pf + (m * K + c) * 2, _MM_HINT_T0);
+    for (int m = 0; m < MR; ++m) {
+      const __m256i v =
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (r + m) * K + c));
+      acc0[m] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v)), x0, acc0[m]);
+      acc1[m] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, v)), x1, acc1[m]);
+    }
+  }
+  float tail[MR] = {};
+  for (int64_t c = K16; c < K; ++c)
+    for (int m = 0; m < MR; ++m) tail[m] += bf16_to_float(w[(r + m) * K + c]) * x[c];
+  for (int m = 0; m < MR; ++m) y[m] = hsum(_mm256_add_ps(acc0[m], acc1[m])) + tail[m];
+}
+
 template <MoeWeightType WT, int MR>
 inline void rows_all_tokens(const void* w, int64_t K, int64_t r, const float* x, int64_t ldx,
                             int64_t tokens, float* y, int64_t ldy, const char* pf) {
@@ -118,13 +147,21 @@ inline void rows_all_tokens(const void* w, int64_t K, int64_t r, const float* x,
     tile_1tok<WT, MR>(w, K, r, x, y, pf);
     return;
   }
+  // bf16: the next block's rows are prefetched spread over the token passes (pass i takes rows
+  // m % passes == i), so memory keeps streaming while later passes compute from L1. fp32: the
+  // first pass prefetches the whole next block (measured faster for fp32 with 4 tokens).
+  const bool spread = WT == MoeWeightType::kBF16;
+  const int passes = spread ? static_cast<int>((tokens + 2) / 3) : 1;
   int64_t n = 0;
-  for (; n + 3 <= tokens; n += 3) {
-    tile<WT, MR, 3>(w, K, r, x + n * ldx, ldx, y + n * ldy, ldy, n == 0 ? pf : nullptr);
+  int pass = 0;
+  for (; n + 3 <= tokens; n += 3, ++pass) {
+    const char* p = spread || pass == 0 ? pf : nullptr;
+    tile<WT, MR, 3>(w, K, r, x + n * ldx, ldx, y + n * ldy, ldy, p, passes, pass % passes);
   }
+  const char* p = spread || pass == 0 ? pf : nullptr;
   switch (tokens - n) {
-    case 2: tile<WT, MR, 2>(w, K, r, x + n * ldx, ldx, y + n * ldy, ldy, n == 0 ? pf : nullptr); break;
-    case 1: tile<WT, MR, 1>(w, K, r, x + n * ldx, ldx, y + n * ldy, ldy, n == 0 ? pf : nullptr); break;
+    case 2: tile<WT, MR, 2>(w, K, r, x + n * ldx, ldx, y + n * ldy, ldy, p, passes, pass % passes); break;
+    case 1: tile<WT, MR, 1>(w, K, r, x + n * ldx, ldx, y + n * ldy, ldy, p, passes, pass % passes); break;
     default: break;
   }
 }
@@ -136,6 +173,26 @@ void gemv_4x3(const void* w, int64_t K, int64_t r0, int64_t r1, const float* x, 
               int64_t tokens, float* y, int64_t ldy) {
   const char* base = static_cast<const char*>(w);
   int64_t r = r0;
+  if constexpr (WT == MoeWeightType::kBF16) {
+    if (tokens == 1 && K >= 16) {
+      // xp: x permuted per 16-block to the unpack order [0..3, 8..11, 4..7, 12..15].
+      std::vector<float> xp(static_cast<size_t>(K / 16 * 16));
+      for (int64_t c = 0; c + 16 <= K; c += 16)
+        for (int q = 0; q < 4; ++q) {
+          xp[c + q] = x[c + q];
+          xp[c + 4 + q] = x[c + 8 + q];
+          xp[c + 8 + q] = x[c + 4 + q];
+          xp[c + 12 + q] = x[c + 12 + q];
+        }
+      const uint16_t* wb = static_cast<const uint16_t*>(w);
+      for (; r + 4 <= r1; r += 4) {
+        const char* pf = r + 8 <= r1 ? base + (r + 4) * K * 2 : nullptr;
+        tile_1tok_bf16_unpack<4>(wb, K, r, xp.data(), x, y + (r - r0), pf);
+      }
+      for (; r < r1; ++r) tile_1tok_bf16_unpack<1>(wb, K, r, xp.data(), x, y + (r - r0), nullptr);
+      return;
+    }
+  }
   for (; r + 4 <= r1; r += 4) {
     // Software prefetch of the next row block: measured to help bf16 and multi-token tiles; a
     // single fp32 token streams as fast on the hardware prefetchers alone.
