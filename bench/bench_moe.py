@@ -114,7 +114,8 @@ def run(args, progress):
             else:
                 base = lambda: loop(x2)  # noqa: E731
             ours_bf16 = lambda: layer_bf16(x)  # noqa: E731
-            n = reps or (30 if T <= 32 else 10 if T <= 512 else 4)
+            quick = getattr(args, "quick", False)
+            n = reps or (20 if T <= 32 else (5 if quick else 10) if T <= 512 else 4)
             fns = [base, ours, floor] + ([ours_bf16] if T <= 32 else [])
             times = interleaved_median_ms(fns, reps=n, warmup=2)
             base_ms, ours_ms, floor_ms = times[:3]
