@@ -148,7 +148,9 @@ def test_capacity_drops_contribute_zero():
 def _layer_reference(layer, x):
     x2 = x.reshape(-1, layer.hidden_size)
     logits = x2.double() @ layer.router.weight.double().t()
-    w, idx = moe_route_reference(logits, layer.top_k, layer.scoring, layer.norm_topk_prob)
+    w, idx = moe_route_reference(logits, layer.top_k, layer.scoring, layer.norm_topk_prob,
+                                 layer.selection_bias, layer.num_groups, layer.topk_groups)
+    w = w * layer.routed_scaling_factor
     return moe_experts_reference(x2, w, idx, layer.w1.detach(), layer.w2.detach(),
                                  layer.activation, layer.gated,
                                  layer.capacity(x2.shape[0])).reshape(x.shape)
@@ -174,6 +176,32 @@ def test_layer_capacity_and_bf16_input():
     assert out.dtype == torch.bfloat16
     ref = _layer_reference(layer, xb.float())
     assert (out.double() - ref).abs().max() < 2e-2
+
+
+def test_layer_grouped_sigmoid_bias_and_state_dict(tmp_path):
+    kw = dict(scoring="sigmoid", num_groups=3, topk_groups=2, selection_bias=True,
+              routed_scaling_factor=2.5, E=6, k=3)
+    layer = _layer(**kw).eval()
+    with torch.no_grad():
+        layer.selection_bias.normal_(0, 0.2)
+    x = torch.randn(21, 16)
+    out = layer(x)
+    assert_close_to_reference(out, _layer_reference(layer, x), floor=1e-5)
+    torch.save(layer.state_dict(), tmp_path / "moe.pt")
+    other = _layer(**kw).eval()
+    other.load_state_dict(torch.load(tmp_path / "moe.pt"))
+    assert torch.equal(other(x), out)
+    assert "num_experts=6" in repr(other)
+
+
+def test_layer_bf16_parameters():
+    layer = _layer(shared_expert_size=8, shared_expert_gate=True).eval()
+    x = torch.randn(2, 9, 16)
+    ref = layer(x)
+    layer = layer.to(torch.bfloat16)
+    out = layer(x.bfloat16())
+    assert out.dtype == torch.bfloat16 and layer.w1.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max() < 3e-2 * max(1.0, ref.abs().max().item())
 
 
 def test_layer_grads_vs_torch_reference():
@@ -328,6 +356,7 @@ def test_from_hf_mixtral(isa, T):
     torch.manual_seed(0)
     cfg = MixtralConfig(hidden_size=32, intermediate_size=48, num_local_experts=8,
                         num_experts_per_tok=2)
+    cfg._experts_implementation = "eager"
     block = _randomize(MixtralSparseMoeBlock(cfg)).eval()
     layer = MoELayer.from_hf(block).eval()
     x = torch.randn(2, T, 32)
@@ -346,6 +375,7 @@ def test_from_hf_qwen2_moe(isa, norm):
     cfg = Qwen2MoeConfig(hidden_size=32, moe_intermediate_size=24,
                          shared_expert_intermediate_size=40, num_experts=6,
                          num_experts_per_tok=3, norm_topk_prob=norm)
+    cfg._experts_implementation = "eager"
     block = _randomize(Qwen2MoeSparseMoeBlock(cfg)).eval()
     layer = MoELayer.from_hf(block).eval()
     x = torch.randn(3, 11, 32)
