@@ -24,7 +24,8 @@ namespace {
 int64_t small_rows() {
   static const int64_t value = [] {
     const char* env = std::getenv("SPARSE_EXT_MOE_SMALL_ROWS");
-    return env != nullptr ? std::atoll(env) : int64_t{32};
+    const int64_t v = env != nullptr ? std::atoll(env) : int64_t{32};
+    return std::min<int64_t>(std::max<int64_t>(v, 0), 256);
   }();
   return value;
 }
