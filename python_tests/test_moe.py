@@ -98,8 +98,11 @@ def test_permute_stable_with_inverse(T, E, k, capacity):
 
 
 # ---- expert MLP + combine ----------------------------------------------------------------------
+# Segments above 160 rows (skew to one expert with T=200) take the at::mm path, the rest the
+# GEMV ukernels; both appear in one call.
 @pytest.mark.parametrize("T,E,k,skew", [(1, 8, 2, None), (5, 8, 2, None), (40, 6, 2, None),
-                                        (70, 4, 2, 0), (3, 16, 2, None), (20, 3, 3, None)])
+                                        (70, 4, 2, 0), (200, 5, 2, 3), (3, 16, 2, None),
+                                        (20, 3, 3, None)])
 @pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
 def test_experts_and_combine_vs_reference(isa, T, E, k, skew, wdtype):
     H, Fs = 24, 40
@@ -117,11 +120,11 @@ def test_experts_and_combine_vs_reference(isa, T, E, k, skew, wdtype):
 @pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh", "relu"])
 @pytest.mark.parametrize("gated", [True, False])
 def test_expert_activations(isa, activation, gated):
-    T, E, k, H, Fs = 50, 4, 2, 16, 20
+    T, E, k, H, Fs = 170, 4, 2, 16, 20
     x = torch.randn(T, H)
     w1 = torch.randn(E, (2 if gated else 1) * Fs, H) * 0.3
     w2 = torch.randn(E, H, Fs) * 0.3
-    w, idx = _random_routing(T, E, k, skew=1)  # expert 1 large (BLAS path), others small
+    w, idx = _random_routing(T, E, k, skew=1)  # expert 1: 170 rows (BLAS path), others small
     row_token, offsets, inverse = ops.moe_permute(idx, E)
     out = ops.moe_combine(ops.moe_expert_mlp(x, row_token, offsets, w1, w2, activation, gated),
                           w, inverse)

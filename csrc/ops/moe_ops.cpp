@@ -1,7 +1,8 @@
 // ATen glue for the MoE family: checks, staging, thread split and kernel calls.
 // Schemas: csrc/registration.cpp (MoE block). Kernels: csrc/kernels/moe/moe.h.
 //
-// Expert MLP strategy: segments of at most small_rows() tokens (decode) run the GEMV ukernels,
+// Expert MLP strategy: segments of at most small_rows() tokens (decode and small prefill) run the
+// GEMV ukernels,
 // parallel over (expert, output tile) items so every touched expert's weights stream once at
 // memory bandwidth; larger segments (prefill) run at::mm (MKL) per expert on rows gathered
 // straight into the segment buffer, with the activation fused between the two products.
@@ -21,11 +22,13 @@ namespace sparse_ext {
 namespace {
 
 // Segments with at most this many rows use the GEMV ukernels; SPARSE_EXT_MOE_SMALL_ROWS overrides.
+// Measured (H 1024, F 2816, one core, CPU time): the 4x3 ukernels beat MKL per-expert GEMMs by
+// 1.3x at 64 rows and 1.2x at 128-142 rows, tie at ~256 and lose at ~512 rows.
 int64_t small_rows() {
   static const int64_t value = [] {
     const char* env = std::getenv("SPARSE_EXT_MOE_SMALL_ROWS");
-    const int64_t v = env != nullptr ? std::atoll(env) : int64_t{32};
-    return std::min<int64_t>(std::max<int64_t>(v, 0), 256);
+    const int64_t v = env != nullptr ? std::atoll(env) : int64_t{160};
+    return std::min<int64_t>(std::max<int64_t>(v, 0), 4096);
   }();
   return value;
 }
