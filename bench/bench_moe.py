@@ -17,6 +17,32 @@ import torch.nn.functional as F
 
 from .common import interleaved_median_ms, machine_info
 
+_TIMER = {"cpu": False}
+
+
+def _interleaved_cpu_ms(fns, reps=15, warmup=3):
+    """Like interleaved_median_ms but with this thread's CPU time (only meaningful with one
+    torch thread): on a shared, oversubscribed machine it removes the time spent descheduled."""
+    import statistics
+    import time
+
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times = [[] for _ in fns]
+    for _ in range(reps):
+        for i, fn in enumerate(fns):
+            t0 = time.thread_time()
+            fn()
+            times[i].append(time.thread_time() - t0)
+    return [statistics.median(t) * 1e3 for t in times]
+
+
+def _timed(fns, reps, warmup=2):
+    if _TIMER["cpu"]:
+        return _interleaved_cpu_ms(fns, reps=reps, warmup=warmup)
+    return interleaved_median_ms(fns, reps=reps, warmup=warmup)
+
 FAMILY = "moe"
 H, FF, E, K = 1024, 2816, 8, 2
 QUICK_TOKENS = (1, 32, 512)
@@ -117,9 +143,10 @@ def run(args, progress):
             quick = getattr(args, "quick", False)
             n = reps or (20 if T <= 32 else (5 if quick else 10) if T <= 512 else 4)
             fns = [base, ours, floor] + ([ours_bf16] if T <= 32 else [])
-            times = interleaved_median_ms(fns, reps=n, warmup=2)
+            times = _timed(fns, reps=n, warmup=2)
             base_ms, ours_ms, floor_ms = times[:3]
             row = {
+                "timer": "thread_cpu" if _TIMER["cpu"] else "wall",
                 "family": FAMILY, "shape": f"h{H}-f{FF}-e{E}-k{K}", "pattern": f"top-{K}",
                 "sparsity": 1.0 - K / E, "tokens": T, "dtype": "float32", "baseline": baseline,
                 "dense_ms": base_ms, "ours_ms": ours_ms, "speedup": base_ms / ours_ms,
@@ -151,7 +178,7 @@ def _breakdown(layer, x2, ops, reps):
         lambda: ops.moe_combine(y, weights, inverse),
         lambda: layer(x2),
     ]
-    route_ms, permute_ms, experts_ms, combine_ms, total_ms = interleaved_median_ms(fns, reps=reps)
+    route_ms, permute_ms, experts_ms, combine_ms, total_ms = _timed(fns, reps=reps)
     return {"route_ms": route_ms, "permute_ms": permute_ms, "experts_ms": experts_ms,
             "combine_ms": combine_ms, "layer_ms": total_ms,
             "overhead_frac": (route_ms + permute_ms + combine_ms) / total_ms}
@@ -197,13 +224,20 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=0, help="timed repetitions per case")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads (default: all cores, as TARGETS.md specifies)")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time with thread CPU time (forces 1 thread; for loaded machines)")
     args = parser.parse_args(argv)
+    if args.cpu_time:
+        args.threads = 1
+        _TIMER["cpu"] = True
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     args.quick = not args.full
     info = machine_info()
     print(f"# {info['cpu']}, {info['threads']} threads, isa {info['isa']}, torch {info['torch']}")
     rows = run(args, lambda msg: print(msg, file=sys.stderr))
+    if args.cpu_time:
+        print("# times are thread CPU time medians (1 thread)")
     print_table(rows)
     return rows
 
