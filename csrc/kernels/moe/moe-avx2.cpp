@@ -140,6 +140,31 @@ inline void tile_1tok_bf16_unpack(const uint16_t* w, int64_t K, int64_t r, const
   for (int m = 0; m < MR; ++m) y[m] = hsum(_mm256_add_ps(acc0[m], acc1[m])) + tail[m];
 }
 
+// Same with one accumulator per row, for taller row blocks (MR = 8: 8 independent chains).
+template <int MR>
+inline void tile_1tok_bf16_unpack1(const uint16_t* w, int64_t K, int64_t r, const float* xp,
+                                   const float* x, float* y, const char* pf) {
+  __m256 acc[MR];
+  for (int m = 0; m < MR; ++m) acc[m] = _mm256_setzero_ps();
+  const __m256i zero = _mm256_setzero_si256();
+  const int64_t K16 = K / 16 * 16;
+  for (int64_t c = 0; c < K16; c += 16) {
+    const __m256 x0 = _mm256_loadu_ps(xp + c), x1 = _mm256_loadu_ps(xp + c + 8);
+    if (pf != nullptr && (c & 16) == 0)
+      for (int m = 0; m < MR; ++m) _mm_prefetch(pf + (m * K + c) * 2, _MM_HINT_T0);
+    for (int m = 0; m < MR; ++m) {
+      const __m256i v =
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (r + m) * K + c));
+      acc[m] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v)), x0, acc[m]);
+      acc[m] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, v)), x1, acc[m]);
+    }
+  }
+  float tail[MR] = {};
+  for (int64_t c = K16; c < K; ++c)
+    for (int m = 0; m < MR; ++m) tail[m] += bf16_to_float(w[(r + m) * K + c]) * x[c];
+  for (int m = 0; m < MR; ++m) y[m] = hsum(acc[m]) + tail[m];
+}
+
 template <MoeWeightType WT, int MR>
 inline void rows_all_tokens(const void* w, int64_t K, int64_t r, const float* x, int64_t ldx,
                             int64_t tokens, float* y, int64_t ldy, const char* pf) {
@@ -185,6 +210,10 @@ void gemv_4x3(const void* w, int64_t K, int64_t r0, int64_t r1, const float* x, 
           xp[c + 12 + q] = x[c + 12 + q];
         }
       const uint16_t* wb = static_cast<const uint16_t*>(w);
+      for (; r + 8 <= r1; r += 8) {
+        const char* pf = r + 16 <= r1 ? base + (r + 8) * K * 2 : nullptr;
+        tile_1tok_bf16_unpack1<8>(wb, K, r, xp.data(), x, y + (r - r0), pf);
+      }
       for (; r + 4 <= r1; r += 4) {
         const char* pf = r + 8 <= r1 ? base + (r + 4) * K * 2 : nullptr;
         tile_1tok_bf16_unpack<4>(wb, K, r, xp.data(), x, y + (r - r0), pf);
