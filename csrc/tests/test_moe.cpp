@@ -189,7 +189,8 @@ int main() {
     const MoeRegistryEntry& e = moe_registry_entry(i);
     if (!isa_supported(e.isa)) continue;
     const int64_t shapes[][3] = {{1, 1, 1},  {7, 33, 1},  {8, 64, 2},  {9, 100, 3},
-                                 {13, 17, 5}, {32, 256, 8}, {5, 1024, 7}, {6, 40, 0}};
+                                 {13, 17, 5}, {32, 256, 8}, {5, 1024, 7}, {6, 40, 0},
+                                 {40, 48, 1}, {37, 1040, 1}, {64, 20, 1}, {33, 64, 4}};
     for (const auto& s : shapes) check_gemv(e, s[0], s[1], s[2], rng);
     check_silu(e, rng);
   }
