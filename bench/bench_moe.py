@@ -188,24 +188,39 @@ def _verdict(ok):
     return "ok" if ok else "MISS"
 
 
+def _checks(r):
+    T, checks = r["tokens"], []
+    if T == 1:
+        checks.append(f">=1.6x vs HF {_verdict(r['speedup'] >= 1.6)}")
+    if T == 32:
+        checks.append(f">=3x vs HF {_verdict(r['speedup'] >= 3.0)}")
+    if T in (1, 32):
+        checks.append(f"BW>=75% {_verdict(r['gbps'] >= 0.75 * READ_BW_GBS)}")
+        if "bf16_speedup_vs_fp32" in r:
+            checks.append(f"bf16>=1.6x {_verdict(r['bf16_speedup_vs_fp32'] >= 1.6)}")
+    if T >= 512:
+        checks.append(f">=1.15x vs HF {_verdict(r['speedup'] >= 1.15)}")
+        checks.append(f"floor<=1.05 {_verdict(r['vs_floor'] <= 1.05)}")
+    if "overhead_frac" in r:
+        checks.append(f"overhead<=10% {_verdict(r['overhead_frac'] <= 0.10)}")
+    return checks
+
+
+def targets_report(rows):
+    """One line per token count with the TARGETS.md checks (hook for bench/run.py)."""
+    lines = []
+    for r in rows:
+        lines.append(f"moe T={r['tokens']}: {r['speedup']:.2f}x vs {r['baseline']}, "
+                     f"{r['vs_floor']:.3f}x floor, {r['gbps']:.1f} GB/s: " + ", ".join(_checks(r)))
+    return lines
+
+
 def print_table(rows, out=sys.stdout):
     print(f"{'T':>5} {'base':>10} {'base ms':>9} {'ours ms':>9} {'floor ms':>9} {'speedup':>8} "
           f"{'vs floor':>8} {'GB/s':>6} {'GFLOP/s':>8} {'bf16 x':>7}  targets", file=out)
     for r in rows:
         T = r["tokens"]
-        checks = []
-        if T == 1:
-            checks.append(f">=1.6x {_verdict(r['speedup'] >= 1.6)}")
-        if T == 32:
-            checks.append(f">=3x {_verdict(r['speedup'] >= 3.0)}")
-        if T in (1, 32):
-            checks.append(f"BW>=75% {_verdict(r['gbps'] >= 0.75 * READ_BW_GBS)}")
-            checks.append(f"bf16>=1.6x {_verdict(r['bf16_speedup_vs_fp32'] >= 1.6)}")
-        if T >= 512:
-            checks.append(f">=1.15x {_verdict(r['speedup'] >= 1.15)}")
-            checks.append(f"floor<=1.05 {_verdict(r['vs_floor'] <= 1.05)}")
-        if "overhead_frac" in r:
-            checks.append(f"overhead<=10% {_verdict(r['overhead_frac'] <= 0.10)}")
+        checks = _checks(r)
         bf = f"{r['bf16_speedup_vs_fp32']:.2f}" if "bf16_speedup_vs_fp32" in r else "-"
         print(f"{T:>5} {r['baseline']:>10} {r['dense_ms']:>9.3f} {r['ours_ms']:>9.3f} "
               f"{r['floor_ms']:>9.3f} {r['speedup']:>7.2f}x {r['vs_floor']:>8.3f} {r['gbps']:>6.1f} "
