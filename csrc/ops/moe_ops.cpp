@@ -183,7 +183,8 @@ at::Tensor gather_rows(const at::Tensor& xs_src, const at::Tensor& row_token, in
   const int64_t row_bytes = H * static_cast<int64_t>(xs_src.element_size());
   const char* src = static_cast<const char*>(xs_src.data_ptr());
   char* dst = static_cast<char*>(out.data_ptr());
-  at::parallel_for(0, count, std::max<int64_t>(1, 65536 / std::max<int64_t>(row_bytes, 1)),
+  // Serial below ~256 KB so decode-size calls keep a single parallel region (the experts).
+  at::parallel_for(0, count, std::max<int64_t>(1, 262144 / std::max<int64_t>(row_bytes, 1)),
                    [&](int64_t p0, int64_t p1) {
                      for (int64_t p = p0; p < p1; ++p)
                        std::memcpy(dst + p * row_bytes, src + r[p] * row_bytes, row_bytes);
