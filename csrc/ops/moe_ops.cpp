@@ -424,7 +424,7 @@ at::Tensor moe_combine_cpu(const at::Tensor& y, const at::Tensor& weights,
   const int64_t T = weights.size(0), k = weights.size(1), H = y.size(1);
   at::Tensor out = at::empty({T, H}, yc.options());
   AT_DISPATCH_FLOATING_TYPES(S, "moe_combine", [&] {
-    at::parallel_for(0, T, std::max<int64_t>(1, 8192 / std::max<int64_t>(H * k, 1)),
+    at::parallel_for(0, T, std::max<int64_t>(1, 65536 / std::max<int64_t>(H * k, 1)),
                      [&](int64_t t0, int64_t t1) {
                        moe_combine_tokens<scalar_t>(yc.data_ptr<scalar_t>(),
                                                     wc.data_ptr<scalar_t>(),
@@ -453,7 +453,7 @@ std::tuple<at::Tensor, at::Tensor> moe_combine_backward_cpu(const at::Tensor& gr
   at::Tensor grad_y = at::zeros({y.size(0), H}, yc.options());
   at::Tensor grad_w = at::empty({T, k}, yc.options());
   AT_DISPATCH_FLOATING_TYPES(S, "moe_combine_backward", [&] {
-    at::parallel_for(0, T, std::max<int64_t>(1, 8192 / std::max<int64_t>(H * k, 1)),
+    at::parallel_for(0, T, std::max<int64_t>(1, 65536 / std::max<int64_t>(H * k, 1)),
                      [&](int64_t t0, int64_t t1) {
                        moe_combine_backward_tokens<scalar_t>(
                            gc.data_ptr<scalar_t>(), yc.data_ptr<scalar_t>(),
