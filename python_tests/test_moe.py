@@ -488,3 +488,27 @@ def test_ukernel_registry_lists_every_isa():
     for isa in sparse_ext.supported_isas():
         if isa in ("scalar", "avx2"):
             assert isa in isas
+
+
+def test_bench_module_smoke(monkeypatch):
+    """bench/bench_moe.py runs end to end (tiny shapes) and yields the row keys bench/run.py uses."""
+    import sys
+    import types
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.syspath_prepend(root)
+    from bench import bench_moe
+
+    monkeypatch.setattr(bench_moe, "H", 32)
+    monkeypatch.setattr(bench_moe, "FF", 48)
+    monkeypatch.setattr(bench_moe, "QUICK_TOKENS", (1, 32, 512))
+    seen = []
+    rows = bench_moe.run(types.SimpleNamespace(quick=True, reps=3), seen.append)
+    assert len(rows) == 3 and len(seen) == 3
+    for r in rows:
+        for key in ("family", "shape", "pattern", "sparsity", "tokens", "dense_ms", "ours_ms",
+                    "speedup", "gflops", "baseline", "floor_ms", "gbps"):
+            assert key in r
+    assert "overhead_frac" in rows[2] and "bf16_speedup_vs_fp32" in rows[0]
+    assert len(bench_moe.targets_report(rows)) == 3
+    bench_moe.print_table(rows, out=sys.stdout)
