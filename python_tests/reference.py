@@ -27,3 +27,51 @@ def assert_close_to_reference(ours, reference, torch_same_dtype=None, floor=1e-5
         scale = reference.abs().max().item() if reference.numel() else 0.0
         bound = 1e-5 * max(1.0, scale) * 4 + floor
     assert err <= bound, f"max abs error {err:.3g} exceeds bound {bound:.3g}"
+
+
+# ---- MoE ---------------------------------------------------------------------------------------
+def _moe_act(name):
+    return {"silu": F.silu, "gelu": F.gelu, "relu": F.relu,
+            "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}[name]
+
+
+def moe_route_reference(logits, top_k, scoring="softmax", renormalize=True, selection_bias=None,
+                        num_groups=1, topk_groups=1):
+    """float64 scores + top-k with torch.topk on the (biased, group-masked) selection scores."""
+    lg = logits.double()
+    scores = torch.softmax(lg, -1) if scoring == "softmax" else torch.sigmoid(lg)
+    sel = scores if selection_bias is None else scores + selection_bias.double()
+    if num_groups > 1:
+        T, E = sel.shape
+        grouped = sel.view(T, num_groups, E // num_groups)
+        gscore = grouped.topk(min(2, E // num_groups), -1).values.sum(-1)
+        keep = torch.zeros_like(gscore).scatter(-1, gscore.topk(topk_groups, -1).indices, 1.0)
+        mask = keep.unsqueeze(-1).expand_as(grouped).reshape(T, E)
+        sel = sel.masked_fill(mask == 0, float("-inf"))
+    idx = torch.topk(sel, top_k, -1).indices
+    w = scores.gather(-1, idx)
+    if renormalize:
+        w = w / w.sum(-1, keepdim=True)
+    return w, idx
+
+
+def moe_experts_reference(x, topk_weights, topk_indices, w1, w2, activation="silu", gated=True,
+                          capacity=-1):
+    """float64 per-expert loop: out[t] = sum_j w[t, j] * mlp_{idx[t, j]}(x[t]); with a capacity,
+    each expert keeps its first `capacity` pairs in slot-major token order, the rest add zero."""
+    act = _moe_act(activation)
+    xd, wd = x.double(), topk_weights.double()
+    T, k = topk_indices.shape
+    out = torch.zeros(T, x.shape[1], dtype=torch.float64)
+    taken = {}
+    for j in range(k):
+        for t in range(T):
+            e = int(topk_indices[t, j])
+            taken[e] = taken.get(e, 0) + 1
+            if capacity >= 0 and taken[e] > capacity:
+                continue
+            h = w1[e].double() @ xd[t]
+            F_ = w2.shape[2]
+            h = act(h[:F_]) * h[F_:] if gated else act(h)
+            out[t] += wd[t, j] * (w2[e].double() @ h)
+    return out

@@ -21,3 +21,8 @@ if ! .venv/bin/python -c "import ninja, numpy, pytest, hypothesis, matplotlib, t
 fi
 MAX_JOBS=${MAX_JOBS:-$(nproc)} .venv/bin/python setup.py -q build_ext --inplace > .venv/build.log 2>&1 \
   || { tail -50 .venv/build.log; echo "build failed (full log: .venv/build.log)"; exit 1; }
+# MoE tests and bench use transformers as an oracle only (a test extra, not a runtime dependency);
+# transformers does not depend on torch, so this leaves the pinned torch alone.
+if ! .venv/bin/python -c "import transformers" 2>/dev/null; then
+  .venv/bin/pip install -q transformers
+fi

@@ -10,6 +10,7 @@ from .formats import CSRWeight
 from .isa import get_isa, set_isa, supported_isas, use_isa
 from .nn import SparseLinear
 from .nn import SparseConv, SparseConv2d, fold_batchnorm, fuse_activations  # sparse conv (issue 4)
+from .nn import MoELayer  # MoE
 from .prune import block_mask, magnitude_mask, parse_pattern, random_mask
 
 # --- sparsify (issue 6) -------------------------------------------------------------------------
@@ -43,3 +44,4 @@ from .prune import nm_mask  # noqa: E402
 
 __all__ += ["NMWeight", "nm_mask"]
 # ---- end N:M ----
+__all__ += ["MoELayer"]  # MoE

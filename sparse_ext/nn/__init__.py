@@ -4,3 +4,7 @@ from .conv import SparseConv, SparseConv2d, fold_batchnorm, fuse_activations  # 
 
 __all__ = ["SparseLinear"]
 __all__ += ["SparseConv", "SparseConv2d", "fold_batchnorm", "fuse_activations"]  # sparse conv
+from .moe import MoELayer  # MoE
+
+__all__ = ["SparseLinear"]
+__all__ += ["MoELayer"]  # MoE

@@ -1,0 +1,293 @@
+// AVX2 + FMA expert GEMV ukernels. Compiled for every x86-64 build with a file-level target pragma
+// and only called after the runtime check in isa.cpp.
+//
+// Register tile: MR weight rows x NR tokens of 8-wide accumulators. Each weight vector loaded from
+// memory (f32, or bf16 widened to f32 in registers) feeds NR FMAs; the token rows (a few KB) stay
+// in L1. Weight rows are streamed once per token group; with tokens <= NR that is exactly once
+// from memory, further groups re-read the MR rows from L1/L2.
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "../common/bf16.h"
+#include "moe.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define SPARSE_EXT_COMPILE_AVX2 1
+#endif
+
+#if SPARSE_EXT_COMPILE_AVX2
+#include <immintrin.h>
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+
+namespace sparse_ext {
+namespace {
+
+template <MoeWeightType WT>
+inline __m256 load8_weight(const void* w, int64_t i) {
+  if constexpr (WT == MoeWeightType::kF32) {
+    return _mm256_loadu_ps(static_cast<const float*>(w) + i);
+  } else {
+    const __m128i raw =
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(w) + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+  }
+}
+
+template <MoeWeightType WT>
+inline float load1_weight(const void* w, int64_t i) {
+  if constexpr (WT == MoeWeightType::kF32) {
+    return static_cast<const float*>(w)[i];
+  } else {
+    return bf16_to_float(static_cast<const uint16_t*>(w)[i]);
+  }
+}
+
+template <MoeWeightType WT>
+constexpr int64_t kWBytes = WT == MoeWeightType::kF32 ? 4 : 2;
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// y[n * ldy + m] = W[r + m, :] . x[n * ldx, :] for m < MR, n < NR.
+template <MoeWeightType WT, int MR, int NR>
+inline void tile(const void* w, int64_t K, int64_t r, const float* x, int64_t ldx, float* y,
+                 int64_t ldy, const char* pf, int pf_mod = 1, int pf_rem = 0) {
+  __m256 acc[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NR; ++n) acc[m][n] = _mm256_setzero_ps();
+  int64_t c = 0;
+  for (; c + 8 <= K; c += 8) {
+    if (pf != nullptr && (c & (64 / kWBytes<WT> - 1)) == 0)
+      for (int m = 0; m < MR; ++m)
+        if (m % pf_mod == pf_rem) _mm_prefetch(pf + ((m * K + c) * kWBytes<WT>), _MM_HINT_T0);
+    __m256 xv[NR];
+    for (int n = 0; n < NR; ++n) xv[n] = _mm256_loadu_ps(x + n * ldx + c);
+    for (int m = 0; m < MR; ++m) {
+      const __m256 wv = load8_weight<WT>(w, (r + m) * K + c);
+      for (int n = 0; n < NR; ++n) acc[m][n] = _mm256_fmadd_ps(wv, xv[n], acc[m][n]);
+    }
+  }
+  float tail[MR][NR] = {};
+  for (; c < K; ++c)
+    for (int m = 0; m < MR; ++m) {
+      const float wv = load1_weight<WT>(w, (r + m) * K + c);
+      for (int n = 0; n < NR; ++n) tail[m][n] += wv * x[n * ldx + c];
+    }
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NR; ++n) y[n * ldy + m] = hsum(acc[m][n]) + tail[m][n];
+}
+
+// One token (decode): two accumulator sets per row (K unrolled by 16) so 2*MR independent FMA
+// chains hide the FMA latency while the weight rows stream.
+template <MoeWeightType WT, int MR>
+inline void tile_1tok(const void* w, int64_t K, int64_t r, const float* x, float* y,
+                      const char* pf) {
+  __m256 acc0[MR], acc1[MR];
+  for (int m = 0; m < MR; ++m) acc0[m] = acc1[m] = _mm256_setzero_ps();
+  int64_t c = 0;
+  for (; c + 16 <= K; c += 16) {
+    const __m256 x0 = _mm256_loadu_ps(x + c), x1 = _mm256_loadu_ps(x + c + 8);
+    if (pf != nullptr && (WT == MoeWeightType::kF32 || (c & 16) == 0))
+      for (int m = 0; m < MR; ++m) _mm_prefetch(pf + ((m * K + c) * kWBytes<WT>), _MM_HINT_T0);
+    for (int m = 0; m < MR; ++m) {
+      acc0[m] = _mm256_fmadd_ps(load8_weight<WT>(w, (r + m) * K + c), x0, acc0[m]);
+      acc1[m] = _mm256_fmadd_ps(load8_weight<WT>(w, (r + m) * K + c + 8), x1, acc1[m]);
+    }
+  }
+  for (; c + 8 <= K; c += 8) {
+    const __m256 x0 = _mm256_loadu_ps(x + c);
+    for (int m = 0; m < MR; ++m)
+      acc0[m] = _mm256_fmadd_ps(load8_weight<WT>(w, (r + m) * K + c), x0, acc0[m]);
+  }
+  float tail[MR] = {};
+  for (; c < K; ++c)
+    for (int m = 0; m < MR; ++m) tail[m] += load1_weight<WT>(w, (r + m) * K + c) * x[c];
+  for (int m = 0; m < MR; ++m) y[m] = hsum(_mm256_add_ps(acc0[m], acc1[m])) + tail[m];
+}
+
+// Rows [r, r + MR) against all tokens. `pf` points at the next row block (prefetched while the
+// first token group streams this one) or is null at the end of the range.
+// One token, bf16 weights: a 256-bit load of 16 bf16 values widens to fp32 with two unpacks
+// against zero (no cross-lane shuffles); the unpacks leave the values in the order
+// [0..3, 8..11] and [4..7, 12..15], so x comes pre-permuted the same way (xp, see gemv_4x3).
+template <int MR>
+inline void tile_1tok_bf16_unpack(const uint16_t* w, int64_t K, int64_t r, const float* xp,
+                                  const float* x, float* y, const char* pf) {
+  __m256 acc0[MR], acc1[MR];
+  for (int m = 0; m < MR; ++m) acc0[m] = acc1[m] = _mm256_setzero_ps();
+  const __m256i zero = _mm256_setzero_si256();
+  const int64_t K16 = K / 16 * 16;
+  for (int64_t c = 0; c < K16; c += 16) {
+    const __m256 x0 = _mm256_loadu_ps(xp + c), x1 = _mm256_loadu_ps(xp + c + 8);
+    if (pf != nullptr && (c & 16) == 0)
+      for (int m = 0; m < MR; ++m) _mm_prefetch(pf + (m * K + c) * 2, _MM_HINT_T0);
+    for (int m = 0; m < MR; ++m) {
+      const __m256i v =
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (r + m) * K + c));
+      acc0[m] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v)), x0, acc0[m]);
+      acc1[m] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, v)), x1, acc1[m]);
+    }
+  }
+  float tail[MR] = {};
+  for (int64_t c = K16; c < K; ++c)
+    for (int m = 0; m < MR; ++m) tail[m] += bf16_to_float(w[(r + m) * K + c]) * x[c];
+  for (int m = 0; m < MR; ++m) y[m] = hsum(_mm256_add_ps(acc0[m], acc1[m])) + tail[m];
+}
+
+// Same with one accumulator per row, for taller row blocks (MR = 8: 8 independent chains).
+template <int MR>
+inline void tile_1tok_bf16_unpack1(const uint16_t* w, int64_t K, int64_t r, const float* xp,
+                                   const float* x, float* y, const char* pf) {
+  __m256 acc[MR];
+  for (int m = 0; m < MR; ++m) acc[m] = _mm256_setzero_ps();
+  const __m256i zero = _mm256_setzero_si256();
+  const int64_t K16 = K / 16 * 16;
+  for (int64_t c = 0; c < K16; c += 16) {
+    const __m256 x0 = _mm256_loadu_ps(xp + c), x1 = _mm256_loadu_ps(xp + c + 8);
+    if (pf != nullptr && (c & 16) == 0)
+      for (int m = 0; m < MR; ++m) _mm_prefetch(pf + (m * K + c) * 2, _MM_HINT_T0);
+    for (int m = 0; m < MR; ++m) {
+      const __m256i v =
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (r + m) * K + c));
+      acc[m] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v)), x0, acc[m]);
+      acc[m] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, v)), x1, acc[m]);
+    }
+  }
+  float tail[MR] = {};
+  for (int64_t c = K16; c < K; ++c)
+    for (int m = 0; m < MR; ++m) tail[m] += bf16_to_float(w[(r + m) * K + c]) * x[c];
+  for (int m = 0; m < MR; ++m) y[m] = hsum(acc[m]) + tail[m];
+}
+
+template <MoeWeightType WT, int MR>
+inline void rows_all_tokens(const void* w, int64_t K, int64_t r, const float* x, int64_t ldx,
+                            int64_t tokens, float* y, int64_t ldy, const char* pf) {
+  if (tokens == 1) {
+    tile_1tok<WT, MR>(w, K, r, x, y, pf);
+    return;
+  }
+  // bf16: the next block's rows are prefetched spread over the token passes (pass i takes rows
+  // m % passes == i), so memory keeps streaming while later passes compute from L1. fp32: the
+  // first pass prefetches the whole next block (measured faster for fp32 with 4 tokens).
+  const bool spread = WT == MoeWeightType::kBF16;
+  const int passes = spread ? static_cast<int>((tokens + 2) / 3) : 1;
+  int64_t n = 0;
+  int pass = 0;
+  for (; n + 3 <= tokens; n += 3, ++pass) {
+    const char* p = spread || pass == 0 ? pf : nullptr;
+    tile<WT, MR, 3>(w, K, r, x + n * ldx, ldx, y + n * ldy, ldy, p, passes, pass % passes);
+  }
+  const char* p = spread || pass == 0 ? pf : nullptr;
+  switch (tokens - n) {
+    case 2: tile<WT, MR, 2>(w, K, r, x + n * ldx, ldx, y + n * ldy, ldy, p, passes, pass % passes); break;
+    case 1: tile<WT, MR, 1>(w, K, r, x + n * ldx, ldx, y + n * ldy, ldy, p, passes, pass % passes); break;
+    default: break;
+  }
+}
+
+// Entry: rows [r0, r1) of W [rows, K] (f32 | bf16, row stride K) against x float [tokens, ldx];
+// writes y float [tokens, ldy] at columns r - r0.
+template <MoeWeightType WT>
+void gemv_4x3(const void* w, int64_t K, int64_t r0, int64_t r1, const float* x, int64_t ldx,
+              int64_t tokens, float* y, int64_t ldy) {
+  const char* base = static_cast<const char*>(w);
+  int64_t r = r0;
+  if constexpr (WT == MoeWeightType::kBF16) {
+    if (tokens == 1 && K >= 16) {
+      // xp: x permuted per 16-block to the unpack order [0..3, 8..11, 4..7, 12..15].
+      std::vector<float> xp(static_cast<size_t>(K / 16 * 16));
+      for (int64_t c = 0; c + 16 <= K; c += 16)
+        for (int q = 0; q < 4; ++q) {
+          xp[c + q] = x[c + q];
+          xp[c + 4 + q] = x[c + 8 + q];
+          xp[c + 8 + q] = x[c + 4 + q];
+          xp[c + 12 + q] = x[c + 12 + q];
+        }
+      const uint16_t* wb = static_cast<const uint16_t*>(w);
+      for (; r + 8 <= r1; r += 8) {
+        const char* pf = r + 16 <= r1 ? base + (r + 8) * K * 2 : nullptr;
+        tile_1tok_bf16_unpack1<8>(wb, K, r, xp.data(), x, y + (r - r0), pf);
+      }
+      for (; r + 4 <= r1; r += 4) {
+        const char* pf = r + 8 <= r1 ? base + (r + 4) * K * 2 : nullptr;
+        tile_1tok_bf16_unpack<4>(wb, K, r, xp.data(), x, y + (r - r0), pf);
+      }
+      for (; r < r1; ++r) tile_1tok_bf16_unpack<1>(wb, K, r, xp.data(), x, y + (r - r0), nullptr);
+      return;
+    }
+  }
+  for (; r + 4 <= r1; r += 4) {
+    // Software prefetch of the next row block: measured to help bf16 and multi-token tiles; a
+    // single fp32 token streams as fast on the hardware prefetchers alone.
+    const bool prefetch = r + 8 <= r1 && (WT == MoeWeightType::kBF16 || tokens > 1);
+    const char* pf = prefetch ? base + (r + 4) * K * kWBytes<WT> : nullptr;
+    rows_all_tokens<WT, 4>(w, K, r, x, ldx, tokens, y + (r - r0), ldy, pf);
+  }
+  for (; r < r1; ++r) rows_all_tokens<WT, 1>(w, K, r, x, ldx, tokens, y + (r - r0), ldy, nullptr);
+}
+
+// exp(x) for 8 lanes: Cephes range reduction x = n ln2 + r, degree-5 polynomial in r (~1 ulp),
+// 2^n through the exponent bits; inputs clamped to +-88.376 (no inf/NaN from the polynomial).
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.3762626647949f)),
+                    _mm256_set1_ps(88.3762626647949f));
+  const __m256 fx = _mm256_floor_ps(
+      _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+  const __m256i pow2 = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(pow2));
+}
+
+// h[i] = silu(g[i]) * u[i] (or silu(g[i]) when u == null).  g, u, h float [n].
+void swiglu_avx2(const float* g, const float* u, int64_t n, float* h) {
+  const __m256 one = _mm256_set1_ps(1.f);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 gv = _mm256_loadu_ps(g + i);
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+    __m256 s = _mm256_div_ps(gv, _mm256_add_ps(one, e));
+    if (u != nullptr) s = _mm256_mul_ps(s, _mm256_loadu_ps(u + i));
+    _mm256_storeu_ps(h + i, s);
+  }
+  if (i < n) moe_activate<float>(MoeActivation::kSilu, g + i, u != nullptr ? u + i : nullptr,
+                                 n - i, h + i);
+}
+
+const MoeUkernels kF32 = {"se_f32_moe_gemv_ukernel_4x3__avx2_fma",
+                          gemv_4x3<MoeWeightType::kF32>, 4, 3,
+                          "se_f32_moe_swiglu_ukernel__avx2_fma", swiglu_avx2};
+const MoeUkernels kBF16 = {"se_bf16_moe_gemv_ukernel_4x3__avx2_fma",
+                           gemv_4x3<MoeWeightType::kBF16>, 4, 3,
+                           "se_f32_moe_swiglu_ukernel__avx2_fma", swiglu_avx2};
+
+}  // namespace
+
+const MoeUkernels* moe_ukernels_avx2(MoeWeightType wt) {
+  return wt == MoeWeightType::kF32 ? &kF32 : &kBF16;
+}
+
+}  // namespace sparse_ext
+
+#pragma GCC pop_options
+#else
+
+namespace sparse_ext {
+const MoeUkernels* moe_ukernels_avx2(MoeWeightType) { return nullptr; }
+}  // namespace sparse_ext
+
+#endif

@@ -1,0 +1,143 @@
+// Mixture-of-experts dispatch: routing (scores + top-k), permute (counting sort of (token, slot)
+// pairs into per-expert segments), expert GEMV ukernels for decode-size segments, the fused
+// activation and the deterministic weighted combine. Torch-free: raw pointers and sizes in.
+//
+// Notation used by every entry point below:
+//   T  tokens, E  experts, k  experts per token (top_k), H  hidden size, F  expert ffn size,
+//   P = T * k  (token, slot) pairs; pair (t, j) has flat id t * k + j.
+// Segments: after the permute, rows [offsets[e], offsets[e + 1]) of the expert-major row buffer
+// belong to expert e; row p holds token row_token[p]. Rows at or past offsets[E] are dropped pairs
+// (capacity mode) and contribute zero.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "../common/isa.h"
+
+namespace sparse_ext {
+
+// ---- Routing -----------------------------------------------------------------------------------
+enum class MoeScoring : int { kSoftmax = 0, kSigmoid = 1 };
+
+struct MoeRouteParams {
+  int64_t experts;       // E
+  int64_t top_k;         // k, 1 <= k <= E
+  MoeScoring scoring;
+  bool renormalize;      // divide the k selected scores by their sum
+  int64_t num_groups;    // 1 = plain top-k; G > 1: grouped top-k (E % G == 0)
+  int64_t topk_groups;   // groups kept when num_groups > 1
+};
+
+// Returns an empty string when the parameters are consistent, else a message naming the problem.
+std::string moe_route_validate(const MoeRouteParams& p);
+
+// Tokens [t0, t1):
+//   logits          S [T, E]      router logits, row-major.
+//   selection_bias  S [E] or null added to the scores for selection only (DeepSeek-V3 style).
+//   weights         S [T, k]      the selected scores (softmax probability or sigmoid), in
+//                                 descending selection order, renormalized when asked.
+//   indices         int64 [T, k]  expert ids; ties broken by the lower expert index, as
+//                                 torch.topk(sorted=True) does.
+// Grouped top-k: the group score is the sum of the two largest selection scores in the group (the
+// largest when a group has one expert); the topk_groups best groups are kept and the top-k runs
+// over their experts only.
+template <typename S>
+void moe_route_tokens(const S* logits, const S* selection_bias, const MoeRouteParams& p,
+                      int64_t t0, int64_t t1, S* weights, int64_t* indices);
+
+// ---- Permute -----------------------------------------------------------------------------------
+// Stable counting sort of the P = T * k pairs by expert.
+//   indices    int64 [T * k]  expert of each pair (flat id t * k + j).
+//   capacity   < 0: dropless. >= 0: each expert keeps at most `capacity` pairs, chosen in
+//              slot-major priority (all slot-0 pairs in token order, then slot 1, ...: GShard /
+//              Switch semantics); the other pairs are dropped.
+//   row_token  int64 [T * k]  token of each row; kept rows are expert-major and, within an expert,
+//              in increasing flat pair id; dropped rows follow at [offsets[E], P) in flat id order.
+//   offsets    int64 [E + 1]  segment bounds; offsets[E] = number of kept pairs.
+//   inverse    int64 [T * k]  row of each pair: row_token[inverse[i]] == i / k.
+// Returns an empty string, or a message naming the first expert index out of [0, E).
+std::string moe_permute(const int64_t* indices, int64_t T, int64_t k, int64_t E, int64_t capacity,
+                        int64_t* row_token, int64_t* offsets, int64_t* inverse);
+
+// ---- Combine -----------------------------------------------------------------------------------
+// Tokens [t0, t1): out[t, :] = sum_{j < k} weights[t, j] * y[inverse[t * k + j], :], summed in j
+// order (deterministic, no atomics).
+//   y  S [P, H]   weights S [T, k]   inverse int64 [T * k]   out S [T, H]
+template <typename S>
+void moe_combine_tokens(const S* y, const S* weights, const int64_t* inverse, int64_t k, int64_t H,
+                        int64_t t0, int64_t t1, S* out);
+
+// Backward of the combine for tokens [t0, t1):
+//   grad_y[inverse[t*k + j], :] = weights[t, j] * grad_out[t, :]
+//   grad_w[t, j] = <grad_out[t, :], y[inverse[t*k + j], :]>
+//   grad_out S [T, H], y S [P, H], grad_y S [P, H], grad_w S [T, k].
+template <typename S>
+void moe_combine_backward_tokens(const S* grad_out, const S* y, const S* weights,
+                                 const int64_t* inverse, int64_t k, int64_t H, int64_t t0,
+                                 int64_t t1, S* grad_y, S* grad_w);
+
+// Deterministic scatter-add of rows by token (the gather's backward) for tokens [t0, t1):
+//   out[t, :] = sum over rows p of token t, in increasing p, of src[p, :]
+//   src S [P, H]; token_offsets int64 [T + 1] and token_rows int64 [P] list each token's rows
+//   (build them with moe_rows_by_token); out S [T, H].
+template <typename S>
+void moe_scatter_rows_tokens(const S* src, const int64_t* token_offsets, const int64_t* token_rows,
+                             int64_t H, int64_t t0, int64_t t1, S* out);
+
+// CSR of rows by token: token_offsets int64 [T + 1], token_rows int64 [P], rows of each token in
+// increasing order. Returns an empty string, or a message naming a row_token out of [0, T).
+std::string moe_rows_by_token(const int64_t* row_token, int64_t P, int64_t T,
+                              int64_t* token_offsets, int64_t* token_rows);
+
+// ---- Activation --------------------------------------------------------------------------------
+enum class MoeActivation : int { kSilu = 0, kGelu = 1, kGeluTanh = 2, kRelu = 3 };
+// Parses "silu" | "gelu" | "gelu_tanh" | "relu"; false for any other name.
+bool moe_activation_from_name(const char* name, MoeActivation* out);
+
+// h[i] = act(g[i]) * u[i] (gated, u != null) or act(g[i]) (u == null), i < n. h may alias g.
+template <typename S>
+void moe_activate(MoeActivation act, const S* g, const S* u, int64_t n, S* h);
+// Derivatives for the backward: given g (and u), dh -> dg (and du).
+//   gated: dg = dh * u * act'(g), du = dh * act(g);  plain: dg = dh * act'(g).
+template <typename S>
+void moe_activate_backward(MoeActivation act, const S* g, const S* u, const S* dh, int64_t n,
+                           S* dg, S* du);
+
+// ---- Expert GEMV ukernels (decode-size segments) ------------------------------------------------
+enum class MoeWeightType : int { kF32 = 0, kBF16 = 1 };
+
+// Rows [r0, r1) of a row-major weight W [rows, K] against a few tokens:
+//   y[n * ldy + (r - r0)] = sum_{c < K} W[r, c] * x[n * ldx + c]   for n < tokens
+//   w  f32 | bf16 [rows, K] (row stride K)   x  float [tokens, ldx]   y  float [tokens, ldy]
+// Each weight row is read from memory once per call, whatever `tokens` is.
+using MoeGemvUkernel = void (*)(const void* w, int64_t K, int64_t r0, int64_t r1, const float* x,
+                                int64_t ldx, int64_t tokens, float* y, int64_t ldy);
+
+// Fused SiLU(-GLU): h[i] = silu(g[i]) * u[i] (u != null) or silu(g[i]), i < n; h may alias g.
+//   g, u, h  float [n]
+using MoeSiluUkernel = void (*)(const float* g, const float* u, int64_t n, float* h);
+
+struct MoeUkernels {
+  const char* gemv_name;  // XNNPACK style: se_<dtype>_moe_gemv_ukernel_<MR>x<NR>__<isa>
+  MoeGemvUkernel gemv;
+  int64_t mr;  // weight rows per register tile
+  int64_t nr;  // tokens per register tile
+  const char* silu_name;  // se_f32_moe_swiglu_ukernel__<isa>
+  MoeSiluUkernel silu;
+};
+
+// The ukernels for an ISA and weight type, or nullptr when the ISA is not compiled in.
+const MoeUkernels* moe_ukernels(Isa isa, MoeWeightType wt);
+const MoeUkernels* moe_ukernels_scalar(MoeWeightType wt);
+const MoeUkernels* moe_ukernels_avx2(MoeWeightType wt);
+
+struct MoeRegistryEntry {
+  Isa isa;
+  MoeWeightType weight_type;
+  const MoeUkernels* kernels;
+};
+int moe_registry_size();
+const MoeRegistryEntry& moe_registry_entry(int i);
+
+}  // namespace sparse_ext

@@ -1,0 +1,201 @@
+// MoE kernels: every registry GEMV entry against a double reference, routing against a brute-force
+// top-k, permute / combine / scatter invariants, and rejection of bad inputs.
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "kernels/common/bf16.h"
+#include "kernels/moe/moe.h"
+#include "test_util.h"
+
+using namespace sparse_ext;
+using sparse_ext_test::Rng;
+
+namespace {
+
+void check_gemv(const MoeRegistryEntry& e, int64_t rows, int64_t K, int64_t tokens, Rng& rng) {
+  std::vector<float> wf(static_cast<size_t>(rows * K));
+  std::vector<uint16_t> wb(wf.size());
+  for (size_t i = 0; i < wf.size(); ++i) {
+    wb[i] = float_to_bf16(rng.uniform());
+    wf[i] = bf16_to_float(wb[i]);  // same numbers in both types
+  }
+  const int64_t ldx = K + 3, ldy = rows + 5;
+  std::vector<float> x(static_cast<size_t>(std::max<int64_t>(tokens, 1) * ldx));
+  for (auto& v : x) v = rng.uniform();
+  std::vector<float> ref(static_cast<size_t>(tokens * ldy), 0.f);
+  for (int64_t n = 0; n < tokens; ++n)
+    for (int64_t r = 0; r < rows; ++r) {
+      double acc = 0;
+      for (int64_t c = 0; c < K; ++c) acc += static_cast<double>(wf[r * K + c]) * x[n * ldx + c];
+      ref[n * ldy + r] = static_cast<float>(acc);
+    }
+  const void* w = e.weight_type == MoeWeightType::kF32 ? static_cast<const void*>(wf.data())
+                                                       : static_cast<const void*>(wb.data());
+  std::vector<float> y(ref.size(), -7.f);
+  // Two row ranges, as two work items would run them.
+  const int64_t mid = rows / 2;
+  e.kernels->gemv(w, K, 0, mid, x.data(), ldx, tokens, y.data(), ldy);
+  e.kernels->gemv(w, K, mid, rows, x.data(), ldx, tokens, y.data() + mid, ldy);
+  double err = 0;
+  for (int64_t n = 0; n < tokens; ++n)
+    for (int64_t r = 0; r < rows; ++r)
+      err = std::max(err, std::fabs(static_cast<double>(y[n * ldy + r]) - ref[n * ldy + r]) /
+                              (1.0 + std::fabs(ref[n * ldy + r])));
+  SE_EXPECT(err < 1e-5 * std::sqrt(static_cast<double>(K) + 1), "%s rows=%ld K=%ld tokens=%ld: error %g",
+            e.kernels->gemv_name, (long)rows, (long)K, (long)tokens, err);
+}
+
+void check_silu(const MoeRegistryEntry& e, Rng& rng) {
+  for (int64_t n : {1, 7, 8, 37, 300}) {
+    std::vector<float> g(static_cast<size_t>(n)), u(g.size()), h(g.size()), h1(g.size());
+    for (auto& v : g) v = rng.uniform() * 30.f;
+    for (auto& v : u) v = rng.uniform();
+    g[0] = -100.f;  // far past the exp clamp
+    e.kernels->silu(g.data(), u.data(), n, h.data());
+    e.kernels->silu(g.data(), nullptr, n, h1.data());
+    for (int64_t i = 0; i < n; ++i) {
+      const double gd = g[i], ref = gd / (1.0 + std::exp(-gd));
+      SE_EXPECT(std::fabs(h1[i] - ref) <= 4e-7 * (1.0 + std::fabs(ref)), "%s silu(%g) = %g, want %g",
+                e.kernels->silu_name, gd, h1[i], ref);
+      SE_EXPECT(std::fabs(h[i] - ref * u[i]) <= 4e-7 * (1.0 + std::fabs(ref)), "%s swiglu",
+                e.kernels->silu_name);
+    }
+  }
+}
+
+void check_route(Rng& rng) {
+  for (int64_t E : {1, 4, 8, 13}) {
+    for (int64_t k = 1; k <= E; k += (E > 4 ? 3 : 1)) {
+      const int64_t T = 9;
+      std::vector<float> logits(static_cast<size_t>(T * E));
+      for (auto& v : logits) v = std::round(rng.uniform() * 3.f);  // plenty of ties
+      MoeRouteParams p{E, k, MoeScoring::kSoftmax, true, 1, 1};
+      SE_EXPECT(moe_route_validate(p).empty(), "valid params rejected");
+      std::vector<float> w(static_cast<size_t>(T * k));
+      std::vector<int64_t> idx(static_cast<size_t>(T * k));
+      moe_route_tokens<float>(logits.data(), nullptr, p, 0, T, w.data(), idx.data());
+      for (int64_t t = 0; t < T; ++t) {
+        std::vector<int64_t> order(static_cast<size_t>(E));
+        std::iota(order.begin(), order.end(), 0);
+        std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+          return logits[t * E + a] > logits[t * E + b];
+        });
+        double sum = 0;
+        for (int64_t j = 0; j < k; ++j) {
+          SE_EXPECT(idx[t * k + j] == order[j], "E=%ld k=%ld t=%ld slot %ld: got %ld want %ld",
+                    (long)E, (long)k, (long)t, (long)j, (long)idx[t * k + j], (long)order[j]);
+          sum += w[t * k + j];
+        }
+        SE_EXPECT(std::fabs(sum - 1.0) < 1e-5, "renormalized weights sum to %g", sum);
+      }
+    }
+  }
+  MoeRouteParams bad{4, 5, MoeScoring::kSoftmax, true, 1, 1};
+  SE_EXPECT(!moe_route_validate(bad).empty(), "top_k > E accepted");
+  bad = {6, 2, MoeScoring::kSigmoid, true, 4, 1};
+  SE_EXPECT(!moe_route_validate(bad).empty(), "E % groups != 0 accepted");
+}
+
+void check_permute_combine(Rng& rng) {
+  const int64_t T = 23, k = 2, E = 5, H = 7;
+  std::vector<int64_t> idx(static_cast<size_t>(T * k));
+  for (int64_t t = 0; t < T; ++t) {
+    idx[t * k] = static_cast<int64_t>(rng.next() % E);
+    idx[t * k + 1] = (idx[t * k] + 1 + static_cast<int64_t>(rng.next() % (E - 1))) % E;
+  }
+  for (int64_t capacity : {-1, 0, 3, 100}) {
+    std::vector<int64_t> row_token(static_cast<size_t>(T * k)), offsets(E + 1),
+        inverse(static_cast<size_t>(T * k));
+    const std::string err = moe_permute(idx.data(), T, k, E, capacity, row_token.data(),
+                                        offsets.data(), inverse.data());
+    SE_EXPECT(err.empty(), "permute failed: %s", err.c_str());
+    SE_EXPECT(offsets[0] == 0, "offsets[0]");
+    for (int64_t e = 0; e < E; ++e) {
+      SE_EXPECT(offsets[e + 1] >= offsets[e], "offsets decrease");
+      if (capacity >= 0) SE_EXPECT(offsets[e + 1] - offsets[e] <= capacity, "capacity exceeded");
+      for (int64_t p = offsets[e]; p + 1 < offsets[e + 1]; ++p)
+        SE_EXPECT(row_token[p] <= row_token[p + 1], "segment not in token order (stability)");
+    }
+    for (int64_t i = 0; i < T * k; ++i) {
+      SE_EXPECT(row_token[inverse[i]] == i / k, "inverse broken at %ld", (long)i);
+      if (inverse[i] < offsets[E])
+        SE_EXPECT(inverse[i] >= offsets[idx[i]] && inverse[i] < offsets[idx[i] + 1],
+                  "pair %ld in the wrong segment", (long)i);
+    }
+    if (capacity < 0) SE_EXPECT(offsets[E] == T * k, "dropless lost pairs");
+    // Combine against a direct sum, then its backward and the scatter.
+    std::vector<double> y(static_cast<size_t>(T * k * H)), w(static_cast<size_t>(T * k)),
+        out(static_cast<size_t>(T * H));
+    for (auto& v : y) v = rng.uniform();
+    for (auto& v : w) v = rng.uniform();
+    moe_combine_tokens<double>(y.data(), w.data(), inverse.data(), k, H, 0, T, out.data());
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t h = 0; h < H; ++h) {
+        double ref = 0;
+        for (int64_t j = 0; j < k; ++j) ref += w[t * k + j] * y[inverse[t * k + j] * H + h];
+        SE_EXPECT(std::fabs(ref - out[t * H + h]) < 1e-12, "combine mismatch");
+      }
+    std::vector<int64_t> tok_off(T + 1), tok_rows(static_cast<size_t>(offsets[E]));
+    SE_EXPECT(moe_rows_by_token(row_token.data(), offsets[E], T, tok_off.data(), tok_rows.data())
+                  .empty(), "rows_by_token failed");
+    std::vector<double> sc(static_cast<size_t>(T * H));
+    moe_scatter_rows_tokens<double>(y.data(), tok_off.data(), tok_rows.data(), H, 0, T, sc.data());
+    for (int64_t t = 0; t < T; ++t) {
+      double ref = 0, got = sc[t * H];
+      for (int64_t p = 0; p < offsets[E]; ++p)
+        if (row_token[p] == t) ref += y[p * H];
+      SE_EXPECT(std::fabs(ref - got) < 1e-12, "scatter mismatch");
+    }
+  }
+  idx[3] = E;
+  std::vector<int64_t> a(static_cast<size_t>(T * k)), b(E + 1), c(static_cast<size_t>(T * k));
+  SE_EXPECT(moe_permute(idx.data(), T, k, E, -1, a.data(), b.data(), c.data()).find("out of range") !=
+                std::string::npos, "expert index out of range accepted");
+  std::vector<int64_t> bad_rows = {0, 5};
+  std::vector<int64_t> to(3), tr(2);
+  SE_EXPECT(!moe_rows_by_token(bad_rows.data(), 2, 2, to.data(), tr.data()).empty(),
+            "row_token out of range accepted");
+}
+
+void check_activation() {
+  const double xs[] = {-3.0, -0.5, 0.0, 0.7, 2.5};
+  for (const char* name : {"silu", "gelu", "gelu_tanh", "relu"}) {
+    MoeActivation act;
+    SE_EXPECT(moe_activation_from_name(name, &act), "activation %s not parsed", name);
+    for (double x : xs) {
+      // Derivative against a central difference (relu away from 0).
+      const double eps = 1e-6, u = 1.3, dh = 1.0;
+      double gp, gm, g = x, dg, du;
+      const double xp = x + eps, xm = x - eps;
+      moe_activate<double>(act, &xp, &u, 1, &gp);
+      moe_activate<double>(act, &xm, &u, 1, &gm);
+      moe_activate_backward<double>(act, &g, &u, &dh, 1, &dg, &du);
+      if (act == MoeActivation::kRelu && x == 0.0) continue;
+      SE_EXPECT(std::fabs((gp - gm) / (2 * eps) - dg) < 1e-5, "%s'(%g) wrong", name, x);
+    }
+  }
+  MoeActivation act;
+  SE_EXPECT(!moe_activation_from_name("tanh", &act), "unknown activation accepted");
+}
+
+}  // namespace
+
+int main() {
+  Rng rng(7);
+  for (int i = 0; i < moe_registry_size(); ++i) {
+    const MoeRegistryEntry& e = moe_registry_entry(i);
+    if (!isa_supported(e.isa)) continue;
+    const int64_t shapes[][3] = {{1, 1, 1},  {7, 33, 1},  {8, 64, 2},  {9, 100, 3},
+                                 {13, 17, 5}, {32, 256, 8}, {5, 1024, 7}, {6, 40, 0},
+                                 {40, 48, 1}, {37, 1040, 1}, {64, 20, 1}, {33, 64, 4}};
+    for (const auto& s : shapes) check_gemv(e, s[0], s[1], s[2], rng);
+    check_silu(e, rng);
+  }
+  check_route(rng);
+  check_permute_combine(rng);
+  check_activation();
+  return sparse_ext_test::finish("test_moe");
+}
