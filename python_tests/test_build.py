@@ -90,3 +90,17 @@ def test_registry_lists_every_compiled_variant():
     assert "f32-spmm-8x1-scalar" in names
     if "avx2" in se.supported_isas():
         assert "f32-spmm-32x1-avx2" in names
+
+
+def test_ops_reference_lists_every_schema():
+    import re
+
+    with open(os.path.join(ROOT, "csrc", "registration.cpp")) as f:
+        source = f.read()
+    names = set(re.findall(r'm\.def\(\s*"(\w+)\(', source))
+    with open(os.path.join(ROOT, "docs", "ops.md")) as f:
+        reference = f.read()
+    assert names, "no schema found in registration.cpp"
+    missing = sorted(n for n in names if f"\n{n}(" not in reference)
+    assert not missing, f"docs/ops.md lacks the schemas of {missing}"
+    assert all(hasattr(torch.ops.sparse_ext, n) for n in names)
