@@ -58,43 +58,12 @@ def format_table(rows):
 
 def _plot(rows, path_prefix, machine):
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from bench.plot import plot
     except ImportError:
         print("matplotlib not installed: skipping plots")
         return []
-    written = []
-    families = [f for f in dict.fromkeys(r["family"] for r in rows)]
-    fig, axes = plt.subplots(1, len(families), figsize=(5.5 * len(families), 4.2), squeeze=False)
-    for ax, family in zip(axes[0], families):
-        fam = [r for r in rows if r["family"] == family and r.get("sparsity") is not None]
-        series = {}
-        for r in fam:
-            key = (r.get("shape"), r.get("tokens"), r.get("pattern") if r.get("pattern", "").count(":") == 0 else "N:M",
-                   r.get("dtype", "float32"))
-            series.setdefault(key, []).append(r)
-        for (shape, tokens, kind, dtype), pts in sorted(series.items(), key=lambda kv: str(kv[0])):
-            pts = sorted(pts, key=lambda r: r["sparsity"])
-            label = f"{shape} N={tokens} {kind}" + ("" if dtype in (None, "float32") else f" {dtype}")
-            style = "o--" if kind == "N:M" else "o-"
-            ax.plot([100 * p["sparsity"] for p in pts], [p["speedup"] for p in pts], style,
-                    label=label, markersize=4)
-        ax.axhline(1.0, color="gray", lw=0.8)
-        ax.set_xlabel("sparsity (%)")
-        ax.set_ylabel("speedup over dense PyTorch (x)")
-        ax.set_title(family)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
-    fig.suptitle(f"{machine['cpu']}, {machine['threads']} threads, {machine['isa']}, torch {machine['torch']}",
-                 fontsize=9)
-    fig.tight_layout()
-    path = f"{path_prefix}.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
-    return written
+    path = plot(rows, f"{path_prefix}.png", machine)
+    return [path] if path else []
 
 
 def parse_args(argv=None):
