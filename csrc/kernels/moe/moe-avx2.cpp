@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "../common/bf16.h"
+#include "../spmm/spmm.h"  // ValueType, for common/avx2-values.h (included under the pragma)
 #include "moe.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -20,6 +21,8 @@
 #include <immintrin.h>
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
+
+#include "../common/avx2-values.h"
 
 namespace sparse_ext {
 namespace {
@@ -47,12 +50,6 @@ inline float load1_weight(const void* w, int64_t i) {
 template <MoeWeightType WT>
 constexpr int64_t kWBytes = WT == MoeWeightType::kF32 ? 4 : 2;
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 // y[n * ldy + m] = W[r + m, :] . x[n * ldx, :] for m < MR, n < NR.
 template <MoeWeightType WT, int MR, int NR>

@@ -19,45 +19,11 @@
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 
+#include "../common/avx2-values.h"
+
 namespace sparse_ext {
 namespace {
 
-template <ValueType VT>
-inline __m256 load8_values(const void* values, int64_t i) {
-  if constexpr (VT == ValueType::kF32) {
-    return _mm256_loadu_ps(static_cast<const float*>(values) + i);
-  } else {
-    const __m128i raw =
-        _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(values) + i));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-  }
-}
-
-template <ValueType VT>
-inline float load1_value(const void* values, int64_t i) {
-  if constexpr (VT == ValueType::kF32) {
-    return static_cast<const float*>(values)[i];
-  } else {
-    return bf16_to_float(static_cast<const uint16_t*>(values)[i]);
-  }
-}
-
-template <ValueType VT>
-inline __m256 broadcast_value(const void* values, int64_t i) {
-  if constexpr (VT == ValueType::kF32) {
-    return _mm256_broadcast_ss(static_cast<const float*>(values) + i);
-  } else {
-    const int32_t bits = static_cast<int32_t>(static_cast<const uint16_t*>(values)[i]) << 16;
-    return _mm256_castsi256_ps(_mm256_set1_epi32(bits));
-  }
-}
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 // The B bytes holding 8 consecutive B-bit indices (B = 2, 3, 4), as one little-endian word.
 template <int B>
