@@ -10,6 +10,7 @@
 #include "../kernels/conv/conv.h"
 #include "../kernels/spmm/spmm.h"
 #include "common.h"
+#include "spmm_weight.h"
 
 namespace sparse_ext {
 namespace {
@@ -68,41 +69,14 @@ bool is_pointwise(const ConvShape& s) {
          s.pad_h == 0 && s.pad_w == 0;
 }
 
-// Structure checks (same rules as the SpMM family) for W [out_channels, in_cols].
+// Structure checks (the SpMM family's) for W [out_channels, in_cols]. The conv kernels read f32
+// values (the op converts bf16), so only float64 keeps its own value type.
 SpmmWeight make_weight(const at::Tensor& offsets, const at::Tensor& indices,
                        const at::Tensor* values, int64_t out_channels, int64_t in_cols,
                        int64_t block_rows) {
-  TORCH_CHECK(block_rows == 1 || block_rows == 2 || block_rows == 4 || block_rows == 8,
-              "block_rows must be 1, 2, 4 or 8, got ", block_rows);
-  TORCH_CHECK(out_channels >= 0, "out_channels must be non-negative, got ", out_channels);
-  TORCH_CHECK(out_channels % block_rows == 0, "out_channels (", out_channels,
-              ") must be a multiple of block_rows (", block_rows, ")");
-  check_cpu(offsets, "offsets");
-  check_cpu(indices, "indices");
-  check_dtype(offsets, "offsets", {at::kInt});
-  check_dtype(indices, "indices", {at::kByte});
-  TORCH_CHECK(indices.dim() == 1, "indices must be 1-D, got shape ", indices.sizes());
-  const int64_t k_blocks = (in_cols + kSpmmKBlock - 1) / kSpmmKBlock;
-  check_1d(offsets, "offsets", out_channels / block_rows * k_blocks + 1);
-  TORCH_CHECK(offsets.is_contiguous() && indices.is_contiguous(),
-              "offsets and indices must be contiguous");
-  SpmmWeight w{};
-  w.rows = out_channels;
-  w.cols = in_cols;
-  w.block_rows = block_rows;
-  w.nnz = indices.size(0);
-  w.offsets = offsets.data_ptr<int32_t>();
-  w.indices = indices.data_ptr<uint8_t>();
-  w.value_type = ValueType::kF32;
-  if (values != nullptr) {
-    check_cpu(*values, "values");
-    check_dtype(*values, "values", {at::kFloat, at::kBFloat16, at::kDouble});
-    check_1d(*values, "values", w.nnz * block_rows);
-    TORCH_CHECK(values->is_contiguous(), "values must be contiguous");
-    w.value_type = values->scalar_type() == at::kDouble ? ValueType::kF64 : ValueType::kF32;
-  }
-  const std::string error = spmm_validate(w);
-  TORCH_CHECK(error.empty(), "malformed sparse weight: ", error);
+  SpmmWeight w = checked_spmm_weight(offsets, indices, values, out_channels, in_cols, block_rows,
+                                     "out_channels");
+  if (w.value_type != ValueType::kF64) w.value_type = ValueType::kF32;
   return w;
 }
 

@@ -4,19 +4,19 @@
 
 #include "../kernels/spmm/spmm.h"
 #include "common.h"
+#include "spmm_weight.h"
 
 namespace sparse_ext {
-namespace {
 
-// Checks the structure tensors and wraps them for the kernels; `values` may be undefined when only
-// the structure is needed.
-SpmmWeight make_weight(const at::Tensor& offsets, const at::Tensor& indices,
-                       const at::Tensor* values, int64_t out_features, int64_t in_features,
-                       int64_t block_rows) {
+// Checks the structure tensors and wraps them for the kernels; `values` may be null when only the
+// structure is needed. `rows_name` names W's rows in messages (out_features, out_channels).
+SpmmWeight checked_spmm_weight(const at::Tensor& offsets, const at::Tensor& indices,
+                               const at::Tensor* values, int64_t out_features,
+                               int64_t in_features, int64_t block_rows, const char* rows_name) {
   TORCH_CHECK(block_rows == 1 || block_rows == 2 || block_rows == 4 || block_rows == 8,
               "block_rows must be 1, 2, 4 or 8, got ", block_rows);
-  TORCH_CHECK(out_features >= 0, "out_features must be non-negative, got ", out_features);
-  TORCH_CHECK(out_features % block_rows == 0, "out_features (", out_features,
+  TORCH_CHECK(out_features >= 0, rows_name, " must be non-negative, got ", out_features);
+  TORCH_CHECK(out_features % block_rows == 0, rows_name, " (", out_features,
               ") must be a multiple of block_rows (", block_rows, ")");
   check_cpu(offsets, "offsets");
   check_cpu(indices, "indices");
@@ -47,6 +47,15 @@ SpmmWeight make_weight(const at::Tensor& offsets, const at::Tensor& indices,
   const std::string error = spmm_validate(w);
   TORCH_CHECK(error.empty(), "malformed sparse weight: ", error);
   return w;
+}
+
+namespace {
+
+SpmmWeight make_weight(const at::Tensor& offsets, const at::Tensor& indices,
+                       const at::Tensor* values, int64_t out_features, int64_t in_features,
+                       int64_t block_rows) {
+  return checked_spmm_weight(offsets, indices, values, out_features, in_features, block_rows,
+                             "out_features");
 }
 
 const SpmmUkernels& ukernels_for(const SpmmWeight& w) {
