@@ -14,6 +14,7 @@ from torch import nn
 from .. import ops
 from ..formats import CSRWeight
 from ..prune import build_mask, parse_pattern
+from ._stored import adopt_saved_sizes, register_sparse_state
 
 
 def _pair(v):
@@ -80,15 +81,8 @@ class SparseConv2d(nn.Module):
         self.block_rows = weight.block_rows
         self.pattern = pattern
         self.activation = _activation_name(activation)
-        self.register_buffer("offsets", weight.offsets)
-        self.register_buffer("indices", weight.indices)
-        self.values = nn.Parameter(weight.values)
-        if bias is not None:
-            if bias.shape != (self.out_channels,):
-                raise ValueError(f"bias must have shape ({self.out_channels},), got {tuple(bias.shape)}")
-            self.bias = nn.Parameter(bias.detach().clone())
-        else:
-            self.register_parameter("bias", None)
+        register_sparse_state(self, {"offsets": weight.offsets, "indices": weight.indices},
+                              weight.values, bias, self.out_channels)
 
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, sparsity: Optional[float] = None,
@@ -190,16 +184,7 @@ class SparseConv2d(nn.Module):
         self.activation = state["activation"]
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # The number of stored entries differs between masks: adopt the saved sizes before copying.
-        for name in ("offsets", "indices", "values"):
-            saved = state_dict.get(prefix + name)
-            current = getattr(self, name)
-            if saved is not None and saved.shape != current.shape:
-                fresh = torch.empty_like(saved, dtype=current.dtype, device=current.device)
-                if name == "values":
-                    self.values = nn.Parameter(fresh, requires_grad=current.requires_grad)
-                else:
-                    setattr(self, name, fresh)
+        adopt_saved_sizes(self, state_dict, prefix, ("offsets", "indices", "values"))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:

@@ -5,9 +5,9 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..formats import CSRWeight
-from ..formats import NMWeight  # N:M (issue 3)
+from ..formats import CSRWeight, NMWeight
 from ..prune import build_mask, parse_pattern
+from ._stored import adopt_saved_sizes, register_sparse_state
 
 
 def _block_rows_for(pattern: str, out_features: int) -> int:
@@ -39,15 +39,8 @@ class SparseLinear(nn.Module):
         self.out_features = weight.out_features
         self.block_rows = weight.block_rows
         self.pattern = pattern
-        self.register_buffer("offsets", weight.offsets)
-        self.register_buffer("indices", weight.indices)
-        self.values = nn.Parameter(weight.values)
-        if bias is not None:
-            if bias.shape != (self.out_features,):
-                raise ValueError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
-            self.bias = nn.Parameter(bias.detach().clone())
-        else:
-            self.register_parameter("bias", None)
+        register_sparse_state(self, {"offsets": weight.offsets, "indices": weight.indices},
+                              weight.values, bias, self.out_features)
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, sparsity: Optional[float] = None,
@@ -115,17 +108,8 @@ class SparseLinear(nn.Module):
         self.pattern = state["pattern"]
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # The number of stored entries differs between masks: adopt the saved sizes before copying.
         names = ("metadata", "values") if self.format_kind == "nm" else ("offsets", "indices", "values")
-        for name in names:
-            saved = state_dict.get(prefix + name)
-            current = getattr(self, name)
-            if saved is not None and saved.shape != current.shape:
-                fresh = torch.empty_like(saved, dtype=current.dtype, device=current.device)
-                if name == "values":
-                    self.values = nn.Parameter(fresh, requires_grad=current.requires_grad)
-                else:
-                    setattr(self, name, fresh)
+        adopt_saved_sizes(self, state_dict, prefix, names)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
@@ -145,14 +129,8 @@ class SparseLinear(nn.Module):
         self.block_rows = 1
         self.nm_n, self.nm_m = weight.n, weight.m
         self.pattern = pattern
-        self.register_buffer("metadata", weight.metadata)
-        self.values = nn.Parameter(weight.values)
-        if bias is not None:
-            if bias.shape != (self.out_features,):
-                raise ValueError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
-            self.bias = nn.Parameter(bias.detach().clone())
-        else:
-            self.register_parameter("bias", None)
+        register_sparse_state(self, {"metadata": weight.metadata}, weight.values, bias,
+                              self.out_features)
 
     @classmethod
     def _from_dense_nm(cls, linear: nn.Linear, sparsity: Optional[float], pattern: str,
