@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# Superseded by scripts/test_aarch64.sh (real cross compiler + qemu, every NEON family); kept as a
+# quick check that needs no packages.
 # Logic check of the aarch64-only NEON conv ukernels on an x86 host (no aarch64 machine or cross
 # compiler was available when they were written): compiles
 # csrc/kernels/conv/conv-neon.cpp against a tiny emulation of the NEON intrinsics it uses

@@ -6,4 +6,6 @@ bash scripts/setup_env.sh
 cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release > build/cmake.log 2>&1 || { cat build/cmake.log; exit 1; }
 cmake --build build/cmake -j"$(nproc)" > build/cmake-build.log 2>&1 || { tail -50 build/cmake-build.log; exit 1; }
 ctest --test-dir build/cmake --output-on-failure
+# The same C++ tests cross-compiled for aarch64 and run under qemu (NEON ukernels vs scalar).
+bash scripts/test_aarch64.sh
 .venv/bin/python -m pytest -q python_tests "$@"

@@ -175,6 +175,8 @@ int main() {
   for (int i = 0; i < conv_registry_size(); ++i) {
     const ConvRegistryEntry& e = conv_registry_entry(i);
     if (!isa_supported(e.isa)) continue;
+    sparse_ext_test::note_covered(isa_name(e.isa), e.kernels->conv1x1_name);
+    sparse_ext_test::note_covered(isa_name(e.isa), e.kernels->kxk != nullptr ? e.kernels->kxk_name : nullptr);
     // 1x1: pixel counts exercising every tile size and the masked remainder.
     for (int64_t hw : {1, 7, 9, 35, 49, 57, 100}) {
       for (double density : {0.0, 0.1, 0.6, 1.0})
@@ -192,6 +194,9 @@ int main() {
                    inf, rng);
       }
   }
+#if defined(__aarch64__) && defined(SPARSE_EXT_HAVE_NEON_KERNELS)
+  sparse_ext_test::expect_covered("neon");
+#endif
   check_geometry();
   return sparse_ext_test::finish("test_conv");
 }

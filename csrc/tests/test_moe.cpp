@@ -188,6 +188,8 @@ int main() {
   for (int i = 0; i < moe_registry_size(); ++i) {
     const MoeRegistryEntry& e = moe_registry_entry(i);
     if (!isa_supported(e.isa)) continue;
+    sparse_ext_test::note_covered(isa_name(e.isa), e.kernels->gemv_name);
+    sparse_ext_test::note_covered(isa_name(e.isa), e.kernels->silu_name);
     const int64_t shapes[][3] = {{1, 1, 1},  {7, 33, 1},  {8, 64, 2},  {9, 100, 3},
                                  {13, 17, 5}, {32, 256, 8}, {5, 1024, 7}, {6, 40, 0},
                                  {40, 48, 1}, {37, 1040, 1}, {64, 20, 1}, {33, 64, 4}};

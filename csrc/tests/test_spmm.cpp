@@ -175,9 +175,19 @@ int main() {
     if (!isa_supported(e.isa)) continue;
     const int64_t shapes[][3] = {{8, 33, 1}, {16, 256, 1}, {8, 700, 1},  {16, 33, 7},
                                  {24, 513, 40}, {64, 300, 65}, {8, 1, 9}, {8, 256, 32}};
-    for (const auto& s : shapes)
+    for (const auto& s : shapes) {
+      if (sparse_ext_test::small_sizes() && s[0] * s[1] * s[2] > 100000) continue;
       for (double density : {0.0, 0.05, 0.5, 1.0}) check_entry(e, s[0], s[1], s[2], density, rng);
+    }
+    const char* isa = isa_name(e.isa);
+    sparse_ext_test::note_covered(isa, e.kernels->gemv_name);
+    sparse_ext_test::note_covered(isa, e.kernels->tile_name);
+    sparse_ext_test::note_covered(isa, e.kernels->narrow_tile_name);
+    sparse_ext_test::note_covered(isa, e.kernels->sddmm_name);
   }
+#if defined(__aarch64__) && defined(SPARSE_EXT_HAVE_NEON_KERNELS)
+  sparse_ext_test::expect_covered("neon");
+#endif
   check_validation();
   return sparse_ext_test::finish("test_spmm");
 }

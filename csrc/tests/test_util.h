@@ -5,6 +5,8 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <string>
 #include <vector>
 
 namespace sparse_ext_test {
@@ -48,7 +50,41 @@ inline double max_rel_error(const float* a, const float* b, size_t n) {
   return worst;
 }
 
+// SPARSE_EXT_TEST_SMALL=1 (e.g. under qemu): tests skip their largest shapes.
+inline bool small_sizes() {
+  const char* s = std::getenv("SPARSE_EXT_TEST_SMALL");
+  return s != nullptr && s[0] != '\0' && std::strcmp(s, "0") != 0;
+}
+
+// Every ukernel a test exercised, as "isa:name"; finish() prints them so that a log shows what
+// was covered (e.g. the NEON kernels under qemu).
+inline std::vector<std::string>& covered() {
+  static std::vector<std::string> names;
+  return names;
+}
+inline void note_covered(const char* isa, const char* name) {
+  if (name == nullptr) return;
+  const std::string entry = std::string(isa) + ":" + name;
+  for (const auto& c : covered())
+    if (c == entry) return;
+  covered().push_back(entry);
+}
+
+// Fails unless some ukernel of `isa` was checked: a build that compiles an ISA's kernels (the
+// aarch64 cross build for "neon") must not pass by silently testing none of them.
+inline void expect_covered(const char* isa) {
+  const std::string prefix = std::string(isa) + ":";
+  bool found = false;
+  for (const auto& c : covered()) found = found || c.compare(0, prefix.size(), prefix) == 0;
+  SE_EXPECT(found, "no %s ukernel was checked", isa);
+}
+
 inline int finish(const char* name) {
+  if (!covered().empty()) {
+    std::printf("%s: ukernels checked:", name);
+    for (const auto& c : covered()) std::printf(" %s", c.c_str());
+    std::printf("\n");
+  }
   if (failures() == 0) {
     std::printf("%s: all passed\n", name);
     return 0;

@@ -142,7 +142,7 @@ namespace {
 
 std::vector<NmRegistryEntry> build_registry() {
   std::vector<NmRegistryEntry> entries;
-  for (Isa isa : {Isa::kScalar, Isa::kAvx2})
+  for (Isa isa : {Isa::kScalar, Isa::kAvx2, Isa::kNeon})
     for (ValueType vt : {ValueType::kF32, ValueType::kBF16}) {
       const NmUkernels* k = nm_ukernels(isa, vt);
       if (k != nullptr) entries.push_back({isa, vt, k});
@@ -161,6 +161,7 @@ const NmUkernels* nm_ukernels(Isa isa, ValueType value_type) {
   switch (isa) {
     case Isa::kScalar: return nm_ukernels_scalar(value_type);
     case Isa::kAvx2: return nm_ukernels_avx2(value_type);
+    case Isa::kNeon: return nm_ukernels_neon(value_type);
     default: return nullptr;
   }
 }

@@ -116,6 +116,7 @@ struct NmUkernels {
 const NmUkernels* nm_ukernels(Isa isa, ValueType value_type);
 const NmUkernels* nm_ukernels_scalar(ValueType value_type);
 const NmUkernels* nm_ukernels_avx2(ValueType value_type);
+const NmUkernels* nm_ukernels_neon(ValueType value_type);  // nullptr stub off aarch64
 
 struct NmRegistryEntry {
   Isa isa;
