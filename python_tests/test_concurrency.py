@@ -100,8 +100,24 @@ def _forward_backward(module, x):
     return y.detach(), x.grad.clone(), grads
 
 
-# Which results are bitwise identical across thread counts (docs/reliability.md has the table).
-BACKWARD_DETERMINISTIC = set(NAMES)
+# Which backward results are bitwise identical across thread counts (docs/reliability.md has the
+# table). MoE's expert backward runs ATen GEMMs (at::mm), whose blocking, and so rounding, may
+# change with the thread count (seen at 2 threads vs 1): bitwise run to run at a fixed thread
+# count only (test_backward_bitwise_run_to_run).
+BACKWARD_DETERMINISTIC = set(NAMES) - {"moe"}
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("name", NAMES)
+def test_backward_bitwise_run_to_run(name, threads, restore_threads):
+    module, _ = MODULES[name]
+    x = _inputs(name, 1)[0]
+    torch.set_num_threads(threads)
+    y0, gx0, gp0 = _forward_backward(module, x)
+    for _ in range(2):
+        y, gx, gp = _forward_backward(module, x)
+        assert torch.equal(y, y0) and torch.equal(gx, gx0)
+        assert all(torch.equal(gp[k], gp0[k]) for k in gp0)
 
 
 @pytest.mark.parametrize("name", NAMES)

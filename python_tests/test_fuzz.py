@@ -16,7 +16,7 @@ import sparse_ext as se
 from reference import assert_close_to_reference, linear_reference, moe_experts_reference
 
 settings.register_profile("sparse_ext_fuzz", derandomize=True, database=None, deadline=None,
-                          max_examples=25, print_blob=True,
+                          max_examples=60, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow,
                                                  HealthCheck.function_scoped_fixture])
 FUZZ = settings.get_profile("sparse_ext_fuzz")
