@@ -134,6 +134,21 @@ case("spmm/block8_index_past_in_features",
      lambda: spmm(x=torch.randn(3, 300), w=_W8, M=16, br=8,
                   indices=_with(_W8.indices, -1, 255)))
 
+# Edge paths with non-finite values: GEMV (one token), several column blocks, 8-row blocks,
+# bf16 and float64 values.
+for _name, (_M, _K, _br, _dt, _T) in {
+        "gemv_k257": (8, 257, 1, torch.float32, 1), "gemv_block8": (16, 300, 8, torch.float32, 1),
+        "tokens9_block4_k513": (16, 513, 4, torch.float32, 9), "bf16_gemv": (8, 40, 2, torch.bfloat16, 1),
+        "bf16_tokens5": (8, 40, 1, torch.bfloat16, 5), "f64_tokens3": (8, 300, 2, torch.float64, 3)}.items():
+    _w = spmm_weight(_M, _K, _br, _dt)
+    _w = CSRWeight(_w.offsets, _w.indices, _with(_w.values, -1, INF), _w.shape, _br)
+    _x = torch.randn(_T, _K).to(_dt if _dt == torch.float64 else torch.float32)
+    _x[0, _K - 1] = NAN
+    _x[-1, 0] = -INF
+    case(f"spmm/nonfinite_{_name}",
+         (lambda w=_w, x=_x, M=_M, br=_br: OPS.spmm(x, w.offsets, w.indices, w.values, None, M, br)),
+         (lambda out, w=_w, x=_x: same(out, spmm_ref(x, w), atol=1e-3, rtol=1e-3)))
+
 # spmm_transpose_structure
 case("spmm_t/index_out_of_range",
      lambda: OPS.spmm_transpose_structure(W.offsets, _with(W.indices, 0, 250), 8, 20, 1))
@@ -412,6 +427,29 @@ _NXO = torch.randn(100).as_strided((5, 22), (3, 1))
 case("nm/x_overlapping", lambda: nm(x=_NXO), lambda out: same(out, nm_ref(_NXO)))
 case("nm/x_bf16_batch", lambda: nm(x=NX.bfloat16().reshape(3, 1, 22)),
      lambda out: same(out, nm_ref(NX.bfloat16().reshape(3, 1, 22)), atol=0.1, rtol=0.05))
+
+for _name, (_n, _m, _K, _T, _dt) in {"gemv_1of16_k37": (1, 16, 37, 1, torch.float32),
+                                     "tokens7_3of8_k9": (3, 8, 9, 7, torch.float32),
+                                     "bf16_gemv_2of4_k6": (2, 4, 6, 1, torch.bfloat16),
+                                     "f64_2of4": (2, 4, 22, 3, torch.float64)}.items():
+    _w = NMWeight.from_dense(torch.randn(5, _K).to(_dt), _n, _m)
+    _w = NMWeight(_with(_w.values, (0, 0), INF), _w.metadata, _w.shape, _n, _m)
+    _x = torch.randn(_T, _K).to(_dt if _dt == torch.float64 else torch.float32)
+    _x[-1, _K - 1] = NAN
+    case(f"nm/nonfinite_{_name}",
+         (lambda w=_w, x=_x, n=_n, m=_m: OPS.nm_linear(x, w.values, w.metadata, None, n, m)),
+         (lambda out, w=_w, x=_x: same(out, nm_ref(x, w), atol=1e-3, rtol=1e-3)))
+
+_CW1 = spmm_weight(8, 6, br=4)
+_CX1 = torch.randn(2, 6, 7, 9)
+_CX1[0, 2, 3, 4] = NAN
+for _name, (_x, _s) in {"1x1_nan_stride2_cl": (_CX1.contiguous(memory_format=torch.channels_last), 2),
+                        "1x1_nan": (_CX1, 1), "1x1_f64": (_CX1.double(), 1)}.items():
+    _ww = _CW1 if _x.dtype != torch.float64 else CSRWeight(_CW1.offsets, _CW1.indices,
+                                                           _CW1.values.double(), _CW1.shape, 4)
+    case(f"conv/{_name}",
+         (lambda x=_x, s=_s, w=_ww: conv(x=x, w=w, co=8, k=(1, 1), s=(s, s), p=(0, 0), br=4)),
+         (lambda out, x=_x, s=_s: same(out, conv_ref(x, _CW1, k=(1, 1), s=(s, s), p=(0, 0)))))
 
 NG = torch.randn(3, 8)
 case("nm_gi/in_features_wrong", lambda: OPS.nm_linear_grad_input(NG, NW.values, NW.metadata, 30, 2, 4))
