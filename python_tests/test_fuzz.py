@@ -6,7 +6,6 @@ deterministic (derandomized, no database) and bounded so the whole file stays we
 Reduced precision follows reference.py's rule: error at most twice PyTorch's own dense op's error
 at the same dtype (plus a floor).
 """
-import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
@@ -34,8 +33,8 @@ def _check(ours, ref, dense_same_dtype, dtype):
         assert_close_to_reference(ours, ref, dense_same_dtype, floor=1e-2)
 
 
-def _batch(draw_shape, tokens_last, generator, dtype, K):
-    shape = tuple(draw_shape) + (K,)
+def _batch(batch_shape, generator, dtype, K):
+    shape = tuple(batch_shape) + (K,)
     return torch.randn(shape, generator=generator).to(dtype)
 
 
@@ -54,7 +53,7 @@ def test_sparse_linear_csr(M, K, batch, sparsity, pattern, bias, dtype, isa, see
             lin.bias.copy_(torch.randn(M, generator=g))
     sl = se.SparseLinear.from_dense(lin, sparsity=sparsity, pattern=pattern,
                                     method="random", generator=g).to(dtype)
-    x = _batch(batch, True, g, dtype, K)
+    x = _batch(batch, g, dtype, K)
     if noncontig and x.dim() >= 2:
         x = x.transpose(0, -1).contiguous().transpose(0, -1)
     dense = sl.to_dense()
@@ -77,7 +76,7 @@ def test_sparse_linear_nm(M, K, batch, nm, bias, dtype, isa, seed):
         lin.weight.copy_(torch.randn(M, K, generator=g))
     sl = se.SparseLinear.from_dense(lin, pattern=f"{n}:{m}").to(dtype)
     assert sl.format_kind == "nm"
-    x = _batch(batch, True, g, dtype, K)
+    x = _batch(batch, g, dtype, K)
     dense = sl.to_dense()
     kept = (dense.weight != 0).reshape(M, -1).sum(-1)
     assert bool((kept <= n * -(-K // m)).all())
