@@ -449,6 +449,19 @@ std::tuple<at::Tensor, at::Tensor> moe_combine_backward_cpu(const at::Tensor& gr
   const at::Tensor wc = weights.to(S).contiguous();
   const at::Tensor gc = grad_out.to(S).contiguous();
   const at::Tensor inv = inverse.contiguous();
+  // Each pair writes its own row of grad_y (no accumulation, parallel over tokens), so a row
+  // shared by two pairs would be overwritten (and raced on): reject a non-injective inverse.
+  {
+    const int64_t* ip = inv.data_ptr<int64_t>();
+    std::vector<bool> seen(static_cast<size_t>(y.size(0)), false);
+    for (int64_t i = 0; i < inv.numel(); ++i) {
+      TORCH_CHECK(!seen[ip[i]], "moe_combine_backward: inverse[", i / std::max<int64_t>(k, 1), ", ",
+                  i % std::max<int64_t>(k, 1), "] = ", ip[i],
+                  " repeats a row of expert_out; inverse must not repeat rows (as moe_permute's "
+                  "inverse never does)");
+      seen[ip[i]] = true;
+    }
+  }
   // Rows no pair points at (only possible with a non-permutation inverse) get zero gradient.
   at::Tensor grad_y = at::zeros({y.size(0), H}, yc.options());
   at::Tensor grad_w = at::empty({T, k}, yc.options());
