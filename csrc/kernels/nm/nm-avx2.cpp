@@ -333,7 +333,9 @@ void tile_fixed_impl(const NmWeight& w, const float* xP, const int32_t* gcol, in
         const uint32_t idx = (word >> (sl * B)) & kMask;
         const float* xr = xg + ((sl / N) * M + static_cast<int64_t>(idx)) * NT;
         const __m256 half = sl < 4 ? lo : hi;
-        const __m256 wv = _mm256_shuffle_ps(half, half, (sl & 3) * 0x55);
+        // vpermilps with a register control: an immediate would need the loop unrolled, which
+        // -O0 / -O1 builds (sanitizers, debug) do not do.
+        const __m256 wv = _mm256_permutevar_ps(half, _mm256_set1_epi32(sl & 3));
         const int set = sl % U;
 #pragma GCC unroll 8
         for (int v = 0; v < NV; ++v)
