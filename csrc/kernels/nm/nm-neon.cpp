@@ -9,36 +9,10 @@
 #if defined(__aarch64__)
 #include <arm_neon.h>
 
+#include "../common/neon-values.h"
+
 namespace sparse_ext {
 namespace {
-
-template <ValueType VT>
-inline float32x4_t load4_values(const void* values, int64_t i) {
-  if constexpr (VT == ValueType::kF32) {
-    return vld1q_f32(static_cast<const float*>(values) + i);
-  } else {
-    return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(static_cast<const uint16_t*>(values) + i), 16));
-  }
-}
-
-template <ValueType VT>
-inline float load1_value(const void* values, int64_t i) {
-  if constexpr (VT == ValueType::kF32) {
-    return static_cast<const float*>(values)[i];
-  } else {
-    return bf16_to_float(static_cast<const uint16_t*>(values)[i]);
-  }
-}
-
-template <ValueType VT>
-inline float32x4_t broadcast_value(const void* values, int64_t i) {
-  if constexpr (VT == ValueType::kF32) {
-    return vld1q_dup_f32(static_cast<const float*>(values) + i);
-  } else {
-    return vreinterpretq_f32_u32(
-        vdupq_n_u32(static_cast<uint32_t>(static_cast<const uint16_t*>(values)[i]) << 16));
-  }
-}
 
 // ---- GEMV: 4 slots per vector; activations inserted lane by lane (no gather on NEON) ----------
 // Entry: x float [padded_cols + 8], gcol int32 [kept], y float [rows] (r0 .. r1 - 1 written).

@@ -10,37 +10,10 @@
 #if defined(__aarch64__)
 #include <arm_neon.h>
 
+#include "../common/neon-values.h"
+
 namespace sparse_ext {
 namespace {
-
-// 4 consecutive values as floats (bf16 widens by a 16-bit left shift).
-template <ValueType VT>
-inline float32x4_t load4_values(const void* values, int64_t i) {
-  if constexpr (VT == ValueType::kF32) {
-    return vld1q_f32(static_cast<const float*>(values) + i);
-  } else {
-    return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(static_cast<const uint16_t*>(values) + i), 16));
-  }
-}
-
-template <ValueType VT>
-inline float load1_value(const void* values, int64_t i) {
-  if constexpr (VT == ValueType::kF32) {
-    return static_cast<const float*>(values)[i];
-  } else {
-    return bf16_to_float(static_cast<const uint16_t*>(values)[i]);
-  }
-}
-
-template <ValueType VT>
-inline float32x4_t broadcast_value(const void* values, int64_t i) {
-  if constexpr (VT == ValueType::kF32) {
-    return vld1q_dup_f32(static_cast<const float*>(values) + i);
-  } else {
-    return vreinterpretq_f32_u32(
-        vdupq_n_u32(static_cast<uint32_t>(static_cast<const uint16_t*>(values)[i]) << 16));
-  }
-}
 
 // R = 1: NEON has no gather, so the 4 activations of a chunk are inserted lane by lane; values
 // are contiguous. Two accumulators alternate; the < 4 entries left in a segment go scalar.

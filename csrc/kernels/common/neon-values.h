@@ -1,0 +1,47 @@
+// NEON helpers shared by the *-neon.cpp kernel files: loading fp32 / bf16 values as floats.
+// aarch64 only (NEON and FMA are baseline there, so no target pragma is involved).
+#pragma once
+
+#if defined(__aarch64__)
+#include <arm_neon.h>
+
+#include <cstdint>
+
+#include "../spmm/spmm.h"  // ValueType
+#include "bf16.h"
+
+namespace sparse_ext {
+namespace {
+
+// 4 consecutive values as floats (bf16 widens by a 16-bit left shift).
+template <ValueType VT>
+inline float32x4_t load4_values(const void* values, int64_t i) {
+  if constexpr (VT == ValueType::kF32) {
+    return vld1q_f32(static_cast<const float*>(values) + i);
+  } else {
+    return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(static_cast<const uint16_t*>(values) + i), 16));
+  }
+}
+
+template <ValueType VT>
+inline float load1_value(const void* values, int64_t i) {
+  if constexpr (VT == ValueType::kF32) {
+    return static_cast<const float*>(values)[i];
+  } else {
+    return bf16_to_float(static_cast<const uint16_t*>(values)[i]);
+  }
+}
+
+template <ValueType VT>
+inline float32x4_t broadcast_value(const void* values, int64_t i) {
+  if constexpr (VT == ValueType::kF32) {
+    return vld1q_dup_f32(static_cast<const float*>(values) + i);
+  } else {
+    return vreinterpretq_f32_u32(
+        vdupq_n_u32(static_cast<uint32_t>(static_cast<const uint16_t*>(values)[i]) << 16));
+  }
+}
+
+}  // namespace
+}  // namespace sparse_ext
+#endif
