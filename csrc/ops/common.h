@@ -34,6 +34,14 @@ inline void check_1d(const at::Tensor& t, const char* name, int64_t expected_len
               t.size(0));
 }
 
+// grad_out [..., out] and x [..., in] of a values-gradient op must hold the same number of tokens.
+inline void check_same_tokens(const at::Tensor& grad_out, const at::Tensor& x) {
+  const int64_t out = grad_out.size(-1), in = x.size(-1);
+  TORCH_CHECK(grad_out.numel() / std::max<int64_t>(out, 1) == x.numel() / std::max<int64_t>(in, 1),
+              "grad_out and x must have the same number of tokens, got shapes ", grad_out.sizes(),
+              " and ", x.sizes());
+}
+
 inline int64_t round_up(int64_t value, int64_t multiple) {
   return (value + multiple - 1) / multiple * multiple;
 }

@@ -275,9 +275,7 @@ at::Tensor nm_linear_grad_values_cpu(const at::Tensor& grad_out, const at::Tenso
   check_activations(grad_out, "grad_out");
   check_activations(x, "x");
   const int64_t K = x.size(-1), M_out = grad_out.size(-1);
-  TORCH_CHECK(grad_out.numel() / std::max<int64_t>(M_out, 1) == x.numel() / std::max<int64_t>(K, 1),
-              "grad_out and x must have the same number of tokens, got shapes ", grad_out.sizes(),
-              " and ", x.sizes());
+  check_same_tokens(grad_out, x);
   NmWeight w = make_weight(nullptr, metadata, M_out, K, n, m);
   if (x.scalar_type() == at::kDouble || grad_out.scalar_type() == at::kDouble) {
     TORCH_CHECK(x.scalar_type() == grad_out.scalar_type(),

@@ -172,9 +172,7 @@ at::Tensor spmm_sddmm_cpu(const at::Tensor& grad_out, const at::Tensor& x,
   check_activations(grad_out, "grad_out");
   check_activations(x, "x");
   const int64_t K = x.size(-1), M = grad_out.size(-1);
-  TORCH_CHECK(grad_out.numel() / std::max<int64_t>(M, 1) == x.numel() / std::max<int64_t>(K, 1),
-              "grad_out and x must have the same number of tokens, got shapes ", grad_out.sizes(),
-              " and ", x.sizes());
+  check_same_tokens(grad_out, x);
   SpmmWeight w = make_weight(offsets, indices, nullptr, M, K, block_rows);
   if (x.scalar_type() == at::kDouble || grad_out.scalar_type() == at::kDouble) {
     TORCH_CHECK(x.scalar_type() == grad_out.scalar_type(),

@@ -1,8 +1,9 @@
 // AVX2 helpers shared by the *-avx2.cpp kernel files: loading fp32 / bf16 values and horizontal
 // sums. Include it only inside an AVX2 file's `#pragma GCC target("avx2,fma")` region, after all
 // standard headers: everything is in an anonymous namespace, so each file gets its own copy
-// compiled for AVX2 and no AVX2 code can be picked by the linker for scalar callers. The headers it
-// includes must already have been included before the pragma (they are then skipped here).
+// compiled for AVX2 and no AVX2 code can be picked by the linker for scalar callers. The standard
+// and project headers it includes must already have been included before the pragma (they are
+// then skipped here); values.h only adds anonymous-namespace code, so it may be first seen here.
 #pragma once
 
 #include <immintrin.h>
@@ -11,6 +12,7 @@
 
 #include "../spmm/spmm.h"  // ValueType
 #include "bf16.h"
+#include "values.h"  // load1_value
 
 namespace sparse_ext {
 namespace {
@@ -24,15 +26,6 @@ inline __m256 load8_values(const void* values, int64_t i) {
     const __m128i raw =
         _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(values) + i));
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-  }
-}
-
-template <ValueType VT>
-inline float load1_value(const void* values, int64_t i) {
-  if constexpr (VT == ValueType::kF32) {
-    return static_cast<const float*>(values)[i];
-  } else {
-    return bf16_to_float(static_cast<const uint16_t*>(values)[i]);
   }
 }
 

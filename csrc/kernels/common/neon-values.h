@@ -9,6 +9,7 @@
 
 #include "../spmm/spmm.h"  // ValueType
 #include "bf16.h"
+#include "values.h"  // load1_value
 
 namespace sparse_ext {
 namespace {
@@ -20,15 +21,6 @@ inline float32x4_t load4_values(const void* values, int64_t i) {
     return vld1q_f32(static_cast<const float*>(values) + i);
   } else {
     return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(static_cast<const uint16_t*>(values) + i), 16));
-  }
-}
-
-template <ValueType VT>
-inline float load1_value(const void* values, int64_t i) {
-  if constexpr (VT == ValueType::kF32) {
-    return static_cast<const float*>(values)[i];
-  } else {
-    return bf16_to_float(static_cast<const uint16_t*>(values)[i]);
   }
 }
 

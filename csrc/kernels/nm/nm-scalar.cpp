@@ -3,19 +3,11 @@
 #include <cstring>
 
 #include "../common/bf16.h"
+#include "../common/values.h"
 #include "nm.h"
 
 namespace sparse_ext {
 namespace {
-
-template <ValueType VT>
-inline float load_value(const void* values, int64_t i) {
-  if constexpr (VT == ValueType::kF32) {
-    return static_cast<const float*>(values)[i];
-  } else {
-    return bf16_to_float(static_cast<const uint16_t*>(values)[i]);
-  }
-}
 
 // Entry: x float [padded_cols + 8], gcol int32 [kept], y float [rows] (r0 .. r1 - 1 written).
 template <ValueType VT>
@@ -27,7 +19,7 @@ void gemv_scalar(const NmWeight& w, const float* x, const int32_t* gcol, int64_t
     const uint8_t* meta = w.meta + r * stride;
     float acc = 0.f;
     for (int64_t j = 0; j < kept; ++j)
-      acc += load_value<VT>(w.values, r * kept + j) * x[gcol[j] + nm_read_index(meta, j, bits)];
+      acc += load1_value<VT>(w.values, r * kept + j) * x[gcol[j] + nm_read_index(meta, j, bits)];
     y[r] = acc;
   }
 }
@@ -45,7 +37,7 @@ void tile_scalar(const NmWeight& w, const float* xP, const int32_t* gcol, int64_
     const uint8_t* meta = w.meta + r * stride;
     float* yr = ytile + (r - r0) * kScalarNt;
     for (int64_t j = g0 * N; j < g1 * N; ++j) {
-      const float v = load_value<VT>(w.values, r * kept + j);
+      const float v = load1_value<VT>(w.values, r * kept + j);
       const float* xr = xb + (gcol[j - g0 * N] + nm_read_index(meta, j, bits)) * kScalarNt;
       for (int64_t t = 0; t < kScalarNt; ++t) yr[t] += v * xr[t];
     }
@@ -62,7 +54,7 @@ void scatter_scalar(const NmWeight& w, const float* dyP, const int32_t* gcol, in
     const uint8_t* meta = w.meta + r * stride;
     const float* dr = dyP + r * kScalarNt;
     for (int64_t j = g0 * N; j < g1 * N; ++j) {
-      const float v = load_value<VT>(w.values, r * kept + j);
+      const float v = load1_value<VT>(w.values, r * kept + j);
       float* xr = dxtile + (gcol[j - g0 * N] + nm_read_index(meta, j, bits)) * kScalarNt;
       for (int64_t t = 0; t < kScalarNt; ++t) xr[t] += v * dr[t];
     }

@@ -2,19 +2,11 @@
 #include <cstring>
 
 #include "../common/bf16.h"
+#include "../common/values.h"
 #include "spmm.h"
 
 namespace sparse_ext {
 namespace {
-
-template <ValueType VT>
-inline float load_value(const void* values, int64_t i) {
-  if constexpr (VT == ValueType::kF32) {
-    return static_cast<const float*>(values)[i];
-  } else {
-    return bf16_to_float(static_cast<const uint16_t*>(values)[i]);
-  }
-}
 
 template <ValueType VT>
 void gemv_scalar(const SpmmWeight& w, const float* x, int64_t g0, int64_t g1, float* y) {
@@ -25,7 +17,7 @@ void gemv_scalar(const SpmmWeight& w, const float* x, int64_t g0, int64_t g1, fl
       const float* xb = x + kb * kSpmmKBlock;
       for (int32_t j = w.offsets[g * KB + kb]; j < w.offsets[g * KB + kb + 1]; ++j) {
         const float xv = xb[w.indices[j]];
-        for (int64_t r = 0; r < R; ++r) acc[r] += load_value<VT>(w.values, j * R + r) * xv;
+        for (int64_t r = 0; r < R; ++r) acc[r] += load1_value<VT>(w.values, j * R + r) * xv;
       }
     }
     for (int64_t r = 0; r < R; ++r) y[g * R + r] = acc[r];
@@ -46,7 +38,7 @@ void tile_scalar(const SpmmWeight& w, const float* xT, int64_t ldx, int64_t g0, 
       for (int32_t j = w.offsets[g * KB + kb]; j < w.offsets[g * KB + kb + 1]; ++j) {
         const float* xrow = xb + w.indices[j] * ldx;
         for (int64_t r = 0; r < R; ++r) {
-          const float v = load_value<VT>(w.values, j * R + r);
+          const float v = load1_value<VT>(w.values, j * R + r);
           for (int64_t n = 0; n < NT; ++n) yg[r * NT + n] += v * xrow[n];
         }
       }
