@@ -12,6 +12,7 @@ from setuptools import find_packages, setup
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CUDA_ARCHS = "8.0;9.0a"
 
 
 def _rel(paths):
@@ -27,6 +28,19 @@ def cuda_build_wanted():
     if torch.version.cuda is None:
         return False
     return cpp_extension.CUDA_HOME is not None or shutil.which("nvcc") is not None
+
+
+def pip_cuda_include_dirs():
+    """Header folders of NVIDIA's pip wheels (cuBLAS, cuSPARSE, cuSPARSELt) that a CUDA build of
+    torch depends on; needed where the system toolkit has only the compiler and runtime."""
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    found = []
+    for root in nvidia.__path__:
+        found += glob.glob(os.path.join(root, "*", "include"))
+    return sorted(p for p in found if os.path.isdir(p))
 
 
 def sources(with_cuda):
@@ -55,7 +69,13 @@ def extension():
         extra_link_args=["-fopenmp"],
     )
     if with_cuda:
-        kwargs["extra_compile_args"]["nvcc"] = ["-O3", "--expt-relaxed-constexpr"]
+        # Ampere (sm_80) and Hopper with its arch-specific instructions (sm_90a) unless the user
+        # names architectures in TORCH_CUDA_ARCH_LIST, which torch's build helper then honours.
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+        # After the toolkit's own headers (-idirafter): the wheels' partial copies of the runtime
+        # headers must not shadow the toolkit's.
+        kwargs["extra_compile_args"]["cxx"] += [f"-idirafter{d}" for d in pip_cuda_include_dirs()]
+        kwargs["extra_compile_args"]["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
         return cpp_extension.CUDAExtension(**kwargs)
     return cpp_extension.CppExtension(**kwargs)
 

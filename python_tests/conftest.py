@@ -18,3 +18,11 @@ def isa(request):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(params=["cpu", "cuda"])
+def device(request):
+    """Runs a test once per device; the CUDA case skips on machines without a GPU."""
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("CUDA not available on this machine")
+    return torch.device(request.param)
