@@ -20,9 +20,13 @@ from bench import bench_cuda as bc
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _run(args, **kw):
-    return subprocess.run([sys.executable, "-m", "bench.bench_cuda", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600, **kw)
+# One intra-op thread: the tiny cases are dominated by thread wake-ups on a shared machine.
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def _run(args):
+    return subprocess.run([sys.executable, "-m", "bench.bench_cuda", *args], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=600)
 
 
 def test_help_and_list():
@@ -130,8 +134,13 @@ def test_dry_run_writes_json_and_report(tmp_path):
 def tiny_rows(tmp_path_factory):
     """The real measuring code of every family on the CPU device, tiny shapes, in process."""
     out = tmp_path_factory.mktemp("bench_cuda_cpu")
-    assert bc.main(["--device", "cpu", "--size", "tiny", "--in-process", "--reps", "2",
-                    "--out", str(out)]) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert bc.main(["--device", "cpu", "--size", "tiny", "--in-process", "--reps", "2",
+                        "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
     result = json.loads((out / "cuda_latest.json").read_text())
     assert (out / "cuda_latest.md").read_text().startswith("Measured")
     return result["rows"]
@@ -172,7 +181,7 @@ def test_smoke_on_cpu():
 def test_gpu_check_script_end_to_end_without_gpu(tmp_path):
     script = ROOT / "bench" / "gpu_check.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
-    env = dict(os.environ, PYTHON=sys.executable, SKIP_BUILD="1", SKIP_TESTS="1",
+    env = dict(ENV, PYTHON=sys.executable, SKIP_BUILD="1", SKIP_TESTS="1",
                BENCH_ARGS="--dry-run", TOTAL_BUDGET_S="300")
     out = tmp_path / "out"
     proc = subprocess.run(["bash", str(script), str(out)], cwd=ROOT, env=env, capture_output=True,
