@@ -344,10 +344,10 @@ def run_spmm(case, ctx):
 
     M, K = case["shape"]
     dt = _dtype(torch, case["dtype"])
-    csr, wd_cpu = ctx["cache"].get(("spmm", M, K, case["sparsity"]),
+    csr, wd32 = ctx["cache"].get(("spmm", M, K, case["sparsity"]),
                                    lambda: _spmm_weight(torch, M, K, case["sparsity"], dev))
     layer = se.SparseLinear(csr, None, "unstructured").to(device=dev, dtype=dt).requires_grad_(False)
-    wd = wd_cpu.to(device=dev, dtype=dt)
+    wd = wd32.to(dtype=dt)
     n = case["tokens"]
     x = torch.randn(n, K, device=dev, dtype=dt)
     row = dict(case, shape=f"{M}x{K}", weight_bytes_ratio=layer.weight_nbytes / (M * K * wd.element_size()))
@@ -394,9 +394,9 @@ def run_nm(case, ctx):
     M, K = case["shape"]
     n_, m_ = (int(v) for v in case["pattern"].split(":"))
     dt = _dtype(torch, case["dtype"])
-    nm, wd_cpu = ctx["cache"].get(("nm", M, K, n_, m_), lambda: _nm_weight(torch, M, K, n_, m_, dev))
+    nm, wd32 = ctx["cache"].get(("nm", M, K, n_, m_), lambda: _nm_weight(torch, M, K, n_, m_, dev))
     layer = se.SparseLinear(nm, None, case["pattern"]).to(device=dev, dtype=dt).requires_grad_(False)
-    wd = wd_cpu.to(device=dev, dtype=dt)
+    wd = wd32.to(dtype=dt)
     n = case["tokens"]
     x = torch.randn(n, K, device=dev, dtype=dt)
     row = dict(case, shape=f"{M}x{K}", weight_bytes_ratio=layer.weight_nbytes / (M * K * wd.element_size()))
@@ -450,8 +450,13 @@ def run_conv(case, ctx):
         ref = F.relu(F.conv2d(x.double(), wd.double(), bias.double(), s, pad))
         _errors(row, _max_err(sparse(x), ref),
                 _max_err(F.relu(F.conv2d(x, wd, bias, s, pad)), ref), ref)
-        times = timer([lambda: F.relu(F.conv2d(x, wd, bias, s, pad)), lambda: sparse(x)])
+        # cuDNN also on channels_last (NHWC) tensors, its fastest layout for fp16 (report only).
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        wd_cl = wd.contiguous(memory_format=torch.channels_last)
+        times = timer([lambda: F.relu(F.conv2d(x, wd, bias, s, pad)), lambda: sparse(x),
+                       lambda: F.relu(F.conv2d(x_cl, wd_cl, bias, s, pad))])
     _speed(row, times[0], times[1], 2.0 * ci * co * k * k * oh * ow * case["batch"])
+    row["dense_channels_last_ms"] = times[2]
     return row
 
 
@@ -672,6 +677,7 @@ REPORT_COLUMNS = {
            ("error", "{}")],
     "conv": [("shape", "{}"), ("sparsity", "{:.0%}"), ("dtype", "{}"), ("batch", "{}"),
              ("dense_ms", "{:.4f}"), ("ours_ms", "{:.4f}"), ("speedup", "{:.2f}x"),
+             ("dense_channels_last_ms", "{:.4f}"),
              ("tflops", "{:.1f}"), ("max_abs_err", "{:.2e}"), ("dense_max_abs_err", "{:.2e}"),
              ("err_ok", "{}"), ("error", "{}")],
     "moe": [("shape", "{}"), ("dtype", "{}"), ("tokens", "{}"), ("baseline", "{}"),
@@ -684,8 +690,9 @@ BASELINE_NOTE = {
     "spmm": "dense_ms: cuBLAS (F.linear, masked dense weight); cusparse_ms: torch.sparse CSR "
             "(W @ x^T); speedup = dense_ms / ours_ms; tflops = dense-equivalent FLOPs / ours_ms",
     "nm": "dense_ms: cuBLAS (F.linear); torch_2of4_ms: torch.sparse.to_sparse_semi_structured",
-    "conv": "dense_ms: cuDNN F.conv2d + ReLU with the masked dense weight (end to end: the dense "
-            "folded MobileNetV1)",
+    "conv": "dense_ms: cuDNN F.conv2d + ReLU with the masked dense weight, NCHW like ours "
+            "(end to end: the dense folded MobileNetV1); dense_channels_last_ms: the same on NHWC "
+            "tensors",
     "moe": "dense_ms: the baseline column (HF MixtralSparseMoeBlock eager loop); floor_ms: each "
            "touched expert's dense MLP on its own tokens; dense_gemm_ms: equal-FLOP dense GEMMs; "
            "vs_dense_gemm = dense_gemm_ms / ours_ms",
