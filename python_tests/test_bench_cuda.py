@@ -196,3 +196,63 @@ def test_gpu_check_script_end_to_end_without_gpu(tmp_path):
     assert "## Benchmark targets" in summary and "SpMM 90%" in summary
     if not torch.cuda.is_available():
         assert "no CUDA device" in (out / "tests.log").read_text()
+
+
+class _FakeEvent:
+    """Stands in for torch.cuda.Event: wall-clock stamps, so the CUDA timing logic runs here."""
+
+    def __init__(self, enable_timing=False):
+        self.t = None
+
+    def record(self, stream=None):
+        import time
+
+        self.t = time.perf_counter()
+
+    def synchronize(self):
+        pass
+
+    def elapsed_time(self, end):
+        return (end.t - self.t) * 1e3
+
+
+def test_timer_cuda_logic_with_fake_events(monkeypatch):
+    import time
+
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    calls = {"fast": 0, "slow": 0}
+
+    def fast():
+        calls["fast"] += 1
+
+    def slow():
+        calls["slow"] += 1
+        time.sleep(0.002)
+
+    timer = bc.Timer("cpu", reps=5, min_reps=3, sample_ms=0.5, case_ms=50.0)
+    timer.cuda = True   # take the CUDA-event path with the fake events
+    fast_ms, slow_ms = timer([fast, slow])
+    assert 0 < fast_ms < slow_ms and slow_ms >= 1.5
+    assert calls["fast"] > calls["slow"]   # short calls are batched into longer samples
+    # --flush-l2: one call per sample, after the flush
+    timer.flush = torch.zeros(16)
+    before = dict(calls)
+    timer([fast, slow])
+    # warm-up (1) + estimate (1, then a burst of 10 for calls under 1 ms) + one call per sample
+    assert calls["fast"] - before["fast"] <= 1 + 11 + timer.reps
+
+
+def test_moe_baseline_without_transformers(monkeypatch):
+    """Without transformers the MoE baseline is bench_moe's local copy of HF's loop."""
+    monkeypatch.setattr(bc, "_hf_block", lambda *a: None)
+    ctx = dict(torch=torch, device=torch.device("cpu"), cache=bc._WeightCache(),
+               timer=bc.Timer("cpu", reps=1, warmup=0))
+    case = bc.build_cases("tiny", ["moe"])[0]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        row = bc.run_moe(case, ctx)
+    finally:
+        torch.set_num_threads(threads)
+    assert row["baseline"] == "torch_loop" and row["err_ok"] and row["speedup"] > 0
