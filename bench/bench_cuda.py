@@ -925,13 +925,15 @@ def smoke(device="cuda"):
     for k, stride in ((1, 1), (3, 1), (3, 2)):
         conv = nn.Conv2d(16, 24, k, stride, k // 2)
         cpu = se.SparseConv2d.from_dense(conv, sparsity=0.8, activation="relu")
-
-        def cfwd(cpu=cpu):
-            x = torch.randn(2, 16, 11, 9)
-            return rel(copy.deepcopy(cpu).to(dev)(x.to(dev)), cpu(x)), 1e-4
-        check(f"SparseConv2d k{k} s{stride} float32 forward", cfwd)
+        for dt in dtypes:
+            def cfwd(cpu=cpu, dt=dt):
+                x = torch.randn(2, 16, 11, 9)
+                with torch.no_grad():
+                    out = copy.deepcopy(cpu).to(device=dev, dtype=dt)(x.to(dev, dt))
+                    return rel(out, cpu(x)), 1e-4 if dt == torch.float32 else 3e-2
+            check(f"SparseConv2d k{k} s{stride} {str(dt)[6:]} forward", cfwd)
     moe = se.MoELayer(32, 48, 4, 2).eval()
-    for dt in (torch.float32, torch.bfloat16):
+    for dt in dtypes:
         def mfwd(dt=dt):
             x = torch.randn(2, 9, 32)
             with torch.no_grad():
@@ -941,6 +943,30 @@ def smoke(device="cuda"):
         check(f"MoELayer {str(dt)[6:]} forward", mfwd)
     print(f"smoke: {failures} failure(s)", flush=True)
     return failures
+
+
+DOCS_BEGIN = "<!-- cuda-results:begin -->"
+DOCS_END = "<!-- cuda-results:end -->"
+
+
+def update_docs(result, path=os.path.join("docs", "performance.md"), summary=None):
+    """Replaces the text between the cuda-results markers of ``path`` (performance.md's CUDA
+    section) with the report of ``result`` (and a gpu_check summary.md, when given)."""
+    with open(path) as f:
+        text = f.read()
+    if DOCS_BEGIN not in text or DOCS_END not in text:
+        raise ValueError(f"{path} has no {DOCS_BEGIN} ... {DOCS_END} markers")
+    head, rest = text.split(DOCS_BEGIN, 1)
+    _, tail = rest.split(DOCS_END, 1)
+    body = markdown(result)
+    if summary:   # its headings below this section's
+        summary = "\n".join("#### " + line.lstrip("#").strip() if line.startswith("#") else line
+                            for line in summary.strip().splitlines())
+        body += "\n<details><summary>gpu_check summary</summary>\n\n" + summary + "\n\n</details>\n"
+    with open(path, "w") as f:
+        f.write(head + DOCS_BEGIN + "\n" + body.replace("\n#### ", "\n### ").replace("#### ", "### ", 1)
+                + DOCS_END + tail)
+    return path
 
 
 def parse_args(argv=None):
@@ -974,6 +1000,11 @@ def parse_args(argv=None):
     p.add_argument("--smoke", action="store_true",
                    help="only the tiny CUDA-vs-CPU check of every family (exit code = failures)")
     p.add_argument("--list", action="store_true", help="print the case list and exit")
+    p.add_argument("--render", metavar="JSON",
+                   help="no measuring: rewrite the markdown report of an earlier run's JSON")
+    p.add_argument("--update-docs", metavar="JSON",
+                   help="no measuring: put an earlier run's report (and the summary.md beside it, if "
+                        "any) into docs/performance.md between its cuda-results markers")
     p.add_argument("--in-process", action="store_true",
                    help="run the families in this process (default: one child process each)")
     p.add_argument("--family-budget-s", type=float, default=None, help=argparse.SUPPRESS)
@@ -1008,6 +1039,19 @@ def main(argv=None):
         return 0
     if args.smoke:
         return min(smoke(args.device), 100)
+    if args.render or args.update_docs:
+        with open(args.render or args.update_docs) as f:
+            result = json.load(f)
+        if args.render:
+            with open(args.markdown, "w") as f:
+                f.write(markdown(result))
+            print(f"wrote {args.markdown}")
+        else:
+            summary_path = os.path.join(os.path.dirname(os.path.abspath(args.update_docs)),
+                                        "summary.md")
+            summary = open(summary_path).read() if os.path.exists(summary_path) else None
+            print(f"updated {update_docs(result, summary=summary)}")
+        return 0
     if args.partial_json:   # child process of _family_subprocess
         rows = run_family_in_process(args.families[0], cases, args,
                                      lambda rows: _json_dump(rows, args.partial_json))

@@ -256,3 +256,26 @@ def test_moe_baseline_without_transformers(monkeypatch):
     finally:
         torch.set_num_threads(threads)
     assert row["baseline"] == "torch_loop" and row["err_ok"] and row["speedup"] > 0
+
+
+def test_render_and_update_docs(tmp_path):
+    """A GPU run's JSON goes into docs/performance.md between the markers, without a GPU."""
+    assert bc.main(["--dry-run", "--out", str(tmp_path)]) == 0
+    (tmp_path / "summary.md").write_text("# GPU check\n\n| stage | status |\n")
+    page = tmp_path / "performance.md"
+    original = (ROOT / "docs" / "performance.md").read_text()
+    assert bc.DOCS_BEGIN in original and bc.DOCS_END in original
+    page.write_text(original)
+    result = json.loads((tmp_path / "cuda_latest.json").read_text())
+    summary = (tmp_path / "summary.md").read_text()
+    bc.update_docs(result, str(page), summary)
+    bc.update_docs(result, str(page), summary)   # idempotent: replaces, never appends
+    text = page.read_text()
+    cuda = text.split(bc.DOCS_BEGIN)[1].split(bc.DOCS_END)[0]
+    assert text.count(bc.DOCS_BEGIN) == 1 and cuda.count("### Targets") == 1
+    assert "### spmm" in cuda and "gpu_check summary" in cuda and "\n# " not in cuda
+    assert text.split(bc.DOCS_BEGIN)[0] == original.split(bc.DOCS_BEGIN)[0]
+    assert text.split(bc.DOCS_END)[1] == original.split(bc.DOCS_END)[1]
+    assert bc.main(["--render", str(tmp_path / "cuda_latest.json"),
+                    "--markdown", str(tmp_path / "again.md")]) == 0
+    assert (tmp_path / "again.md").read_text() == (tmp_path / "cuda_latest.md").read_text()
