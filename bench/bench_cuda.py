@@ -693,7 +693,7 @@ BASELINE_NOTE = {
     "conv": "dense_ms: cuDNN F.conv2d + ReLU with the masked dense weight, NCHW like ours "
             "(end to end: the dense folded MobileNetV1); dense_channels_last_ms: the same on NHWC "
             "tensors",
-    "moe": "dense_ms: the baseline column (HF MixtralSparseMoeBlock eager loop); floor_ms: each "
+    "moe": "dense_ms and dense_max_abs_err: the baseline column (HF MixtralSparseMoeBlock eager loop); floor_ms: each "
            "touched expert's dense MLP on its own tokens; dense_gemm_ms: equal-FLOP dense GEMMs; "
            "vs_dense_gemm = dense_gemm_ms / ours_ms",
 }

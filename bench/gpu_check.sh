@@ -126,7 +126,11 @@ PY
 ops_rc=$?
 [ "$rc" -eq 0 ] && rc=$ops_rc
 warnings=$(grep -iE "warning" "$OUTDIR/build.log" | grep -vcE "UserWarning|There are no|CUDA version" || true)
-record build "$rc" $(( $(date +%s) - t0 )) "$(note_of "$OUTDIR/build.log" 1); $warnings warning lines"
+note="$(note_of "$OUTDIR/build.log" 1); $warnings warning lines"
+if [ "$rc" -ne 0 ] && [ "$rc" -ne 3 ]; then   # the compiler's first error, not the import's
+  note="$(grep -m1 -E 'error|Error' "$OUTDIR/build.log" | tr '|' '/' | cut -c1-200)"
+fi
+record build "$rc" $(( $(date +%s) - t0 )) "$note"
 
 # ---- 3. CUDA tests ---------------------------------------------------------------------------------
 t0=$(date +%s)
