@@ -301,6 +301,38 @@ def _speed(row, dense_ms, ours_ms, flops):
     row["tflops"] = flops / (ours_ms * 1e9) if ours_ms > 0 else float("nan")
 
 
+def _graph_replay(torch, fn):
+    """``fn`` captured once as a CUDA graph; returns its replay (no Python or launch overhead)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):   # warm-up on the capture stream, as PyTorch recommends
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def _graph_times(row, ctx, dense_fn, ours_fn):
+    """For small token counts (``--graphs``), also times dense and ours as CUDA-graph replays:
+    at N <= 16 an eager call is dominated by Python dispatch, a replay shows the kernels. A
+    failed capture is recorded and turns graphs off for the rest of the process."""
+    torch, dev = ctx["torch"], ctx["device"]
+    if (dev.type != "cuda" or ctx.get("graphs_off") or ctx.get("graph_max_tokens", 0) <= 0
+            or row["tokens"] > ctx["graph_max_tokens"]):
+        return
+    try:
+        replays = [_graph_replay(torch, dense_fn), _graph_replay(torch, ours_fn)]
+        dense_ms, ours_ms = ctx["timer"](replays)
+        row.update(dense_graph_ms=dense_ms, ours_graph_ms=ours_ms, speedup_graph=dense_ms / ours_ms)
+    except Exception as exc:  # noqa: BLE001  e.g. an op that synchronises cannot be captured
+        row["graph_error"] = _short(exc)
+        ctx["graphs_off"] = True
+        torch.cuda.synchronize(dev)   # raises (and the family stops) if the context is broken
+
+
 def _short(exc):
     text = f"{type(exc).__name__}: {exc}".strip().splitlines()
     return text[0][:300] if text else type(exc).__name__
@@ -374,6 +406,7 @@ def run_spmm(case, ctx):
         except Exception as exc:  # noqa: BLE001  baseline unavailable for this dtype/device
             row["cusparse_error"] = _short(exc)
         times = timer(fns)
+        _graph_times(row, ctx, fns[0], fns[1])
     _speed(row, times[0], times[1], 2.0 * M * K * n)
     if len(times) > 2:
         row["cusparse_ms"] = times[2]
@@ -424,6 +457,7 @@ def run_nm(case, ctx):
             except Exception as exc:  # noqa: BLE001  missing on this build/device/dtype
                 row["torch_2of4_error"] = _short(exc)
         times = timer(fns)
+        _graph_times(row, ctx, fns[0], fns[1])
     _speed(row, times[0], times[1], 2.0 * M * K * n)
     if len(times) > 2:
         row["torch_2of4_ms"] = times[2]
@@ -615,6 +649,11 @@ def targets_report(rows):
             met = sum(v >= 2.0 for v in s)
             lines.append(f"SpMM 90% {dt}, N >= 256: {met}/{len(s)} points >= 2x over cuBLAS "
                          f"(worst {min(s):.2f}x, geomean {_gm(s):.2f}x): {_verdict(met == len(s))}")
+        g = [r["speedup_graph"] for r in pick("spmm", dtype=dt, sparsity=0.9)
+             if "speedup_graph" in r]
+        if g:
+            lines.append(f"SpMM 90% {dt}, small N as CUDA graphs: worst {min(g):.2f}x, geomean "
+                         f"{_gm(g):.2f}x over cuBLAS (report)")
         vs = [r["vs_cusparse"] for r in pick("spmm", dtype=dt, sparsity=0.9) if "vs_cusparse" in r]
         if vs:
             lines.append(f"SpMM 90% {dt} vs cuSPARSE: worst {min(vs):.2f}x, geomean {_gm(vs):.2f}x "
@@ -677,11 +716,13 @@ REPORT_COLUMNS = {
     "spmm": [("shape", "{}"), ("sparsity", "{:.0%}"), ("dtype", "{}"), ("tokens", "{}"),
              ("dense_ms", "{:.4f}"), ("ours_ms", "{:.4f}"), ("speedup", "{:.2f}x"),
              ("tflops", "{:.1f}"), ("cusparse_ms", "{:.4f}"), ("vs_cusparse", "{:.2f}x"),
+             ("speedup_graph", "{:.2f}x"),
              ("max_abs_err", "{:.2e}"), ("dense_max_abs_err", "{:.2e}"),
              ("diff_vs_dense", "{:.2e}"), ("err_ok", "{}"), ("error", "{}")],
     "nm": [("shape", "{}"), ("pattern", "{}"), ("dtype", "{}"), ("tokens", "{}"),
            ("dense_ms", "{:.4f}"), ("ours_ms", "{:.4f}"), ("speedup", "{:.2f}x"),
            ("tflops", "{:.1f}"), ("torch_2of4_ms", "{:.4f}"), ("vs_torch_2of4", "{:.2f}x"),
+           ("speedup_graph", "{:.2f}x"),
            ("max_abs_err", "{:.2e}"), ("dense_max_abs_err", "{:.2e}"),
            ("diff_vs_dense", "{:.2e}"), ("err_ok", "{}"), ("error", "{}")],
     "conv": [("shape", "{}"), ("sparsity", "{:.0%}"), ("dtype", "{}"), ("batch", "{}"),
@@ -697,8 +738,11 @@ REPORT_COLUMNS = {
 }
 BASELINE_NOTE = {
     "spmm": "dense_ms: cuBLAS (F.linear, masked dense weight); cusparse_ms: torch.sparse CSR "
-            "(W @ x^T); speedup = dense_ms / ours_ms; tflops = dense-equivalent FLOPs / ours_ms",
-    "nm": "dense_ms: cuBLAS (F.linear); torch_2of4_ms: torch.sparse.to_sparse_semi_structured",
+            "(W @ x^T); speedup = dense_ms / ours_ms; tflops = dense-equivalent FLOPs / ours_ms; "
+            "speedup_graph: the same ratio with both timed as CUDA-graph replays (small N only: "
+            "eager times there include the Python dispatch of each call)",
+    "nm": "dense_ms: cuBLAS (F.linear); torch_2of4_ms: torch.sparse.to_sparse_semi_structured; "
+          "speedup_graph as for spmm",
     "conv": "dense_ms: cuDNN F.conv2d + ReLU with the masked dense weight, NCHW like ours "
             "(end to end: the dense folded MobileNetV1); dense_channels_last_ms: the same on NHWC "
             "tensors",
@@ -775,7 +819,7 @@ def run_family_in_process(family, cases, args, write_partial=None):
     import torch
 
     device = torch.device(args.device)
-    ctx = dict(torch=torch, device=device, cache=_WeightCache(),
+    ctx = dict(torch=torch, device=device, cache=_WeightCache(), graph_max_tokens=args.graphs,
                timer=Timer(device, reps=args.reps, min_reps=args.min_reps, case_ms=args.case_ms,
                            flush_l2=args.flush_l2))
     if device.type == "cuda":
@@ -828,7 +872,7 @@ def _family_subprocess(family, args, workdir, budget_s):
     cmd = [sys.executable, "-m", "bench.bench_cuda", "--in-process", "--families", family,
            "--size", args.size, "--device", args.device, "--reps", str(args.reps),
            "--min-reps", str(args.min_reps), "--case-ms", str(args.case_ms),
-           "--family-budget-s", str(budget_s), "--partial-json", part]
+           "--family-budget-s", str(budget_s), "--partial-json", part, "--graphs", str(args.graphs)]
     for flag in ("shapes", "tokens", "sparsities", "dtypes"):
         values = getattr(args, flag)
         if values:
@@ -869,6 +913,9 @@ def fake_rows(cases, seed=0):
             row["shape"] = "x".join(map(str, case["shape"]))
         if f == "spmm":
             row.update(cusparse_ms=dense * 2, vs_cusparse=dense * 2 / ours)
+        if f in ("spmm", "nm") and case["tokens"] <= 16:
+            row.update(dense_graph_ms=dense / 2, ours_graph_ms=ours / 3,
+                       speedup_graph=1.5 * dense / ours)
         if f == "nm" and case["pattern"] == "2:4":
             row.update(torch_2of4_ms=dense / 1.2, vs_torch_2of4=dense / 1.2 / ours)
         if f == "conv":
@@ -1003,6 +1050,9 @@ def parse_args(argv=None):
                    help="wall-time budget of the whole suite, shared by the families")
     p.add_argument("--flush-l2", action="store_true",
                    help="overwrite 2x the L2 cache before every timed call (weights from HBM)")
+    p.add_argument("--graphs", type=int, default=16, metavar="N",
+                   help="SpMM / N:M cases with at most N tokens are also timed as CUDA-graph "
+                        "replays, without Python dispatch (default 16; 0: never)")
     p.add_argument("--device", default="cuda", help="cuda (default), cuda:N; cpu only for tests")
     p.add_argument("--out", default=os.path.join("bench", "results"),
                    help="folder for cuda_latest.json and cuda_latest.md")

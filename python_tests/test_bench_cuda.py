@@ -280,3 +280,29 @@ def test_render_and_update_docs(tmp_path):
     assert bc.main(["--render", str(tmp_path / "cuda_latest.json"),
                     "--markdown", str(tmp_path / "again.md")]) == 0
     assert (tmp_path / "again.md").read_text() == (tmp_path / "cuda_latest.md").read_text()
+
+
+def test_graph_times_logic(monkeypatch):
+    """The CUDA-graph timing of small-N cases, with capture stubbed out (no GPU here)."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    ctx = dict(torch=torch, device=SimpleNamespace(type="cuda"), graph_max_tokens=16,
+               timer=bc.Timer("cpu", reps=1, warmup=0))
+    monkeypatch.setattr(bc, "_graph_replay", lambda torch_, fn: fn)
+    row = {"tokens": 1}
+    bc._graph_times(row, ctx, lambda: None, lambda: None)
+    assert row["dense_graph_ms"] > 0 and row["speedup_graph"] > 0
+    big = {"tokens": 256}
+    bc._graph_times(big, ctx, lambda: None, lambda: None)
+    assert "speedup_graph" not in big
+
+    def fail(torch_, fn):
+        raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(bc, "_graph_replay", fail)
+    row = {"tokens": 1}
+    bc._graph_times(row, ctx, lambda: None, lambda: None)
+    assert "capturing" in row["graph_error"] and ctx["graphs_off"]
+    row = {"tokens": 1}
+    bc._graph_times(row, ctx, lambda: None, lambda: None)   # off for the rest of the process
+    assert row == {"tokens": 1}
