@@ -127,7 +127,9 @@ ops_rc=$?
 [ "$rc" -eq 0 ] && rc=$ops_rc
 warnings=$(grep -iE "warning" "$OUTDIR/build.log" | grep -vcE "UserWarning|There are no|CUDA version" || true)
 note="$(note_of "$OUTDIR/build.log" 1); $warnings warning lines"
-if [ "$rc" -ne 0 ] && [ "$rc" -ne 3 ]; then   # the compiler's first error, not the import's
+if [ "$rc" -eq 124 ]; then
+  note="not finished within the cap; a rerun continues it (ninja keeps the objects in build/)"
+elif [ "$rc" -ne 0 ] && [ "$rc" -ne 3 ]; then   # the compiler's first error, not the import's
   note="$(grep -m1 -E 'error|Error' "$OUTDIR/build.log" | tr '|' '/' | cut -c1-200)"
 fi
 record build "$rc" $(( $(date +%s) - t0 )) "$note"
@@ -139,7 +141,9 @@ t0=$(date +%s)
 echo "== smoke: python -m bench.bench_cuda --smoke" >> "$OUTDIR/tests.log"
 timeout -k 10 120 "$PY" -m bench.bench_cuda --smoke >> "$OUTDIR/tests.log" 2>&1
 rc=$?
-record smoke "$rc" $(( $(date +%s) - t0 )) "$(grep -E '^smoke: ' "$OUTDIR/tests.log" | tail -1)"
+note=$(grep -E '^smoke: ' "$OUTDIR/tests.log" | tail -1)
+[ -z "$note" ] && note=$(note_of "$OUTDIR/tests.log" 1)   # it did not get far (an import error)
+record smoke "$rc" $(( $(date +%s) - t0 )) "$note"
 
 t0=$(date +%s)
 if [ "${SKIP_TESTS:-0}" = "1" ]; then
