@@ -813,9 +813,11 @@ def machine_info(device):
 
 
 # ---- running -------------------------------------------------------------------------------------
-def run_family_in_process(family, cases, args, write_partial=None):
+def run_family_in_process(family, cases, args, write_partial=None, stop_on_lost=False):
     """Runs ``cases`` of one family; a failing case is recorded and the next one runs, unless the
-    CUDA context is lost, then the rest are marked skipped. Stops starting cases past the budget."""
+    CUDA context is lost: then the rest are marked skipped, or with ``stop_on_lost`` the run stops
+    there (a child process; its parent starts a fresh one for the rest). Stops starting cases
+    past the budget. Returns (rows, lost)."""
     import torch
 
     device = torch.device(args.device)
@@ -827,6 +829,7 @@ def run_family_in_process(family, cases, args, write_partial=None):
     import sparse_ext  # noqa: F401  registers the ops
 
     budget = getattr(args, "family_budget_s", None)
+    fault = os.environ.get("BENCH_CUDA_TEST_FAULT")   # tests: a fake lost context in this case
     t_start = time.perf_counter()
     rows, lost = [], None
     for i, case in enumerate(cases):
@@ -839,6 +842,9 @@ def run_family_in_process(family, cases, args, write_partial=None):
             continue
         t0 = time.perf_counter()
         try:
+            if fault == label:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered "
+                                   "(injected by BENCH_CUDA_TEST_FAULT)")
             row = RUNNERS[family](case, ctx)
         except Exception as exc:  # noqa: BLE001  record and go on
             row = dict(case, error=_short(exc))
@@ -854,7 +860,9 @@ def run_family_in_process(family, cases, args, write_partial=None):
                   f"{'' if row['err_ok'] else ' CHECK'}", flush=True)
         if write_partial:
             write_partial(rows)
-    return rows
+        if lost and stop_on_lost:
+            break
+    return rows, lost
 
 
 def _json_dump(obj, path):
@@ -864,37 +872,60 @@ def _json_dump(obj, path):
     os.replace(tmp, path)
 
 
-def _family_subprocess(family, args, workdir, budget_s):
-    """Runs one family in a child process (isolates CUDA faults); returns its rows."""
-    part = os.path.join(workdir, f"part-{family}.json")
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(part)
-    cmd = [sys.executable, "-m", "bench.bench_cuda", "--in-process", "--families", family,
-           "--size", args.size, "--device", args.device, "--reps", str(args.reps),
-           "--min-reps", str(args.min_reps), "--case-ms", str(args.case_ms),
-           "--family-budget-s", str(budget_s), "--partial-json", part, "--graphs", str(args.graphs)]
-    for flag in ("shapes", "tokens", "sparsities", "dtypes"):
-        values = getattr(args, flag)
-        if values:
-            cmd += [f"--{flag}"] + ["x".join(map(str, v)) if isinstance(v, (list, tuple))
-                                    else str(v) for v in values]
-    if args.flush_l2:
-        cmd.append("--flush-l2")
-    grace = 30.0   # the budget only stops *starting* cases; one case may run past it
-    status = "ok"
-    try:
-        proc = subprocess.run(cmd, timeout=budget_s + grace)
-        if proc.returncode != 0:
-            status = f"exit code {proc.returncode}"
-    except subprocess.TimeoutExpired:
-        status = f"killed after {budget_s + grace:.0f} s"
-    rows = []
-    with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
-        with open(part) as f:
-            rows = json.load(f)
+LOST_EXIT = 3   # a child's exit code: the CUDA context broke; the parent resumes after that case
+
+
+def _family_subprocess(family, args, workdir, budget_s, max_restarts=3):
+    """Runs one family in child processes (isolating CUDA faults) and returns (rows, status).
+
+    A child that lost its CUDA context (an illegal address in one case, say) stops after
+    recording that case; a fresh child then continues with the next case, up to ``max_restarts``
+    times, within the family's budget. Cases no child reached are recorded as not run."""
     cases = build_cases(args.size, [family], args.shapes, args.tokens, args.sparsities, args.dtypes)
-    for case in cases[len(rows):]:   # cases the child never reached (crash or timeout)
+    started = time.perf_counter()
+    rows, status, attempt = [], "ok", 0
+    while len(rows) < len(cases):
+        left = budget_s - (time.perf_counter() - started)
+        if attempt > 0 and (attempt > max_restarts or left < 10):
+            status = (f"stopped after {attempt} processes" if attempt > max_restarts
+                      else "stopped: family time budget spent")
+            break
+        part = os.path.join(workdir, f"part-{family}-{attempt}.json")
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(part)
+        cmd = [sys.executable, "-m", "bench.bench_cuda", "--in-process", "--families", family,
+               "--size", args.size, "--device", args.device, "--reps", str(args.reps),
+               "--min-reps", str(args.min_reps), "--case-ms", str(args.case_ms),
+               "--family-budget-s", str(max(left, 1.0)), "--partial-json", part,
+               "--start-at", str(len(rows)), "--graphs", str(args.graphs)]
+        for flag in ("shapes", "tokens", "sparsities", "dtypes"):
+            values = getattr(args, flag)
+            if values:
+                cmd += [f"--{flag}"] + ["x".join(map(str, v)) if isinstance(v, (list, tuple))
+                                        else str(v) for v in values]
+        if args.flush_l2:
+            cmd.append("--flush-l2")
+        grace = 30.0   # the budget only stops *starting* cases; one case may run past it
+        try:
+            proc = subprocess.run(cmd, timeout=max(left, 1.0) + grace)
+            code = proc.returncode
+            status = ("ok" if code in (0, LOST_EXIT) else f"exit code {code}")
+        except subprocess.TimeoutExpired:
+            code, status = None, f"killed after {max(left, 1.0) + grace:.0f} s"
+        got = []
+        with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
+            with open(part) as f:
+                got = json.load(f)
+        rows += got
+        attempt += 1
+        if code != LOST_EXIT or not got:   # done, or a failure a restart would not cure
+            break
+    for case in cases[len(rows):]:   # cases no child reached (crash, timeout, budget)
         rows.append(dict(case, error=f"not run: family process {status}"))
+    lost = [r for r in rows if context_lost(r.get("error", ""))]
+    if lost:
+        status = (f"{status}; CUDA context lost in {len(lost)} case(s) ("
+                  + ", ".join(case_label(r) for r in lost[:3]) + "), a fresh process continued")
     return rows, status
 
 
@@ -1074,6 +1105,7 @@ def parse_args(argv=None):
                    help="run the families in this process (default: one child process each)")
     p.add_argument("--family-budget-s", type=float, default=None, help=argparse.SUPPRESS)
     p.add_argument("--partial-json", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--start-at", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.families = [f.strip() for f in args.families.split(",") if f.strip()]
     unknown = [f for f in args.families if f not in FAMILIES]
@@ -1118,9 +1150,11 @@ def main(argv=None):
             print(f"updated {update_docs(result, summary=summary)}")
         return 0
     if args.partial_json:   # child process of _family_subprocess
-        rows = run_family_in_process(args.families[0], cases, args,
-                                     lambda rows: _json_dump(rows, args.partial_json))
-        return 0
+        _json_dump([], args.partial_json)
+        _, lost = run_family_in_process(args.families[0], cases[args.start_at:], args,
+                                        lambda rows: _json_dump(rows, args.partial_json),
+                                        stop_on_lost=True)
+        return LOST_EXIT if lost else 0
     started = time.perf_counter()
     notes = []
     if args.dry_run:
@@ -1150,7 +1184,7 @@ def main(argv=None):
             print(f"== {family}: {len(fam_cases)} cases, budget {budget:.0f} s", flush=True)
             if args.in_process:
                 args.family_budget_s = budget
-                fam_rows = run_family_in_process(family, fam_cases, args)
+                fam_rows, _ = run_family_in_process(family, fam_cases, args)
             else:
                 fam_rows, status = _family_subprocess(family, args, args.workdir, budget)
                 if status != "ok":

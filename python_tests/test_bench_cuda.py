@@ -174,6 +174,22 @@ def test_family_subprocess_and_partial_results(tmp_path):
     assert not any("error" in r for r in rows)
 
 
+def test_lost_context_restarts_the_family_after_that_case(tmp_path):
+    """A case that breaks the CUDA context ends its child process; a fresh child runs the rest."""
+    cases = bc.build_cases("tiny", ["spmm"])
+    env = dict(ENV, BENCH_CUDA_TEST_FAULT=bc.case_label(cases[0]))
+    proc = subprocess.run([sys.executable, "-m", "bench.bench_cuda", "--device", "cpu", "--size",
+                           "tiny", "--families", "spmm", "--reps", "2", "--out", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads((tmp_path / "cuda_latest.json").read_text())
+    rows = result["rows"]
+    assert len(rows) == len(cases)
+    assert "illegal memory access" in rows[0]["error"]
+    assert all("error" not in r for r in rows[1:]) and rows[1]["speedup"] > 0
+    assert any("CUDA context lost in 1 case" in n for n in result["notes"])
+
+
 def test_smoke_on_cpu():
     assert bc.smoke("cpu") == 0
 
