@@ -63,6 +63,18 @@ const __nv_bfloat16* cptr<__nv_bfloat16>(const at::Tensor& t) {
   return reinterpret_cast<const __nv_bfloat16*>(t.data_ptr<at::BFloat16>());
 }
 
+// Validation keys (validate_structure_once). Outputs that are well-formed by construction are
+// registered under the key of the op that consumes them, so a route -> permute -> expert MLP ->
+// combine chain validates nothing twice and runs without a host synchronization in decode.
+std::string permute_key(int64_t E) { return "moe_permute/E=" + std::to_string(E); }
+std::string expert_key(int64_t T) { return "moe_expert_mlp/T=" + std::to_string(T); }
+std::string combine_key(const char* op, int64_t rows) {
+  return std::string(op) + "/rows=" + std::to_string(rows);
+}
+void mark_valid(const std::string& key, std::initializer_list<at::Tensor> tensors) {
+  validate_structure_once(key.c_str(), tensors, [] {});
+}
+
 // ---- Routing -----------------------------------------------------------------------------------
 std::tuple<at::Tensor, at::Tensor> moe_route_cuda(const at::Tensor& logits, int64_t top_k,
                                                   c10::string_view scoring, bool renormalize,
@@ -117,7 +129,11 @@ std::tuple<at::Tensor, at::Tensor> moe_route_cuda(const at::Tensor& logits, int6
                               current_stream());
   }
   check_launch(st, "moe_route");
-  return {weights.reshape(out_shape), indices.reshape(out_shape)};
+  const at::Tensor indices_out = indices.reshape(out_shape);
+  // The indices are in [0, E) by construction: moe_permute with this E may skip its validation
+  // (and its synchronization) for this exact tensor, until it is modified.
+  if (indices_out.dim() == 2) mark_valid(permute_key(p.experts), {indices_out});
+  return {weights.reshape(out_shape), indices_out};
 }
 
 // ---- Permute -----------------------------------------------------------------------------------
@@ -138,7 +154,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_permute_cuda(const at::Tensor
   const c10::cuda::CUDAGuard guard(topk_indices.device());
   const at::Tensor idx = topk_indices.to(at::kLong).contiguous();
   const cudaStream_t stream = current_stream();
-  const std::string key = "moe_permute/E=" + std::to_string(num_experts);
+  const std::string key = permute_key(num_experts);
   validate_structure_once(key.c_str(), {idx}, [&] {
     at::Tensor err = at::empty({1}, idx.options());
     check_launch(kc::moe_permute_validate(idx.data_ptr<int64_t>(), P, num_experts, u64_ptr(err),
@@ -163,6 +179,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_permute_cuda(const at::Tensor
                                kept.data_ptr<uint8_t>(), row_token.data_ptr<int64_t>(),
                                offsets.data_ptr<int64_t>(), inverse.data_ptr<int64_t>(), stream),
                "moe_permute");
+  // Well-formed by construction (the indices were validated): register them for the consumers.
+  mark_valid(expert_key(T), {row_token, offsets});
+  mark_valid(combine_key("moe_combine", P), {inverse});
+  mark_valid(combine_key("moe_combine_backward", P), {inverse});
   return {row_token, offsets, inverse};
 }
 
@@ -217,7 +237,7 @@ ExpertArgs check_expert_args(const at::Tensor& x, const at::Tensor& row_token,
   // Structure (offsets monotone from 0 and within the rows, row_token in [0, T)) on the device,
   // once per (row_token, offsets) version.
   // One key for the forward and the backward, so the backward reuses the forward's validation.
-  const std::string key = "moe_expert_mlp/T=" + std::to_string(a.T);
+  const std::string key = expert_key(a.T);
   validate_structure_once(key.c_str(), {row_token, offsets}, [&] {
     const at::Tensor off = offsets.contiguous(), rt = row_token.contiguous();
     at::Tensor err = at::empty({2}, off.options());
@@ -471,7 +491,7 @@ void check_combine_args(const at::Tensor& y, const at::Tensor& weights, const at
   TORCH_CHECK(inverse.sizes() == weights.sizes(), "inverse must have the shape of topk_weights ",
               weights.sizes(), ", got ", inverse.sizes());
   const int64_t rows = y.size(0), k = std::max<int64_t>(inverse.size(1), 1);
-  const std::string key = std::string(op) + "/rows=" + std::to_string(rows);
+  const std::string key = combine_key(op, rows);
   validate_structure_once(key.c_str(), {inverse}, [&] {
     const at::Tensor inv = inverse.contiguous();
     at::Tensor err = at::empty({2}, inv.options());
