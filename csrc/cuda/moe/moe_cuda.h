@@ -78,24 +78,29 @@ cudaError_t moe_expert_validate(const int64_t* offsets, const int64_t* row_token
                                 cudaStream_t stream);
 
 // Decode-size segments, phase 1 (gate/up GEMV with the fused activation), for every expert e
-// whose segment has 1..kSmallRows rows; other experts are skipped on device (no host sync):
+// whose segment has 1..max_rows rows; other experts are skipped on device (no host sync). The glue
+// passes max_rows = kSmallRows next to the GEMM path, or max_rows = P when the whole call has at
+// most kDecodePairs pairs (every segment then runs here, the offsets never leave the device):
 //   h[p, f] = act(x[row_token[p]] . W1[e, f]) * (x[row_token[p]] . W1[e, F + f])   (gated)
 //   h[p, f] = act(x[row_token[p]] . W1[e, f])                                        (plain)
 //   x float [T, H]   w1 TW [E, F1, H]   offsets int64 [E + 1]   row_token int64 [P]
 //   h float [P, F]   (rows of other experts untouched)
-// One warp per output row f: each weight row is streamed once (16-byte vector loads when H allows)
-// and applied to all the segment's tokens. Rows with row_token outside [0, T) read zeros.
+// One warp per output row f: each weight row is streamed once per 8 tokens (16-byte vector loads
+// when H allows) and applied to all of them. Rows with row_token outside [0, T) read zeros.
 // act: 0 silu, 1 gelu (erf), 2 gelu_tanh, 3 relu.
 constexpr int kSmallRows = 16;
+constexpr int kDecodePairs = 64;
 template <typename TW>
 cudaError_t moe_small_up(const float* x, const TW* w1, const int64_t* offsets,
                          const int64_t* row_token, int64_t T, int64_t E, int64_t H, int64_t F,
-                         int64_t P, int act, bool gated, float* h, cudaStream_t stream);
+                         int64_t P, int64_t max_rows, int act, bool gated, float* h,
+                         cudaStream_t stream);
 // Phase 2 (down GEMV) for the same experts: y[p, c] = h[p] . W2[e, c]
 //   h float [P, F]   w2 TW [E, H, F]   y float [P, H]   (rows of other experts untouched)
 template <typename TW>
 cudaError_t moe_small_down(const float* h, const TW* w2, const int64_t* offsets, int64_t E,
-                           int64_t H, int64_t F, int64_t P, float* y, cudaStream_t stream);
+                           int64_t H, int64_t F, int64_t P, int64_t max_rows, float* y,
+                           cudaStream_t stream);
 
 // Activation for the large-segment (GEMM) path over n rows:
 //   a TA [n, F1] (gate | up), h TH [n, F]: h = act(gate) * up (gated) or act(a) (plain).

@@ -116,7 +116,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
     small_gemv_kernel(const float* __restrict__ in, const TW* __restrict__ w,
                       const int64_t* __restrict__ offsets, const int64_t* __restrict__ row_token,
                       int64_t T, int64_t E, int64_t K, int64_t R, int64_t w_rows, int64_t P,
-                      int act, float* __restrict__ out, int64_t ld_out) {
+                      int64_t max_rows, int act, float* __restrict__ out, int64_t ld_out) {
   const int64_t tiles = ceil_div(R, kGemvWarps);
   const int64_t e = blockIdx.x / tiles;
   const int64_t r = (blockIdx.x % tiles) * kGemvWarps + (threadIdx.x >> 5);
@@ -125,7 +125,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
   int64_t lo, hi;
   segment(offsets, e, P, lo, hi);
   const int64_t n = hi - lo;
-  if (n < 1 || n > kSmallRows) return;  // empty, or a GEMM-path segment
+  if (n < 1 || n > max_rows) return;  // empty, or a GEMM-path segment
   const TW* w0 = w + (e * w_rows + r) * K;
   const TW* w1 = GATED ? w + (e * w_rows + R + r) * K : w0;
   for (int64_t p0 = lo; p0 < hi; p0 += kGemvTokens) {
@@ -179,8 +179,8 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
 template <typename TW, bool GATED, bool UP>
 cudaError_t launch_gemv(const float* in, const TW* w, const int64_t* offsets,
                         const int64_t* row_token, int64_t T, int64_t E, int64_t K, int64_t R,
-                        int64_t w_rows, int64_t P, int act, float* out, int64_t ld_out,
-                        cudaStream_t stream) {
+                        int64_t w_rows, int64_t P, int64_t max_rows, int act, float* out,
+                        int64_t ld_out, cudaStream_t stream) {
   constexpr int kVec = 16 / static_cast<int>(sizeof(TW));
   const int64_t blocks = E * ceil_div(R, kGemvWarps);
   if (blocks <= 0 || P <= 0 || K <= 0) return cudaSuccess;
@@ -191,11 +191,11 @@ cudaError_t launch_gemv(const float* in, const TW* w, const int64_t* offsets,
   if (vec) {
     small_gemv_kernel<TW, kVec, GATED, UP><<<static_cast<unsigned>(blocks), kGemvWarps * 32, 0,
                                              stream>>>(in, w, offsets, row_token, T, E, K, R,
-                                                       w_rows, P, act, out, ld_out);
+                                                       w_rows, P, max_rows, act, out, ld_out);
   } else {
     small_gemv_kernel<TW, 1, GATED, UP><<<static_cast<unsigned>(blocks), kGemvWarps * 32, 0,
                                           stream>>>(in, w, offsets, row_token, T, E, K, R, w_rows,
-                                                    P, act, out, ld_out);
+                                                    P, max_rows, act, out, ld_out);
   }
   return cudaGetLastError();
 }
@@ -307,19 +307,22 @@ cudaError_t moe_expert_validate(const int64_t* offsets, const int64_t* row_token
 template <typename TW>
 cudaError_t moe_small_up(const float* x, const TW* w1, const int64_t* offsets,
                          const int64_t* row_token, int64_t T, int64_t E, int64_t H, int64_t F,
-                         int64_t P, int act, bool gated, float* h, cudaStream_t stream) {
+                         int64_t P, int64_t max_rows, int act, bool gated, float* h,
+                         cudaStream_t stream) {
   const int64_t w_rows = gated ? 2 * F : F;
   if (gated)
-    return launch_gemv<TW, true, true>(x, w1, offsets, row_token, T, E, H, F, w_rows, P, act, h, F,
-                                       stream);
-  return launch_gemv<TW, false, true>(x, w1, offsets, row_token, T, E, H, F, w_rows, P, act, h, F,
-                                      stream);
+    return launch_gemv<TW, true, true>(x, w1, offsets, row_token, T, E, H, F, w_rows, P, max_rows,
+                                       act, h, F, stream);
+  return launch_gemv<TW, false, true>(x, w1, offsets, row_token, T, E, H, F, w_rows, P, max_rows,
+                                      act, h, F, stream);
 }
 
 template <typename TW>
 cudaError_t moe_small_down(const float* h, const TW* w2, const int64_t* offsets, int64_t E,
-                           int64_t H, int64_t F, int64_t P, float* y, cudaStream_t stream) {
-  return launch_gemv<TW, false, false>(h, w2, offsets, nullptr, 0, E, F, H, H, P, 0, y, H, stream);
+                           int64_t H, int64_t F, int64_t P, int64_t max_rows, float* y,
+                           cudaStream_t stream) {
+  return launch_gemv<TW, false, false>(h, w2, offsets, nullptr, 0, E, F, H, H, P, max_rows, 0, y, H,
+                                       stream);
 }
 
 template <typename TA, typename TH>
@@ -351,10 +354,11 @@ cudaError_t moe_scatter_rows(const S* src, const int64_t* sorted_tokens, const i
 
 #define SE_MOE_GEMV(TW)                                                                          \
   template cudaError_t moe_small_up<TW>(const float*, const TW*, const int64_t*, const int64_t*, \
-                                        int64_t, int64_t, int64_t, int64_t, int64_t, int, bool,  \
-                                        float*, cudaStream_t);                                   \
+                                        int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,    \
+                                        int, bool, float*, cudaStream_t);                        \
   template cudaError_t moe_small_down<TW>(const float*, const TW*, const int64_t*, int64_t,      \
-                                          int64_t, int64_t, int64_t, float*, cudaStream_t);
+                                          int64_t, int64_t, int64_t, int64_t, float*,            \
+                                          cudaStream_t);
 SE_MOE_GEMV(float)
 SE_MOE_GEMV(__half)
 SE_MOE_GEMV(__nv_bfloat16)

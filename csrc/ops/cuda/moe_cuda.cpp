@@ -3,11 +3,11 @@
 // Kernels: csrc/cuda/moe/moe_cuda.h. Schemas: csrc/registration.cpp. Design: docs/cuda.md (## MoE).
 //
 // Expert MLP strategy on CUDA: segments of 1..kSmallRows rows (decode) run the grouped GEMV kernels
-// (every touched expert's weights streamed once, all of the segment's tokens reused per load);
+// (every touched expert's weights streamed once per 8 tokens, all of them reused per load);
 // larger segments (prefill) run cuBLAS GEMMs through at::mm on segment slices with the fused
-// activation kernel in between. When the call has at most kSmallRows pairs every segment is small
-// and the offsets stay on the device; otherwise they are read to the host once per call to plan
-// the GEMMs.
+// activation kernel in between. When the call has at most kDecodePairs pairs every segment runs
+// the GEMV kernels and the offsets stay on the device; otherwise they are read to the host once
+// per call to plan the GEMMs.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -319,19 +319,20 @@ void mm_acc_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& bt) {
 
 template <typename TW>
 void launch_small_up(const at::Tensor& xf, const at::Tensor& w1, const at::Tensor& offsets,
-                     const at::Tensor& row_token, const ExpertArgs& a, at::Tensor& h) {
+                     const at::Tensor& row_token, const ExpertArgs& a, int64_t max_rows,
+                     at::Tensor& h) {
   check_launch(kc::moe_small_up<TW>(xf.data_ptr<float>(), cptr<TW>(w1),
                                     offsets.data_ptr<int64_t>(), row_token.data_ptr<int64_t>(),
-                                    a.T, a.E, a.H, a.F, a.P, a.act, a.gated, h.data_ptr<float>(),
-                                    current_stream()),
+                                    a.T, a.E, a.H, a.F, a.P, max_rows, a.act, a.gated,
+                                    h.data_ptr<float>(), current_stream()),
                "moe_expert_mlp");
 }
 
 template <typename TW>
 void launch_small_down(const at::Tensor& h, const at::Tensor& w2, const at::Tensor& offsets,
-                       const ExpertArgs& a, at::Tensor& y) {
+                       const ExpertArgs& a, int64_t max_rows, at::Tensor& y) {
   check_launch(kc::moe_small_down<TW>(h.data_ptr<float>(), cptr<TW>(w2),
-                                      offsets.data_ptr<int64_t>(), a.E, a.H, a.F, a.P,
+                                      offsets.data_ptr<int64_t>(), a.E, a.H, a.F, a.P, max_rows,
                                       y.data_ptr<float>(), current_stream()),
                "moe_expert_mlp");
 }
@@ -351,9 +352,10 @@ at::Tensor moe_expert_mlp_cuda(const at::Tensor& x, const at::Tensor& row_token_
   if (a.P == 0 || a.H == 0) return y;
   if (a.F == 0) return y.zero_();
 
-  // Planning: with at most kSmallRows pairs every segment is small (no host read); otherwise the
-  // offsets come to the host once.
-  const bool all_small = S == at::kFloat && a.P <= kc::kSmallRows;
+  // Planning: with at most kDecodePairs pairs every segment runs the GEMV kernels (no host read);
+  // otherwise the offsets come to the host once and segments above kSmallRows rows take cuBLAS.
+  const bool all_small = S == at::kFloat && a.P <= kc::kDecodePairs;
+  const int64_t max_rows = all_small ? a.P : kc::kSmallRows;
   std::vector<int64_t> o;
   int64_t kept = a.P;
   bool any_small = all_small, any_large = false;
@@ -375,14 +377,16 @@ at::Tensor moe_expert_mlp_cuda(const at::Tensor& x, const at::Tensor& row_token_
     const at::Tensor xf = x.to(at::kFloat).contiguous();
     at::Tensor h = at::empty({a.P, a.F}, xf.options());
     switch (w1.scalar_type()) {
-      case at::kBFloat16: launch_small_up<__nv_bfloat16>(xf, w1, offsets, row_token, a, h); break;
-      case at::kHalf: launch_small_up<__half>(xf, w1, offsets, row_token, a, h); break;
-      default: launch_small_up<float>(xf, w1, offsets, row_token, a, h); break;
+      case at::kBFloat16:
+        launch_small_up<__nv_bfloat16>(xf, w1, offsets, row_token, a, max_rows, h);
+        break;
+      case at::kHalf: launch_small_up<__half>(xf, w1, offsets, row_token, a, max_rows, h); break;
+      default: launch_small_up<float>(xf, w1, offsets, row_token, a, max_rows, h); break;
     }
     switch (w2.scalar_type()) {
-      case at::kBFloat16: launch_small_down<__nv_bfloat16>(h, w2, offsets, a, y); break;
-      case at::kHalf: launch_small_down<__half>(h, w2, offsets, a, y); break;
-      default: launch_small_down<float>(h, w2, offsets, a, y); break;
+      case at::kBFloat16: launch_small_down<__nv_bfloat16>(h, w2, offsets, a, max_rows, y); break;
+      case at::kHalf: launch_small_down<__half>(h, w2, offsets, a, max_rows, y); break;
+      default: launch_small_down<float>(h, w2, offsets, a, max_rows, y); break;
     }
   }
   if (!any_large) return y;
