@@ -146,6 +146,9 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
     float a0[kGemvTokens], a1[kGemvTokens];
 #pragma unroll
     for (int j = 0; j < kGemvTokens; ++j) a0[j] = a1[j] = 0.f;
+    // Unrolled so several 16-byte weight loads per lane are in flight (memory-level parallelism
+    // is what a bandwidth-bound GEMV needs).
+#pragma unroll 4
     for (int64_t c = static_cast<int64_t>(lane) * VEC; c < K; c += 32 * VEC) {
       float wv0[VEC], wv1[VEC];
       load_w<TW, VEC>(w0 + c, wv0);
