@@ -360,7 +360,7 @@ at::Tensor moe_expert_mlp_cuda(const at::Tensor& x, const at::Tensor& row_token_
   int64_t kept = a.P;
   bool any_small = all_small, any_large = false;
   if (all_small) {
-    y.zero_();  // rows past offsets[E] (and of empty experts' neighbours) read zero
+    y.zero_();  // rows past offsets[E] (dropped pairs) read zero
   } else {
     o = host_offsets(offsets, a.P);
     kept = o[a.E];
