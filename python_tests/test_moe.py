@@ -21,6 +21,12 @@ def _layer(H=16, Fs=24, E=6, k=2, dtype=torch.float32, **kw):
     return MoELayer(H, Fs, E, k, dtype=dtype, **kw)
 
 
+def _cuda_only_isa(device, isa):
+    """CUDA cases run once (the ISA fixture selects CPU kernels only)."""
+    if device.type == "cuda" and isa != "scalar":
+        pytest.skip("ISA paths are CPU-only; the CUDA case runs once (isa=scalar)")
+
+
 def _random_routing(T, E, k, skew=None):
     if skew is not None:  # every token picks `skew` first
         rest = [torch.randperm(E - 1)[: k - 1] for _ in range(T)]
@@ -37,9 +43,10 @@ def _random_routing(T, E, k, skew=None):
 @pytest.mark.parametrize("T,E,k", [(0, 4, 2), (1, 8, 2), (37, 8, 2), (50, 60, 4), (9, 5, 5)])
 @pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("renorm", [True, False])
-def test_route_matches_torch_topk(T, E, k, scoring, renorm):
-    logits = torch.randn(T, E) * 3
+def test_route_matches_torch_topk(device, T, E, k, scoring, renorm):
+    logits = (torch.randn(T, E) * 3).to(device)
     w, idx = ops.moe_route(logits, k, scoring, renorm)
+    assert w.device == logits.device and idx.device == logits.device
     rw, ridx = moe_route_reference(logits, k, scoring, renorm)
     # torch.topk on float32 scores, exactly what HF does.
     probs = torch.softmax(logits, -1) if scoring == "softmax" else torch.sigmoid(logits)
@@ -49,18 +56,37 @@ def test_route_matches_torch_topk(T, E, k, scoring, renorm):
     torch.testing.assert_close(w.double(), rw, rtol=1e-5, atol=1e-6)
 
 
-def test_route_ties_lower_index_first():
-    logits = torch.tensor([[0.0] * 8, [1.0, 2, 2, 1, 2, 0, 0, 0], [5.0, 5, 1, 5, 5, 5, 0, 5]])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("T,E,k,G,TG", [(33, 8, 2, 1, 1), (5, 7000, 4, 1, 1), (17, 64, 6, 8, 3)])
+def test_route_dtypes_wide_and_grouped(device, dtype, T, E, k, G, TG):
+    # E = 7000 does not fit a warp's scores in shared memory: the CUDA kernel uses global scratch.
+    logits = (torch.randn(T, E) * 2).to(dtype)
+    bias = torch.randn(E).to(dtype) * 0.05 if G > 1 else None
+    w, idx = ops.moe_route(logits.to(device), k, "sigmoid" if G > 1 else "softmax", True,
+                           None if bias is None else bias.to(device), G, TG)
+    cw, cidx = ops.moe_route(logits, k, "sigmoid" if G > 1 else "softmax", True, bias, G, TG)
+    assert w.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert torch.equal(idx.cpu(), cidx)
+    torch.testing.assert_close(w.cpu(), cw, rtol=1e-5, atol=1e-6)
+    rw, ridx = moe_route_reference(logits.double() if dtype == torch.float64 else logits.float(),
+                                   k, "sigmoid" if G > 1 else "softmax", True,
+                                   None if bias is None else bias.float(), G, TG)
+    torch.testing.assert_close(w.cpu().double(), rw, rtol=1e-5, atol=1e-6)
+
+
+def test_route_ties_lower_index_first(device):
+    logits = torch.tensor([[0.0] * 8, [1.0, 2, 2, 1, 2, 0, 0, 0], [5.0, 5, 1, 5, 5, 5, 0, 5]],
+                          device=device)
     _, idx = ops.moe_route(logits, 3, "softmax", True)
     stable = torch.argsort(-logits, dim=-1, stable=True)[:, :3]
     assert torch.equal(idx, stable)
     assert idx[0].tolist() == [0, 1, 2] and idx[1].tolist() == [1, 2, 4]
 
 
-def test_route_grouped_with_selection_bias():
+def test_route_grouped_with_selection_bias(device):
     T, E, G, TG, k = 40, 16, 4, 2, 4
-    logits = torch.randn(T, E)
-    bias = torch.randn(E) * 0.1
+    logits = torch.randn(T, E, device=device)
+    bias = torch.randn(E, device=device) * 0.1
     w, idx = ops.moe_route(logits, k, "sigmoid", True, bias, G, TG)
     rw, ridx = moe_route_reference(logits, k, "sigmoid", True, bias, G, TG)
     assert torch.equal(idx, ridx)
@@ -72,9 +98,9 @@ def test_route_grouped_with_selection_bias():
 # ---- permute -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("T,E,k,capacity", [(0, 4, 2, -1), (1, 8, 2, -1), (30, 8, 2, -1),
                                             (30, 4, 4, -1), (30, 8, 2, 3), (12, 3, 1, 0)])
-def test_permute_stable_with_inverse(T, E, k, capacity):
+def test_permute_stable_with_inverse(device, T, E, k, capacity):
     _, idx = _random_routing(T, E, k)
-    row_token, offsets, inverse = ops.moe_permute(idx, E, capacity)
+    row_token, offsets, inverse = (t.cpu() for t in ops.moe_permute(idx.to(device), E, capacity))
     flat = idx.reshape(-1)
     kept = []
     taken = [0] * E
@@ -97,54 +123,138 @@ def test_permute_stable_with_inverse(T, E, k, capacity):
     assert sorted(inverse.reshape(-1).tolist()) == list(range(T * k))
 
 
+def _permute_by_stable_sort(idx, E, capacity):
+    """Vectorized reference: kept pairs by (expert, flat id), then dropped pairs by flat id."""
+    T, k = idx.shape
+    flat = idx.reshape(-1)
+    keep = torch.ones(T * k, dtype=torch.bool)
+    if capacity >= 0 and T * k:
+        sm = idx.t().reshape(-1)                              # slot-major order
+        sm_ids = torch.arange(T * k).view(T, k).t().reshape(-1)
+        order = torch.argsort(sm, stable=True)
+        first = torch.searchsorted(sm[order], sm[order], right=False)
+        rank = torch.empty(T * k, dtype=torch.long)
+        rank[order] = torch.arange(T * k) - first
+        keep[sm_ids] = rank < capacity
+    key = torch.where(keep, flat, torch.full_like(flat, E))
+    order = torch.argsort(key, stable=True)
+    offsets = torch.zeros(E + 1, dtype=torch.long)
+    offsets[1:] = torch.cumsum(torch.bincount(flat[keep], minlength=E), 0)
+    inverse = torch.empty(T * k, dtype=torch.long)
+    inverse[order] = torch.arange(T * k)
+    return order // k, offsets, inverse.view(T, k)
+
+
+# Large cases span many 256-pair chunks and (E + 1) * chunks > 8192 (several scan tiles on CUDA).
+@pytest.mark.parametrize("T,E,k,capacity", [(3000, 300, 4, -1), (3000, 300, 4, 37),
+                                            (700, 8, 2, 100), (257, 3, 3, 0), (1, 1, 1, 5)])
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+def test_permute_matches_stable_sort(device, T, E, k, capacity, index_dtype):
+    _, idx = _random_routing(T, E, k, skew=0 if E > 4 else None)
+    got = ops.moe_permute(idx.to(index_dtype).to(device), E, capacity)
+    expected = _permute_by_stable_sort(idx, E, capacity)
+    for g, e in zip(got, expected):
+        assert g.dtype == torch.int64 and g.device == device
+        assert torch.equal(g.cpu(), e)
+
+
 # ---- expert MLP + combine ----------------------------------------------------------------------
 # Segments above 160 rows (skew to one expert with T=200) take the at::mm path, the rest the
 # GEMV ukernels; both appear in one call.
 @pytest.mark.parametrize("T,E,k,skew", [(1, 8, 2, None), (5, 8, 2, None), (40, 6, 2, None),
                                         (70, 4, 2, 0), (200, 5, 2, 3), (3, 16, 2, None),
                                         (20, 3, 3, None)])
-@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
-def test_experts_and_combine_vs_reference(isa, T, E, k, skew, wdtype):
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_experts_and_combine_vs_reference(device, isa, T, E, k, skew, wdtype):
+    _cuda_only_isa(device, isa)
+    if wdtype == torch.float16 and device.type == "cpu":
+        pytest.skip("float16 expert weights are CUDA-only")
     H, Fs = 24, 40
     x = torch.randn(T, H)
     w1 = (torch.randn(E, 2 * Fs, H) * 0.3).to(wdtype)
     w2 = (torch.randn(E, H, Fs) * 0.3).to(wdtype)
     w, idx = _random_routing(T, E, k, skew)
-    row_token, offsets, inverse = ops.moe_permute(idx, E)
-    y = ops.moe_expert_mlp(x, row_token, offsets, w1, w2)
-    out = ops.moe_combine(y, w, inverse)
+    row_token, offsets, inverse = ops.moe_permute(idx.to(device), E)
+    y = ops.moe_expert_mlp(x.to(device), row_token, offsets, w1.to(device), w2.to(device))
+    out = ops.moe_combine(y, w.to(device), inverse)
+    assert y.dtype == torch.float32 and out.device == device
     ref = moe_experts_reference(x, w, idx, w1.float(), w2.float())
-    assert_close_to_reference(out, ref, floor=1e-4)
+    assert_close_to_reference(out.cpu(), ref, floor=1e-4)
+
+
+def _torch_experts_same_dtype(x, w, idx, w1, w2):
+    """HF-style per-expert loop in the inputs' dtype (PyTorch's own error at that dtype)."""
+    out = torch.zeros(x.shape[0], x.shape[1], dtype=x.dtype, device=x.device)
+    Fs = w2.shape[2]
+    for e in range(w1.shape[0]):
+        t, j = torch.where(idx == e)
+        if t.numel() == 0:
+            continue
+        gu = x[t] @ w1[e].t()
+        h = F.silu(gu[:, :Fs]) * gu[:, Fs:]
+        out.index_add_(0, t, (h @ w2[e].t()) * w[t, j, None].to(x.dtype))
+    return out
+
+
+# x, w1, w2 all 16-bit: small segments take the GEMV kernel, large ones (> 16 rows on CUDA) the
+# 16-bit GEMMs with fp32 accumulation. Tolerance: 2x PyTorch's error at the same dtype.
+@pytest.mark.parametrize("T,E,k,skew", [(3, 8, 2, None), (90, 4, 2, 1)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_experts_16bit_inputs(device, T, E, k, skew, dtype):
+    if dtype == torch.float16 and device.type == "cpu":
+        pytest.skip("float16 expert weights are CUDA-only")
+    H, Fs = 64, 96
+    x = torch.randn(T, H)
+    w1 = torch.randn(E, 2 * Fs, H) * 0.2
+    w2 = torch.randn(E, H, Fs) * 0.2
+    w, idx = _random_routing(T, E, k, skew)
+    xd, w1d, w2d = (t.to(dtype).to(device) for t in (x, w1, w2))
+    row_token, offsets, inverse = ops.moe_permute(idx.to(device), E)
+    out = ops.moe_combine(ops.moe_expert_mlp(xd, row_token, offsets, w1d, w2d),
+                          w.to(device), inverse)
+    ref = moe_experts_reference(xd.cpu().float(), w, idx, w1d.cpu().float(), w2d.cpu().float())
+    same = _torch_experts_same_dtype(xd, w.to(device), idx.to(device), w1d, w2d)
+    assert_close_to_reference(out.cpu(), ref, torch_same_dtype=same.cpu(), floor=1e-3)
 
 
 @pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh", "relu"])
 @pytest.mark.parametrize("gated", [True, False])
-def test_expert_activations(isa, activation, gated):
+def test_expert_activations(device, isa, activation, gated):
+    _cuda_only_isa(device, isa)
     T, E, k, H, Fs = 170, 4, 2, 16, 20
     x = torch.randn(T, H)
     w1 = torch.randn(E, (2 if gated else 1) * Fs, H) * 0.3
     w2 = torch.randn(E, H, Fs) * 0.3
     w, idx = _random_routing(T, E, k, skew=1)  # expert 1: 170 rows (BLAS path), others small
-    row_token, offsets, inverse = ops.moe_permute(idx, E)
-    out = ops.moe_combine(ops.moe_expert_mlp(x, row_token, offsets, w1, w2, activation, gated),
-                          w, inverse)
+    row_token, offsets, inverse = ops.moe_permute(idx.to(device), E)
+    out = ops.moe_combine(ops.moe_expert_mlp(x.to(device), row_token, offsets, w1.to(device),
+                                             w2.to(device), activation, gated),
+                          w.to(device), inverse)
     ref = moe_experts_reference(x, w, idx, w1, w2, activation, gated)
-    assert_close_to_reference(out, ref, floor=1e-4)
+    assert_close_to_reference(out.cpu(), ref, floor=1e-4)
+    # Decode-size call (every segment small: the CUDA GEMV kernels without a host read).
+    xs, ws, idxs = x[:3], w[:3], idx[:3]
+    row_token, offsets, inverse = ops.moe_permute(idxs.to(device), E)
+    out = ops.moe_combine(ops.moe_expert_mlp(xs.to(device), row_token, offsets, w1.to(device),
+                                             w2.to(device), activation, gated),
+                          ws.to(device), inverse)
+    ref = moe_experts_reference(xs, ws, idxs, w1, w2, activation, gated)
+    assert_close_to_reference(out.cpu(), ref, floor=1e-4)
 
 
-def test_capacity_drops_contribute_zero():
-    T, E, k, H, Fs = 30, 4, 2, 8, 12
+@pytest.mark.parametrize("T,cap", [(30, 5), (6, 2)])
+def test_capacity_drops_contribute_zero(device, T, cap):
+    E, k, H, Fs = 4, 2, 8, 12
     x = torch.randn(T, H)
     w1, w2 = torch.randn(E, 2 * Fs, H), torch.randn(E, H, Fs)
     w, idx = _random_routing(T, E, k, skew=2)
-    cap = 5
-    row_token, offsets, inverse = ops.moe_permute(idx, E, cap)
-    y = ops.moe_expert_mlp(x, row_token, offsets, w1, w2)
+    row_token, offsets, inverse = ops.moe_permute(idx.to(device), E, cap)
+    y = ops.moe_expert_mlp(x.to(device), row_token, offsets, w1.to(device), w2.to(device))
     assert int(offsets[-1]) < T * k
     assert torch.all(y[int(offsets[-1]):] == 0)
-    out = ops.moe_combine(y, w, inverse)
+    out = ops.moe_combine(y, w.to(device), inverse)
     ref = moe_experts_reference(x, w, idx, w1, w2, capacity=cap)
-    assert_close_to_reference(out, ref, floor=1e-4)
+    assert_close_to_reference(out.cpu(), ref, floor=1e-4)
 
 
 # ---- layer -------------------------------------------------------------------------------------
@@ -161,24 +271,27 @@ def _layer_reference(layer, x):
 
 @pytest.mark.parametrize("shape", [(0, 16), (1, 16), (3, 7, 16), (64, 16)])
 @pytest.mark.parametrize("k", [1, 2, 6])
-def test_layer_vs_reference(isa, shape, k):
+def test_layer_vs_reference(device, isa, shape, k):
+    _cuda_only_isa(device, isa)
     layer = _layer(k=k).eval()
     x = torch.randn(*shape)
-    out = layer(x)
-    assert out.shape == x.shape
-    assert_close_to_reference(out, _layer_reference(layer, x), floor=1e-5)
+    ref = _layer_reference(layer, x)
+    out = layer.to(device)(x.to(device))
+    assert out.shape == x.shape and out.device == device
+    assert_close_to_reference(out.cpu(), ref, floor=1e-5)
 
 
-def test_layer_capacity_and_bf16_input():
+def test_layer_capacity_and_bf16_input(device):
     layer = _layer(capacity_factor=0.5).eval()
     x = torch.randn(40, 16)
-    assert_close_to_reference(layer(x), _layer_reference(layer, x), floor=1e-5)
+    ref = _layer_reference(layer, x)
+    assert_close_to_reference(layer.to(device)(x.to(device)).cpu(), ref, floor=1e-5)
     layer = _layer().eval()
     xb = torch.randn(10, 16).bfloat16()
-    out = layer(xb)
-    assert out.dtype == torch.bfloat16
     ref = _layer_reference(layer, xb.float())
-    assert (out.double() - ref).abs().max() < 2e-2
+    out = layer.to(device)(xb.to(device))
+    assert out.dtype == torch.bfloat16
+    assert (out.cpu().double() - ref).abs().max() < 2e-2
 
 
 def test_layer_grouped_sigmoid_bias_and_state_dict(tmp_path):
@@ -197,19 +310,22 @@ def test_layer_grouped_sigmoid_bias_and_state_dict(tmp_path):
     assert "num_experts=6" in repr(other)
 
 
-def test_layer_bf16_parameters():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_layer_16bit_parameters(device, dtype):
+    if dtype == torch.float16 and device.type == "cpu":
+        pytest.skip("float16 parameters are CUDA-only")
     layer = _layer(shared_expert_size=8, shared_expert_gate=True).eval()
     x = torch.randn(2, 9, 16)
     ref = layer(x)
-    layer = layer.to(torch.bfloat16)
-    out = layer(x.bfloat16())
-    assert out.dtype == torch.bfloat16 and layer.w1.dtype == torch.bfloat16
-    assert (out.float() - ref).abs().max() < 3e-2 * max(1.0, ref.abs().max().item())
+    layer = layer.to(device=device, dtype=dtype)
+    out = layer(x.to(device=device, dtype=dtype))
+    assert out.dtype == dtype and layer.w1.dtype == dtype
+    assert (out.float().cpu() - ref).abs().max() < 3e-2 * max(1.0, ref.abs().max().item())
 
 
-def test_layer_grads_vs_torch_reference():
-    layer = _layer(E=4, k=2).train()
-    x = torch.randn(33, 16, requires_grad=True)
+def test_layer_grads_vs_torch_reference(device):
+    layer = _layer(E=4, k=2).train().to(device)
+    x = torch.randn(33, 16, device=device, requires_grad=True)
     out = layer(x)
     g = torch.randn_like(out)
     (out * g).sum().backward()
@@ -254,32 +370,33 @@ def test_losses_hf_convention():
     torch.testing.assert_close(layer.aux_loss, hf)
 
 
-def test_gradcheck_ops_float64():
+def test_gradcheck_ops_float64(device):
     torch.manual_seed(3)
     T, E, k, H, Fs = 5, 4, 2, 3, 4
+    f64 = dict(dtype=torch.float64, device=device, requires_grad=True)
     for scoring in ("softmax", "sigmoid"):
         for renorm in (True, False):
-            logits = torch.randn(T, E, dtype=torch.float64, requires_grad=True)
+            logits = torch.randn(T, E, **f64)
             assert torch.autograd.gradcheck(
                 lambda lg: ops.moe_route(lg, k, scoring, renorm)[0], (logits,))
     _, idx = _random_routing(T, E, k, skew=0)
-    row_token, offsets, inverse = ops.moe_permute(idx, E)
-    for act, gated in (("silu", True), ("gelu", False), ("gelu_tanh", True)):
-        x = torch.randn(T, H, dtype=torch.float64, requires_grad=True)
-        w1 = torch.randn(E, (2 if gated else 1) * Fs, H, dtype=torch.float64, requires_grad=True)
-        w2 = torch.randn(E, H, Fs, dtype=torch.float64, requires_grad=True)
+    row_token, offsets, inverse = ops.moe_permute(idx.to(device), E)
+    for act, gated in (("silu", True), ("gelu", False), ("gelu_tanh", True), ("relu", False)):
+        x = torch.randn(T, H, **f64)
+        w1 = torch.randn(E, (2 if gated else 1) * Fs, H, **f64)
+        w2 = torch.randn(E, H, Fs, **f64)
         assert torch.autograd.gradcheck(
             lambda a, b, c: ops.moe_expert_mlp(a, row_token, offsets, b, c, act, gated),
             (x, w1, w2))
-    y = torch.randn(T * k, H, dtype=torch.float64, requires_grad=True)
-    w = torch.rand(T, k, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(T * k, H, **f64)
+    w = torch.rand(T, k, dtype=torch.float64, device=device, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b: ops.moe_combine(a, b, inverse), (y, w))
 
 
-def test_gradcheck_layer_float64():
+def test_gradcheck_layer_float64(device):
     layer = _layer(H=4, Fs=5, E=4, k=2, dtype=torch.float64, shared_expert_size=3,
-                   shared_expert_gate=True).eval()
-    x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+                   shared_expert_gate=True).eval().to(device)
+    x = torch.randn(6, 4, dtype=torch.float64, device=device, requires_grad=True)
     assert torch.autograd.gradcheck(layer, (x,))
     names = ["router.weight", "w1", "w2"]
     params = [dict(layer.named_parameters())[n] for n in names]
@@ -295,43 +412,64 @@ def test_gradcheck_layer_float64():
     assert torch.autograd.gradcheck(fn, leaves)
 
 
-def test_opcheck_every_op():
-    T, E, k, H, Fs = 7, 4, 2, 8, 6
-    logits = torch.randn(T, E)
+@pytest.mark.parametrize("T", [7, 40])
+def test_opcheck_every_op(device, T):
+    # T = 7: 14 pairs (CUDA: every segment on the GEMV kernels, no host read); T = 40: 80 pairs,
+    # segments above 16 rows on cuBLAS.
+    E, k, H, Fs = 4, 2, 8, 6
+    logits = torch.randn(T, E, device=device)
     for args in [(logits, k, "softmax", True, None, 1, 1),
-                 (logits, k, "sigmoid", False, torch.randn(E), 2, 1)]:
+                 (logits, k, "sigmoid", False, torch.randn(E, device=device), 2, 1)]:
         torch.library.opcheck(L.moe_route, args)
-    _, idx = _random_routing(T, E, k)
+    _, idx = _random_routing(T, E, k, skew=0)
+    idx = idx.to(device)
     torch.library.opcheck(L.moe_permute, (idx, E, -1))
     torch.library.opcheck(L.moe_permute, (idx, E, 2))
     row_token, offsets, inverse = ops.moe_permute(idx, E)
-    x = torch.randn(T, H, requires_grad=True)
-    w1 = torch.randn(E, 2 * Fs, H, requires_grad=True)
-    w2 = torch.randn(E, H, Fs, requires_grad=True)
+    x = torch.randn(T, H, device=device, requires_grad=True)
+    w1 = torch.randn(E, 2 * Fs, H, device=device, requires_grad=True)
+    w2 = torch.randn(E, H, Fs, device=device, requires_grad=True)
     torch.library.opcheck(L.moe_expert_mlp, (x, row_token, offsets, w1, w2, "silu", True))
-    gy = torch.randn(T * k, H)
+    gy = torch.randn(T * k, H, device=device)
     torch.library.opcheck(L.moe_expert_mlp_backward,
                           (gy, x.detach(), row_token, offsets, w1.detach(), w2.detach(), "silu",
                            True))
-    y = torch.randn(T * k, H, requires_grad=True)
-    w = torch.rand(T, k, requires_grad=True)
+    y = torch.randn(T * k, H, device=device, requires_grad=True)
+    w = torch.rand(T, k, device=device, requires_grad=True)
     torch.library.opcheck(L.moe_combine, (y, w, inverse))
-    torch.library.opcheck(L.moe_combine_backward, (torch.randn(T, H), y.detach(), w.detach(),
-                                                   inverse))
+    torch.library.opcheck(L.moe_combine_backward, (torch.randn(T, H, device=device), y.detach(),
+                                                   w.detach(), inverse))
 
 
-def test_torch_compile_fullgraph():
+def test_forward_backward_deterministic(device):
+    """Same inputs, same bits: no float atomics anywhere (routing, combine, gather backward)."""
+    layer = _layer(E=6, k=3).train().to(device)
+    x = torch.randn(70, 16, device=device)
+    g = torch.randn(70, 16, device=device)
+    results = []
+    for _ in range(2):
+        xr = x.clone().requires_grad_(True)
+        layer.zero_grad()
+        out = layer(xr)
+        (out * g).sum().backward()
+        results.append([out.detach(), xr.grad, layer.w1.grad, layer.w2.grad,
+                        layer.router.weight.grad])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_torch_compile_fullgraph(device):
     layer = _layer().eval()
-    model = torch.nn.Sequential(torch.nn.Linear(16, 16), layer, torch.nn.ReLU())
-    x = torch.randn(2, 5, 16)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), layer, torch.nn.ReLU()).to(device)
+    x = torch.randn(2, 5, 16, device=device)
     expected = model(x)
     compiled = torch.compile(model, fullgraph=True)
     torch.testing.assert_close(compiled(x), expected)
 
 
-def test_torch_compile_fullgraph_training_backward():
-    layer = _layer(router_jitter=0.0).train()
-    x = torch.randn(9, 16)
+def test_torch_compile_fullgraph_training_backward(device):
+    layer = _layer(router_jitter=0.0).train().to(device)
+    x = torch.randn(9, 16, device=device)
     layer(x).square().sum().backward()
     expected = [p.grad.clone() for p in (layer.router.weight, layer.w1, layer.w2)]
     layer.zero_grad()
@@ -351,7 +489,8 @@ def _randomize(block):
 
 
 @pytest.mark.parametrize("T", [1, 9, 80])
-def test_from_hf_mixtral(isa, T):
+def test_from_hf_mixtral(device, isa, T):
+    _cuda_only_isa(device, isa)
     pytest.importorskip("transformers")
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
@@ -360,16 +499,18 @@ def test_from_hf_mixtral(isa, T):
     cfg = MixtralConfig(hidden_size=32, intermediate_size=48, num_local_experts=8,
                         num_experts_per_tok=2)
     cfg._experts_implementation = "eager"
-    block = _randomize(MixtralSparseMoeBlock(cfg)).eval()
+    block = _randomize(MixtralSparseMoeBlock(cfg)).eval().to(device)
     layer = MoELayer.from_hf(block).eval()
-    x = torch.randn(2, T, 32)
+    assert layer.w1.device == device
+    x = torch.randn(2, T, 32, device=device)
     with torch.no_grad():
         expected = block(x.clone())
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("norm", [False, True])
-def test_from_hf_qwen2_moe(isa, norm):
+def test_from_hf_qwen2_moe(device, isa, norm):
+    _cuda_only_isa(device, isa)
     pytest.importorskip("transformers")
     from transformers import Qwen2MoeConfig
     from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
@@ -379,59 +520,129 @@ def test_from_hf_qwen2_moe(isa, norm):
                          shared_expert_intermediate_size=40, num_experts=6,
                          num_experts_per_tok=3, norm_topk_prob=norm)
     cfg._experts_implementation = "eager"
-    block = _randomize(Qwen2MoeSparseMoeBlock(cfg)).eval()
+    block = _randomize(Qwen2MoeSparseMoeBlock(cfg)).eval().to(device)
     layer = MoELayer.from_hf(block).eval()
-    x = torch.randn(3, 11, 32)
+    x = torch.randn(3, 11, 32, device=device)
     with torch.no_grad():
         expected = block(x.clone())
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
 
 
 # ---- bad input ---------------------------------------------------------------------------------
-def test_bad_inputs_raise_clear_errors():
+def test_bad_inputs_raise_clear_errors(device):
     T, E, k, H, Fs = 4, 4, 2, 8, 6
-    x = torch.randn(T, H)
+    d = dict(device=device)
+    x = torch.randn(T, H, **d)
     with pytest.raises(RuntimeError, match="top_k"):
-        ops.moe_route(torch.randn(T, E), 5)
+        ops.moe_route(torch.randn(T, E, **d), 5)
     with pytest.raises(RuntimeError, match="scoring"):
-        ops.moe_route(torch.randn(T, E), 2, "tanh")
+        ops.moe_route(torch.randn(T, E, **d), 2, "tanh")
     with pytest.raises(RuntimeError, match="num_groups"):
-        ops.moe_route(torch.randn(T, 6), 2, "softmax", True, None, 4, 1)
+        ops.moe_route(torch.randn(T, 6, **d), 2, "softmax", True, None, 4, 1)
+    with pytest.raises(RuntimeError, match="selection_bias"):
+        ops.moe_route(torch.randn(T, E, **d), 2, "softmax", True, torch.randn(E + 1, **d))
     with pytest.raises(RuntimeError, match="out of range"):
-        ops.moe_permute(torch.tensor([[0, 4]]), E)
-    with pytest.raises(RuntimeError, match="out of range"):
-        ops.moe_permute(torch.tensor([[0, -1]]), E)
-    idx = torch.tensor([[0, 1], [1, 2], [3, 0], [2, 3]])
+        ops.moe_permute(torch.tensor([[0, 4]], **d), E)
+    with pytest.raises(RuntimeError, match=r"topk_indices\[0, 1\] = -1"):
+        ops.moe_permute(torch.tensor([[0, -1]], **d), E)
+    with pytest.raises(RuntimeError, match=r"topk_indices\[1, 0\] = 9"):
+        ops.moe_permute(torch.tensor([[0, 1], [9, 2], [7, 1]], dtype=torch.int32, **d), E, 1)
+    with pytest.raises(RuntimeError, match="top_k"):
+        ops.moe_permute(torch.zeros(3, 5, dtype=torch.long, **d), E)
+    idx = torch.tensor([[0, 1], [1, 2], [3, 0], [2, 3]], **d)
     row_token, offsets, inverse = ops.moe_permute(idx, E)
-    w1, w2 = torch.randn(E, 2 * Fs, H), torch.randn(E, H, Fs)
+    w1, w2 = torch.randn(E, 2 * Fs, H, **d), torch.randn(E, H, Fs, **d)
     with pytest.raises(RuntimeError, match="w1 must have shape"):
-        ops.moe_expert_mlp(x, row_token, offsets, torch.randn(E, 2 * Fs, H + 1), w2)
+        ops.moe_expert_mlp(x, row_token, offsets, torch.randn(E, 2 * Fs, H + 1, **d), w2)
     with pytest.raises(RuntimeError, match="w2 must have"):
-        ops.moe_expert_mlp(x, row_token, offsets, w1, torch.randn(E + 1, H, Fs))
+        ops.moe_expert_mlp(x, row_token, offsets, w1, torch.randn(E + 1, H, Fs, **d))
     with pytest.raises(RuntimeError, match="row_token"):
         ops.moe_expert_mlp(x, row_token + 10, offsets, w1, w2)
+    with pytest.raises(RuntimeError, match=r"row_token\[3\] = -1"):
+        bad_rt = row_token.clone()
+        bad_rt[3] = -1
+        ops.moe_expert_mlp(x, bad_rt, offsets, w1, w2)
     bad = offsets.clone()
     bad[2] = 100
     with pytest.raises(RuntimeError, match="expert_offsets"):
+        ops.moe_expert_mlp(x, row_token, bad, w1, w2)
+    bad = offsets.clone()
+    bad[0] = 1
+    with pytest.raises(RuntimeError, match=r"expert_offsets\[0\] must be 0"):
+        ops.moe_expert_mlp(x, row_token, bad, w1, w2)
+    bad = offsets.clone()
+    bad[-1] = T * k + 1
+    with pytest.raises(RuntimeError, match="must not exceed the number of rows"):
         ops.moe_expert_mlp(x, row_token, bad, w1, w2)
     with pytest.raises(RuntimeError, match="activation"):
         ops.moe_expert_mlp(x, row_token, offsets, w1, w2, "tanh")
     with pytest.raises(RuntimeError, match="float64"):
         ops.moe_expert_mlp(x.double(), row_token, offsets, w1, w2)
     with pytest.raises(RuntimeError, match="inverse"):
-        ops.moe_combine(torch.randn(T * k, H), torch.rand(T, k), inverse + 100)
+        ops.moe_combine(torch.randn(T * k, H, **d), torch.rand(T, k, **d), inverse + 100)
+    rep_inv = inverse.clone()
+    rep_inv[1, 1] = rep_inv[0, 0]
+    with pytest.raises(RuntimeError, match="repeats a row"):
+        L.moe_combine_backward(torch.randn(T, H, **d), torch.randn(T * k, H, **d),
+                               torch.rand(T, k, **d), rep_inv)
     with pytest.raises(ValueError, match="top_k"):
         MoELayer(8, 8, 4, 5)
     with pytest.raises(ValueError, match="hidden_size"):
-        MoELayer(8, 8, 4, 2)(torch.randn(3, 7))
+        MoELayer(8, 8, 4, 2).to(device)(torch.randn(3, 7, **d))
+
+
+def test_cuda_decode_chain_has_no_host_sync():
+    """route -> permute -> expert MLP -> combine at decode size: every metadata tensor is
+    well-formed by construction (validation hand-off) and <= 64 pairs keep the offsets on the
+    device, so the layer's forward must not synchronize with the host."""
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA not available on this machine")
+    layer = _layer(E=8, k=2).eval().cuda()
+    x = torch.randn(4, 16, device="cuda")
+    expected = layer(x)  # warm-up (library handles, allocator)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = layer(x)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.equal(out, expected)
+
+
+def test_cuda_wrong_device_raises():
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA not available on this machine")
+    T, E, k, H, Fs = 4, 4, 2, 8, 6
+    c = torch.device("cuda")
+    idx = torch.tensor([[0, 1], [1, 2], [3, 0], [2, 3]], device=c)
+    row_token, offsets, inverse = ops.moe_permute(idx, E)
+    x = torch.randn(T, H, device=c)
+    w1, w2 = torch.randn(E, 2 * Fs, H, device=c), torch.randn(E, H, Fs, device=c)
+    with pytest.raises(RuntimeError, match="selection_bias must be on"):
+        ops.moe_route(torch.randn(T, E, device=c), 2, "softmax", True, torch.randn(E))
+    with pytest.raises(RuntimeError, match="w1 must be on"):
+        ops.moe_expert_mlp(x, row_token, offsets, w1.cpu(), w2)
+    with pytest.raises(RuntimeError, match="expert_offsets must be on"):
+        ops.moe_expert_mlp(x, row_token, offsets.cpu(), w1, w2)
+    with pytest.raises(RuntimeError, match="x must be a CUDA tensor"):
+        ops.moe_expert_mlp(x.cpu(), row_token, offsets, w1, w2)
+    with pytest.raises(RuntimeError, match="inverse must be on"):
+        ops.moe_combine(torch.randn(T * k, H, device=c), torch.rand(T, k, device=c),
+                        inverse.cpu())
+    with pytest.raises(RuntimeError, match="topk_weights must be on"):
+        ops.moe_combine(torch.randn(T * k, H, device=c), torch.rand(T, k), inverse)
 
 
 # ---- expert parallelism ------------------------------------------------------------------------
-def _ep_worker(rank, world, init_file, result_file):
+def _ep_worker(rank, world, init_file, result_file, backend="gloo"):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+    device = torch.device("cpu")
+    if backend == "nccl":
+        device = torch.device("cuda", rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank,
                             world_size=world)
     try:
         torch.manual_seed(0)
@@ -445,26 +656,33 @@ def _ep_worker(rank, world, init_file, result_file):
         state["w1"] = full.w1.detach()[rank * El:(rank + 1) * El]
         state["w2"] = full.w2.detach()[rank * El:(rank + 1) * El]
         layer.load_state_dict(state)
-        x = xs[rank].clone().requires_grad_(True)
+        layer.to(device)
+        x = xs[rank].clone().to(device).requires_grad_(True)
         out = layer(x)
-        (out * gs[rank]).sum().backward()
+        (out * gs[rank].to(device)).sum().backward()
         router_grad = layer.router.weight.grad.clone()
         dist.all_reduce(router_grad)
-        torch.save({"out": out.detach(), "x_grad": x.grad, "w1_grad": layer.w1.grad,
-                    "w2_grad": layer.w2.grad, "router_grad": router_grad}, f"{result_file}.{rank}")
+        torch.save({"out": out.detach().cpu(), "x_grad": x.grad.cpu(),
+                    "w1_grad": layer.w1.grad.cpu(), "w2_grad": layer.w2.grad.cpu(),
+                    "router_grad": router_grad.cpu()}, f"{result_file}.{rank}")
     finally:
         dist.destroy_process_group()
 
 
-def test_expert_parallel_gloo_matches_single_process():
+@pytest.mark.parametrize("backend", ["gloo", "nccl"])
+def test_expert_parallel_matches_single_process(backend):
     import torch.distributed as dist
     import torch.multiprocessing as mp
 
-    if not dist.is_available() or not dist.is_gloo_available():
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    if backend == "gloo" and not dist.is_gloo_available():
         pytest.skip("torch.distributed with Gloo is not available")
+    if backend == "nccl" and (not dist.is_nccl_available() or torch.cuda.device_count() < 2):
+        pytest.skip("NCCL expert parallelism needs two CUDA devices")
     with tempfile.TemporaryDirectory() as tmp:
         init_file, result_file = os.path.join(tmp, "init"), os.path.join(tmp, "result")
-        mp.spawn(_ep_worker, args=(2, init_file, result_file), nprocs=2, join=True)
+        mp.spawn(_ep_worker, args=(2, init_file, result_file, backend), nprocs=2, join=True)
         results = [torch.load(f"{result_file}.{r}") for r in range(2)]
     torch.manual_seed(0)
     full = MoELayer(16, 12, 4, 2, shared_expert_size=8, shared_expert_gate=True)

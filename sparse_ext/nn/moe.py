@@ -27,7 +27,8 @@ Semantics (see docs/moe.md):
 * expert parallelism: ``process_group=pg`` keeps experts ``[rank * E / W, (rank + 1) * E / W)`` on
   each rank and exchanges token rows with ``all_to_all`` (forward and backward); the router and
   the shared expert are replicated (their gradients are per-rank partial sums, reduce them as for
-  data parallelism).
+  data parallelism). Device-agnostic: on CUDA, use an NCCL group (rows and counts stay on the GPU;
+  only the [world, local experts] count table is copied to the host for the split sizes).
 """
 import math
 from typing import Optional
@@ -236,7 +237,10 @@ class MoELayer(nn.Module):
         recv_counts = torch.empty_like(counts)                    # [W * El]: source-major
         dist.all_to_all_single(recv_counts, counts, group=group)
         send_splits = counts.view(W, El).sum(1).tolist()
-        rc = recv_counts.view(W, El)
+        # Split sizes are host lists for all_to_all_single anyway (NCCL or Gloo): one device->host
+        # copy of the [W, El] counts, then the regrouping indices are built on the host and moved
+        # to the rows' device once.
+        rc = recv_counts.view(W, El).cpu()
         recv_splits = rc.sum(1).tolist()
         recv = _AllToAll.apply(send, recv_splits, send_splits, group)   # [R, H] source-major
         # Regroup the received rows expert-major (expert, then source rank) for the local experts.
@@ -247,10 +251,12 @@ class MoELayer(nn.Module):
         order = torch.cat(order) if order else torch.zeros(0, dtype=torch.int64)
         local_offsets = torch.zeros(El + 1, dtype=torch.int64)
         local_offsets[1:] = torch.cumsum(rc.sum(0), 0)
+        order = order.to(recv.device)
+        local_offsets = local_offsets.to(recv.device)
         y_local = ops.moe_expert_mlp(recv, order, local_offsets, self.w1, self.w2,
                                      self.activation, self.gated)
         inv_order = torch.empty_like(order)
-        inv_order[order] = torch.arange(order.shape[0])
+        inv_order[order] = torch.arange(order.shape[0], device=order.device)
         y_src = y_local.index_select(0, inv_order)
         y = _AllToAll.apply(y_src, send_splits, recv_splits, group)     # [kept, H]
         if P > kept:

@@ -3,6 +3,7 @@
 
 #include <c10/util/intrusive_ptr.h>
 
+#include <algorithm>
 #include <deque>
 #include <mutex>
 #include <string>
@@ -61,6 +62,15 @@ void validate_structure_once(const char* op, std::initializer_list<at::Tensor> s
     entry.versions.push_back(t._version());
   }
   std::lock_guard<std::mutex> lock(cache_mutex);
+  // Entries whose tensors were freed can never match again: drop them first, so per-call
+  // metadata (e.g. MoE routing outputs) does not evict long-lived weights' entries.
+  cache.erase(std::remove_if(cache.begin(), cache.end(),
+                             [](const Validated& v) {
+                               for (const WeakImpl& w : v.impls)
+                                 if (w.expired()) return true;
+                               return false;
+                             }),
+              cache.end());
   cache.push_front(std::move(entry));
   if (cache.size() > kCacheEntries) cache.pop_back();
 }
