@@ -40,6 +40,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t P = s.out_h * s.out_w, Q = s.in_h * s.in_w, M = s.out_channels;
   const int64_t tiles = ceil_div(P, 32 * kPix);
   const T* values = static_cast<const T*>(w.values);
+  const bool vals_aligned = is_aligned16(values);
   const Acc* bias = static_cast<const Acc*>(ep.bias);
   const Acc lo = static_cast<Acc>(ep.out_min), hi = static_cast<Acc>(ep.out_max);
   for (int64_t bz = blockIdx.z; bz < s.batch; bz += gridDim.z) {
@@ -78,12 +79,12 @@ __global__ void __launch_bounds__(kThreads)
             const bool in = ok[v] && iy >= 0 && iy < s.in_h && ix >= 0 && ix < s.in_w;
             xv[v] = in ? to_float(xc[iy * s.in_w + ix]) : Acc(0);
           }
+          Acc val[R];
+          load_entry_values<T, R>(values, j, vals_aligned, val);
 #pragma unroll
-          for (int r = 0; r < R; ++r) {
-            const Acc val = to_float(values[j * R + r]);
+          for (int r = 0; r < R; ++r)
 #pragma unroll
-            for (int v = 0; v < kPix; ++v) acc[r][v] += val * xv[v];
-          }
+            for (int v = 0; v < kPix; ++v) acc[r][v] += val[r] * xv[v];
         }
       }
 #pragma unroll

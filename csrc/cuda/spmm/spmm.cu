@@ -99,6 +99,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t g = __ldg(order + slot);
   if (g < 0 || g >= G) return;  // uniform across the warp
   const T* values = static_cast<const T*>(w.values);
+  const bool vals_aligned = is_aligned16(values);
   Acc acc[kMax][R];
 #pragma unroll
   for (int n = 0; n < kMax; ++n)
@@ -111,8 +112,7 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t col = kb * kSpmmKBlockCuda + __ldg(w.indices + j);
       if (col >= K) continue;
       Acc v[R];
-#pragma unroll
-      for (int r = 0; r < R; ++r) v[r] = to_float(values[j * R + r]);
+      load_entry_values<T, R>(values, j, vals_aligned, v);
 #pragma unroll
       for (int n = 0; n < kMax; ++n) {
         if (n < N) {
@@ -173,6 +173,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t g = __ldg(order + slot);
   if (g < 0 || g >= G) return;
   const T* values = static_cast<const T*>(w.values);
+  const bool vals_aligned = is_aligned16(values);
   const Acc* bias = static_cast<const Acc*>(ep.bias);
   const Acc lo = static_cast<Acc>(ep.out_min), hi = static_cast<Acc>(ep.out_max);
   const int64_t tiles_n = ceil_div(a.N, int64_t(S) * V);
@@ -194,14 +195,13 @@ __global__ void __launch_bounds__(kThreads)
         for (int64_t j = b; j < e; ++j) {
           const int64_t col = kb * kSpmmKBlockCuda + __ldg(w.indices + j);
           if (col >= K) continue;
-          Acc xv[V];
+          Acc xv[V], val[R];
           load_run<T, V, kVec>(xT + col * a.ldx + n0, avail, xv);
+          load_entry_values<T, R>(values, j, vals_aligned, val);
 #pragma unroll
-          for (int r = 0; r < R; ++r) {
-            const Acc val = to_float(values[j * R + r]);
+          for (int r = 0; r < R; ++r)
 #pragma unroll
-            for (int v = 0; v < V; ++v) acc[r][v] += val * xv[v];
-          }
+            for (int v = 0; v < V; ++v) acc[r][v] += val[r] * xv[v];
         }
       }
 #pragma unroll

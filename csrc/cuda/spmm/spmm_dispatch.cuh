@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <type_traits>
 
@@ -27,6 +28,45 @@ __device__ __forceinline__ T from_acc(typename Accum<T>::type v) {
 template <>
 __device__ __forceinline__ double from_acc<double>(double v) {
   return v;
+}
+
+// The R values of stored entry j (values[j*R .. j*R + R - 1]) in the accumulator type. When the
+// values buffer is 16-byte aligned (`aligned`, uniform across the grid) the R * sizeof(T) bytes
+// are fetched with one or two vector loads (an entry's R values are adjacent and R * sizeof(T) is
+// a power of two, so entry j starts at a multiple of min(R * sizeof(T), 16) bytes); otherwise
+// with R scalar loads.
+template <typename T, int R>
+__device__ __forceinline__ void load_entry_values(const T* __restrict__ values, int64_t j,
+                                                  bool aligned, typename Accum<T>::type* out) {
+  constexpr int kBytes = static_cast<int>(sizeof(T)) * R;
+  const T* p = values + j * R;
+  if constexpr (kBytes == 4 || kBytes == 8 || kBytes % 16 == 0) {
+    if (aligned) {
+      T tmp[R];
+      if constexpr (kBytes == 4) {
+        const unsigned int raw = __ldg(reinterpret_cast<const unsigned int*>(p));
+        memcpy(tmp, &raw, sizeof(raw));
+      } else if constexpr (kBytes == 8) {
+        const uint2 raw = __ldg(reinterpret_cast<const uint2*>(p));
+        memcpy(tmp, &raw, sizeof(raw));
+      } else {
+#pragma unroll
+        for (int q = 0; q < kBytes / 16; ++q) {
+          const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p) + q);
+          memcpy(reinterpret_cast<char*>(tmp) + 16 * q, &raw, sizeof(raw));
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < R; ++r) out[r] = to_float(tmp[r]);
+      return;
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r) out[r] = to_float(p[r]);
+}
+
+__device__ __forceinline__ bool is_aligned16(const void* p) {
+  return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
 }
 
 // Calls fn(T{}) for the storage type named by dtype; returns fn's cudaError_t.
