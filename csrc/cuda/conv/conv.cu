@@ -41,7 +41,6 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t tiles = ceil_div(P, 32 * kPix);
   const T* values = static_cast<const T*>(w.values);
   const bool vals_aligned = is_aligned16(values);
-  const Acc* bias = static_cast<const Acc*>(ep.bias);
   const Acc lo = static_cast<Acc>(ep.out_min), hi = static_cast<Acc>(ep.out_max);
   for (int64_t bz = blockIdx.z; bz < s.batch; bz += gridDim.z) {
     const T* xb = x + bz * s.in_channels * Q;
@@ -90,7 +89,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int r = 0; r < R; ++r) {
         const int64_t m = g * R + r;
-        const Acc bm = bias != nullptr ? bias[m] : Acc(0);
+        const Acc bm = load_bias<Acc>(ep, m);
         T* ym = y + (bz * M + m) * P;
 #pragma unroll
         for (int v = 0; v < kPix; ++v) {

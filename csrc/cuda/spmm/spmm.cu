@@ -123,7 +123,6 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   }
-  const Acc* bias = static_cast<const Acc*>(ep.bias);
   const Acc lo = static_cast<Acc>(ep.out_min), hi = static_cast<Acc>(ep.out_max);
 #pragma unroll
   for (int n = 0; n < kMax; ++n) {
@@ -133,7 +132,7 @@ __global__ void __launch_bounds__(kThreads)
       const Acc s = warp_sum(acc[n][r]);
       if (lane == 0) {
         const int64_t m = g * R + r;
-        y[n * M + m] = from_acc<T>(clamp_out(s + (bias != nullptr ? bias[m] : Acc(0)), lo, hi));
+        y[n * M + m] = from_acc<T>(clamp_out(s + load_bias<Acc>(ep, m), lo, hi));
       }
     }
   }
@@ -174,7 +173,6 @@ __global__ void __launch_bounds__(kThreads)
   if (g < 0 || g >= G) return;
   const T* values = static_cast<const T*>(w.values);
   const bool vals_aligned = is_aligned16(values);
-  const Acc* bias = static_cast<const Acc*>(ep.bias);
   const Acc lo = static_cast<Acc>(ep.out_min), hi = static_cast<Acc>(ep.out_max);
   const int64_t tiles_n = ceil_div(a.N, int64_t(S) * V);
   for (int64_t bz = blockIdx.z; bz < a.batch; bz += gridDim.z) {
@@ -207,7 +205,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int r = 0; r < R; ++r) {
         const int64_t m = g * R + r;
-        const Acc bm = bias != nullptr ? bias[m] : Acc(0);
+        const Acc bm = load_bias<Acc>(ep, m);
 #pragma unroll
         for (int v = 0; v < V; ++v) {
           if (v >= avail) break;

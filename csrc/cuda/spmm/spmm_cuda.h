@@ -14,8 +14,8 @@
 // makes a kernel read or write outside the documented buffers.
 //
 // Storage dtype T of the activations, values and output is one of float, __half, __nv_bfloat16,
-// double (CudaDType); accumulation is fp32 (fp64 for double). Bias is always in the accumulator
-// type (float, or double for kF64).
+// double (CudaDType); accumulation is fp32 (fp64 for double). Bias may have any of these dtypes
+// (SpmmEpilogue::bias_dtype); it is converted to the accumulator type when added.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -66,9 +66,10 @@ cudaError_t transpose_pad_cuda(CudaDType dtype, const void* in, int64_t N, int64
 // The SpMM product in two layouts, with bias and clamp fused:
 //   out = clamp(W * X + bias, out_min, out_max) where X [K, N] is column n = token/pixel n.
 struct SpmmEpilogue {
-  const void* bias;  // accumulator type [M] or nullptr
-  double out_min;    // -inf for none
-  double out_max;    // +inf for none
+  const void* bias;     // bias_dtype [M] or nullptr; converted to the accumulator type on load
+  CudaDType bias_dtype;  // any storage dtype (no conversion pass for an fp16/bf16 bias)
+  double out_min;       // -inf for none
+  double out_max;       // +inf for none
 };
 
 // Few tokens (decode, N <= kSpmmGatherMaxTokens): x is token-major x [N, K] as given by the user;

@@ -65,6 +65,21 @@ __device__ __forceinline__ void load_entry_values(const T* __restrict__ values, 
   for (int r = 0; r < R; ++r) out[r] = to_float(p[r]);
 }
 
+// bias[m] of an epilogue in the accumulator type Acc (0 without bias): like the CPU op, which
+// converts the bias to float (double for float64) before adding it.
+template <typename Acc, typename Epilogue>
+__device__ __forceinline__ Acc load_bias(const Epilogue& ep, int64_t m) {
+  if (ep.bias == nullptr) return Acc(0);
+  switch (ep.bias_dtype) {
+    case CudaDType::kF32: return static_cast<Acc>(static_cast<const float*>(ep.bias)[m]);
+    case CudaDType::kF16: return static_cast<Acc>(__half2float(static_cast<const __half*>(ep.bias)[m]));
+    case CudaDType::kBF16:
+      return static_cast<Acc>(__bfloat162float(static_cast<const __nv_bfloat16*>(ep.bias)[m]));
+    case CudaDType::kF64: return static_cast<Acc>(static_cast<const double*>(ep.bias)[m]);
+  }
+  return Acc(0);
+}
+
 __device__ __forceinline__ bool is_aligned16(const void* p) {
   return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
 }

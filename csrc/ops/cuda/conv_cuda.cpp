@@ -130,10 +130,13 @@ at::Tensor sparse_conv2d_cuda(const at::Tensor& x, const at::Tensor& offsets,
   const int64_t P = s.out_h * s.out_w;
   at::Tensor y = at::empty({B, out_channels, s.out_h, s.out_w}, xc.options());
   if (B == 0 || out_channels == 0 || P == 0) return y.to(x.scalar_type());
-  at::Tensor bias_acc;
-  if (bias_p != nullptr) bias_acc = bias_p->to(acc_dtype(ct)).contiguous();
-  const cuda::SpmmEpilogue ep{bias_acc.defined() ? bias_acc.data_ptr() : nullptr, out_min,
-                              out_max};
+  // The bias is read in its own dtype by the kernels (no conversion launch per call).
+  at::Tensor bias_c;
+  if (bias_p != nullptr) bias_c = bias_p->contiguous();
+  const cuda::SpmmEpilogue ep{
+      bias_c.defined() ? bias_c.data_ptr() : nullptr,
+      bias_c.defined() ? cuda_dtype_of(bias_c.scalar_type()) : cuda::CudaDType::kF32, out_min,
+      out_max};
   const int64_t KB = (K + kSpmmKBlock - 1) / kSpmmKBlock;
   const at::Tensor order = spmm_row_order_cuda(offsets, out_channels / block_rows, KB);
   const cuda::CudaDType dt = cuda_dtype_of(ct);

@@ -199,9 +199,12 @@ at::Tensor spmm_cuda(const at::Tensor& x, const at::Tensor& offsets, const at::T
   if (N > 0 && M > 0) {
     const int64_t G = M / block_rows, KB = (K + kSpmmKBlock - 1) / kSpmmKBlock;
     const at::Tensor order = spmm_row_order_cuda(offsets, G, KB);
-    at::Tensor bias_acc;
-    if (bias_p != nullptr) bias_acc = bias_p->to(acc_dtype(ct)).contiguous();
-    cuda::SpmmEpilogue ep{bias_acc.defined() ? bias_acc.data_ptr() : nullptr,
+    // The bias is read in its own dtype by the kernels (no conversion launch per call).
+    at::Tensor bias_c;
+    if (bias_p != nullptr) bias_c = bias_p->contiguous();
+    cuda::SpmmEpilogue ep{bias_c.defined() ? bias_c.data_ptr() : nullptr,
+                          bias_c.defined() ? cuda_dtype_of(bias_c.scalar_type())
+                                           : cuda::CudaDType::kF32,
                           -std::numeric_limits<double>::infinity(),
                           std::numeric_limits<double>::infinity()};
     const cuda::CudaDType dt = cuda_dtype_of(ct);
