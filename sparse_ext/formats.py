@@ -108,7 +108,7 @@ class CSRWeight:
         """(first row of the entry's group, column) of every entry, int64 [nnz // block_rows]."""
         G, KB = self.out_features // self.block_rows, self.k_blocks
         counts = (self.offsets[1:] - self.offsets[:-1]).long()
-        segment = torch.repeat_interleave(torch.arange(G * KB), counts)
+        segment = torch.repeat_interleave(torch.arange(G * KB, device=counts.device), counts)
         row = (segment // KB) * self.block_rows
         col = (segment % KB) * K_BLOCK + self.indices.long()
         return row, col
@@ -116,7 +116,7 @@ class CSRWeight:
     def to_dense(self) -> torch.Tensor:
         M, K = self.shape
         R = self.block_rows
-        dense = torch.zeros(M, K, dtype=self.values.dtype)
+        dense = torch.zeros(M, K, dtype=self.values.dtype, device=self.values.device)
         row, col = self.row_and_col()
         vals = self.values.reshape(-1, R)
         for r in range(R):

@@ -8,18 +8,18 @@
 
 namespace sparse_ext {
 
-// Checks the structure tensors and wraps them for the kernels; `values` may be null when only the
-// structure is needed. `rows_name` names W's rows in messages (out_features, out_channels).
-SpmmWeight checked_spmm_weight(const at::Tensor& offsets, const at::Tensor& indices,
-                               const at::Tensor* values, int64_t out_features,
-                               int64_t in_features, int64_t block_rows, const char* rows_name) {
+SpmmWeight checked_spmm_weight_args(const at::Tensor& offsets, const at::Tensor& indices,
+                                    const at::Tensor* values, int64_t out_features,
+                                    int64_t in_features, int64_t block_rows, const char* rows_name,
+                                    void (*check_device)(const at::Tensor&, const char*),
+                                    std::initializer_list<at::ScalarType> value_dtypes) {
   TORCH_CHECK(block_rows == 1 || block_rows == 2 || block_rows == 4 || block_rows == 8,
               "block_rows must be 1, 2, 4 or 8, got ", block_rows);
   TORCH_CHECK(out_features >= 0, rows_name, " must be non-negative, got ", out_features);
   TORCH_CHECK(out_features % block_rows == 0, rows_name, " (", out_features,
               ") must be a multiple of block_rows (", block_rows, ")");
-  check_cpu(offsets, "offsets");
-  check_cpu(indices, "indices");
+  check_device(offsets, "offsets");
+  check_device(indices, "indices");
   check_dtype(offsets, "offsets", {at::kInt});
   check_dtype(indices, "indices", {at::kByte});
   TORCH_CHECK(indices.dim() == 1, "indices must be 1-D, got shape ", indices.sizes());
@@ -35,8 +35,8 @@ SpmmWeight checked_spmm_weight(const at::Tensor& offsets, const at::Tensor& indi
   w.offsets = offsets.data_ptr<int32_t>();
   w.indices = indices.data_ptr<uint8_t>();
   if (values != nullptr) {
-    check_cpu(*values, "values");
-    check_dtype(*values, "values", {at::kFloat, at::kBFloat16, at::kDouble});
+    check_device(*values, "values");
+    check_dtype(*values, "values", value_dtypes);
     check_1d(*values, "values", w.nnz * block_rows);
     TORCH_CHECK(values->is_contiguous(), "values must be contiguous");
     w.values = values->data_ptr();
@@ -44,6 +44,17 @@ SpmmWeight checked_spmm_weight(const at::Tensor& offsets, const at::Tensor& indi
                    : values->scalar_type() == at::kDouble ? ValueType::kF64
                                                           : ValueType::kBF16;
   }
+  return w;
+}
+
+// Checks the structure tensors and wraps them for the kernels; `values` may be null when only the
+// structure is needed. `rows_name` names W's rows in messages (out_features, out_channels).
+SpmmWeight checked_spmm_weight(const at::Tensor& offsets, const at::Tensor& indices,
+                               const at::Tensor* values, int64_t out_features,
+                               int64_t in_features, int64_t block_rows, const char* rows_name) {
+  const SpmmWeight w = checked_spmm_weight_args(
+      offsets, indices, values, out_features, in_features, block_rows, rows_name, &check_cpu,
+      {at::kFloat, at::kBFloat16, at::kDouble});
   const std::string error = spmm_validate(w);
   TORCH_CHECK(error.empty(), "malformed sparse weight: ", error);
   return w;
