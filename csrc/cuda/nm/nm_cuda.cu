@@ -1,0 +1,380 @@
+// N:M semi-structured kernels on CUDA cores (format and launcher contracts: nm_cuda.cuh).
+//
+// Forward: one warp per output row. A lane owns chunks of 8 consecutive slots: it loads their 8
+// values with 16-byte vector loads (when aligned) and their 8 indices as `B` whole metadata bytes
+// (8 slots x B bits), decodes the indices in registers, and multiplies each value into up to 8
+// tokens' activations. The per-token partial sums are reduced across the warp. Every weight byte
+// is read once per tile of 8 tokens, which is what matters at decode sizes (memory bound).
+//
+// Bounds safety does not depend on the metadata: an index has B bits, so a column is
+// < G * m; columns >= cols are skipped, and slot / byte offsets are derived from the shape only.
+#include <cstring>
+
+#include "nm_cuda.cuh"
+
+namespace sparse_ext {
+namespace cuda {
+namespace {
+
+constexpr int kWarp = 32;
+constexpr int kForwardWarps = 4;       // rows (warps) per forward block
+constexpr int kSlotChunk = 8;          // slots per lane per step in the forward kernel
+constexpr int kColumnThreads = 128;    // threads per block of the grad_input kernel
+constexpr int kFlatThreads = 256;      // threads per block of the per-slot kernels
+constexpr int64_t kMaxGridY = 65535;   // token tiles beyond this are looped over in-kernel
+constexpr int64_t kMaxFlatBlocks = int64_t{1} << 20;
+
+__device__ __forceinline__ uint32_t read_index(const uint8_t* row_meta, int64_t j, int bits) {
+  const int64_t bit = j * bits;
+  const int64_t byte = bit >> 3;
+  const int shift = static_cast<int>(bit & 7);
+  uint32_t v = static_cast<uint32_t>(row_meta[byte]) >> shift;
+  if (shift + bits > 8) v |= static_cast<uint32_t>(row_meta[byte + 1]) << (8 - shift);
+  return v & ((1u << bits) - 1u);
+}
+
+__device__ __forceinline__ void store(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
+__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+__device__ __forceinline__ void store(double* p, double v) { *p = v; }
+
+// Eight consecutive values as the accumulator type; 16-byte loads when the address allows.
+template <typename TV, typename A>
+__device__ __forceinline__ void load8(const TV* p, A out[kSlotChunk]) {
+  constexpr int per = 16 / static_cast<int>(sizeof(TV));  // 4 float, 8 half/bf16, 2 double
+  static_assert(kSlotChunk % per == 0, "a chunk must be whole 16-byte vectors");
+  if ((reinterpret_cast<uintptr_t>(p) & 15u) == 0) {
+#pragma unroll
+    for (int v = 0; v < kSlotChunk / per; ++v) {
+      const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p + v * per));
+      TV tmp[per];
+      memcpy(tmp, &raw, sizeof(raw));
+#pragma unroll
+      for (int i = 0; i < per; ++i) out[v * per + i] = static_cast<A>(to_float(tmp[i]));
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kSlotChunk; ++i) out[i] = static_cast<A>(to_float(p[i]));
+  }
+}
+
+// ---- forward ----------------------------------------------------------------------------------
+template <typename TV, typename TX, int TT>
+__global__ void __launch_bounds__(kForwardWarps * kWarp)
+    nm_forward_kernel(NmCudaShape s, const TV* __restrict__ values,
+                      const uint8_t* __restrict__ meta, const TX* __restrict__ x, int64_t tokens,
+                      const typename Accum<TV>::type* __restrict__ bias, TX* __restrict__ y) {
+  using A = typename Accum<TV>::type;
+  const int lane = static_cast<int>(threadIdx.x) & (kWarp - 1);
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kForwardWarps + (threadIdx.x / kWarp);
+  if (r >= s.rows) return;  // the whole warp leaves together
+  const int64_t kept = s.kept(), K = s.cols, R = s.rows;
+  const int64_t n = s.n, m = s.m;
+  const int bits = s.bits();
+  const uint32_t mask = (1u << bits) - 1u;
+  const TV* vrow = values + r * kept;
+  const uint8_t* mrow = meta + r * s.meta_stride();
+  const A b = bias != nullptr ? bias[r] : A(0);
+  for (int64_t t0 = static_cast<int64_t>(blockIdx.y) * TT; t0 < tokens;
+       t0 += static_cast<int64_t>(gridDim.y) * TT) {
+    const int nt = static_cast<int>(tokens - t0 < TT ? tokens - t0 : TT);
+    const TX* xt = x + t0 * K;
+    A acc[TT];
+#pragma unroll
+    for (int t = 0; t < TT; ++t) acc[t] = A(0);
+    for (int64_t c = lane; c * kSlotChunk < kept; c += kWarp) {
+      const int64_t j0 = c * kSlotChunk;
+      A v[kSlotChunk];
+      uint32_t idx[kSlotChunk];
+      int count = kSlotChunk;
+      if (j0 + kSlotChunk <= kept) {
+        load8<TV, A>(vrow + j0, v);
+        // 8 slots of B bits are exactly B whole bytes, starting at byte c * B.
+        const uint8_t* mb = mrow + c * bits;
+        uint32_t word = 0;
+        for (int q = 0; q < bits; ++q) word |= static_cast<uint32_t>(__ldg(mb + q)) << (8 * q);
+#pragma unroll
+        for (int i = 0; i < kSlotChunk; ++i) idx[i] = (word >> (i * bits)) & mask;
+      } else {
+        count = static_cast<int>(kept - j0);
+#pragma unroll
+        for (int i = 0; i < kSlotChunk; ++i) {
+          v[i] = i < count ? static_cast<A>(to_float(vrow[j0 + i])) : A(0);
+          idx[i] = i < count ? read_index(mrow, j0 + i, bits) : 0u;
+        }
+      }
+      int64_t g = j0 / n;
+      int64_t q = j0 - g * n;
+#pragma unroll
+      for (int i = 0; i < kSlotChunk; ++i) {
+        const int64_t col = g * m + idx[i];
+        if (i < count && col < K) {
+#pragma unroll
+          for (int t = 0; t < TT; ++t)
+            if (t < nt) acc[t] += v[i] * static_cast<A>(to_float(xt[t * K + col]));
+        }
+        if (++q == n) {
+          q = 0;
+          ++g;
+        }
+      }
+    }
+#pragma unroll
+    for (int t = 0; t < TT; ++t) acc[t] = warp_sum(acc[t]);
+    if (lane == 0) {
+#pragma unroll
+      for (int t = 0; t < TT; ++t)
+        if (t < nt) store(y + (t0 + t) * R + r, acc[t] + b);
+    }
+  }
+}
+
+template <typename TV, typename TX, int TT>
+cudaError_t launch_forward_tt(const NmCudaShape& s, const void* values, const uint8_t* meta,
+                              const void* x, int64_t tokens, const void* bias, void* y,
+                              cudaStream_t stream) {
+  using A = typename Accum<TV>::type;
+  const dim3 grid(static_cast<unsigned>(ceil_div(s.rows, kForwardWarps)),
+                  static_cast<unsigned>(ceil_div(tokens, TT) < kMaxGridY ? ceil_div(tokens, TT)
+                                                                          : kMaxGridY));
+  nm_forward_kernel<TV, TX, TT><<<grid, kForwardWarps * kWarp, 0, stream>>>(
+      s, static_cast<const TV*>(values), meta, static_cast<const TX*>(x), tokens,
+      static_cast<const A*>(bias), static_cast<TX*>(y));
+  return last_launch_error();
+}
+
+template <typename TV, typename TX>
+cudaError_t launch_forward(const NmCudaShape& s, const void* values, const uint8_t* meta,
+                           const void* x, int64_t tokens, const void* bias, void* y,
+                           cudaStream_t stream) {
+  if (tokens <= 1) return launch_forward_tt<TV, TX, 1>(s, values, meta, x, tokens, bias, y, stream);
+  if (tokens == 2) return launch_forward_tt<TV, TX, 2>(s, values, meta, x, tokens, bias, y, stream);
+  if (tokens <= 4) return launch_forward_tt<TV, TX, 4>(s, values, meta, x, tokens, bias, y, stream);
+  return launch_forward_tt<TV, TX, 8>(s, values, meta, x, tokens, bias, y, stream);
+}
+
+// ---- input gradient ---------------------------------------------------------------------------
+template <typename TV, typename TD, int TT>
+__global__ void __launch_bounds__(kColumnThreads)
+    nm_grad_input_kernel(NmCudaShape s, const TV* __restrict__ values,
+                         const uint8_t* __restrict__ meta, const TD* __restrict__ dy,
+                         int64_t tokens, TD* __restrict__ dx) {
+  using A = typename Accum<TV>::type;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= s.cols) return;
+  const int64_t kept = s.kept(), stride = s.meta_stride(), K = s.cols, R = s.rows;
+  const int64_t n = s.n, m = s.m;
+  const int bits = s.bits();
+  const int64_t g = c / m;
+  const uint32_t want = static_cast<uint32_t>(c - g * m);
+  for (int64_t t0 = static_cast<int64_t>(blockIdx.y) * TT; t0 < tokens;
+       t0 += static_cast<int64_t>(gridDim.y) * TT) {
+    const int nt = static_cast<int>(tokens - t0 < TT ? tokens - t0 : TT);
+    A acc[TT];
+#pragma unroll
+    for (int t = 0; t < TT; ++t) acc[t] = A(0);
+    for (int64_t r = 0; r < R; ++r) {
+      const TV* vg = values + r * kept + g * n;
+      const uint8_t* mrow = meta + r * stride;
+      for (int64_t q = 0; q < n; ++q) {
+        if (read_index(mrow, g * n + q, bits) != want) continue;
+        const A v = static_cast<A>(to_float(vg[q]));
+#pragma unroll
+        for (int t = 0; t < TT; ++t)
+          if (t < nt) acc[t] += v * static_cast<A>(to_float(dy[(t0 + t) * R + r]));
+      }
+    }
+#pragma unroll
+    for (int t = 0; t < TT; ++t)
+      if (t < nt) store(dx + (t0 + t) * K + c, acc[t]);
+  }
+}
+
+template <typename TV, typename TD>
+cudaError_t launch_grad_input(const NmCudaShape& s, const void* values, const uint8_t* meta,
+                              const void* dy, int64_t tokens, void* dx, cudaStream_t stream) {
+  constexpr int TT = 4;
+  const dim3 grid(static_cast<unsigned>(ceil_div(s.cols, kColumnThreads)),
+                  static_cast<unsigned>(ceil_div(tokens, TT) < kMaxGridY ? ceil_div(tokens, TT)
+                                                                          : kMaxGridY));
+  nm_grad_input_kernel<TV, TD, TT><<<grid, kColumnThreads, 0, stream>>>(
+      s, static_cast<const TV*>(values), meta, static_cast<const TD*>(dy), tokens,
+      static_cast<TD*>(dx));
+  return last_launch_error();
+}
+
+// ---- values gradient (SDDMM) ------------------------------------------------------------------
+template <typename T>
+__global__ void __launch_bounds__(kFlatThreads)
+    nm_grad_values_kernel(NmCudaShape s, const uint8_t* __restrict__ meta,
+                          const T* __restrict__ dy, const T* __restrict__ x, int64_t tokens,
+                          typename Accum<T>::type* __restrict__ dv) {
+  using A = typename Accum<T>::type;
+  const int64_t kept = s.kept(), stride = s.meta_stride(), K = s.cols, R = s.rows;
+  const int64_t total = R * kept;
+  const int bits = s.bits();
+  for (int64_t flat = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; flat < total;
+       flat += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = flat / kept, j = flat - r * kept;
+    const int64_t col = (j / s.n) * s.m + read_index(meta + r * stride, j, bits);
+    A acc = A(0);
+    if (col < K)
+      for (int64_t t = 0; t < tokens; ++t)
+        acc += static_cast<A>(to_float(dy[t * R + r])) * static_cast<A>(to_float(x[t * K + col]));
+    dv[flat] = acc;
+  }
+}
+
+template <typename T>
+cudaError_t launch_grad_values(const NmCudaShape& s, const uint8_t* meta, const void* dy,
+                               const void* x, int64_t tokens, void* dv, cudaStream_t stream) {
+  using A = typename Accum<T>::type;
+  const int64_t blocks = ceil_div(s.rows * s.kept(), kFlatThreads);
+  nm_grad_values_kernel<T><<<static_cast<unsigned>(blocks < kMaxFlatBlocks ? blocks : kMaxFlatBlocks),
+                             kFlatThreads, 0, stream>>>(s, meta, static_cast<const T*>(dy),
+                                                        static_cast<const T*>(x), tokens,
+                                                        static_cast<A*>(dv));
+  return last_launch_error();
+}
+
+// ---- validation and expansion -----------------------------------------------------------------
+__global__ void __launch_bounds__(kFlatThreads)
+    nm_validate_kernel(NmCudaShape s, const uint8_t* __restrict__ meta,
+                       unsigned long long* __restrict__ error) {
+  const int64_t G = s.groups(), n = s.n, stride = s.meta_stride();
+  const int64_t total = s.rows * G;
+  const int bits = s.bits();
+  for (int64_t flat = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; flat < total;
+       flat += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = flat / G, g = flat - r * G;
+    const uint8_t* mrow = meta + r * stride;
+    uint32_t previous = read_index(mrow, g * n, bits);
+    for (int64_t q = 1; q < n; ++q) {
+      const uint32_t idx = read_index(mrow, g * n + q, bits);
+      if (idx <= previous) {
+        atomicMin(error, static_cast<unsigned long long>(flat));
+        break;
+      }
+      previous = idx;
+    }
+  }
+}
+
+template <typename TV>
+__global__ void __launch_bounds__(kFlatThreads)
+    nm_expand_kernel(NmCudaShape s, const TV* __restrict__ values,
+                     const uint8_t* __restrict__ meta, TV* __restrict__ dense) {
+  const int64_t kept = s.kept(), stride = s.meta_stride(), K = s.cols;
+  const int64_t total = s.rows * kept;
+  const int bits = s.bits();
+  for (int64_t flat = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; flat < total;
+       flat += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = flat / kept, j = flat - r * kept;
+    const int64_t col = (j / s.n) * s.m + read_index(meta + r * stride, j, bits);
+    if (col < K) dense[r * K + col] = values[flat];
+  }
+}
+
+template <typename TV>
+cudaError_t launch_expand(const NmCudaShape& s, const void* values, const uint8_t* meta,
+                          void* dense, cudaStream_t stream) {
+  const int64_t blocks = ceil_div(s.rows * s.kept(), kFlatThreads);
+  nm_expand_kernel<TV><<<static_cast<unsigned>(blocks < kMaxFlatBlocks ? blocks : kMaxFlatBlocks),
+                         kFlatThreads, 0, stream>>>(s, static_cast<const TV*>(values), meta,
+                                                    static_cast<TV*>(dense));
+  return last_launch_error();
+}
+
+bool shape_ok(const NmCudaShape& s) {
+  return (s.m == 4 || s.m == 8 || s.m == 16) && s.n >= 1 && s.n < s.m && s.rows >= 0 && s.cols >= 0;
+}
+
+// Calls fn.template operator()<TV, TX>() for a supported (value, activation) pair.
+template <typename Fn>
+cudaError_t dispatch_pair(CudaDType vd, CudaDType xd, const Fn& fn) {
+  if (vd == CudaDType::kF32 && xd == CudaDType::kF32) return fn(float{}, float{});
+  if (vd == CudaDType::kF16 && xd == CudaDType::kF16) return fn(__half{}, __half{});
+  if (vd == CudaDType::kBF16 && xd == CudaDType::kBF16) return fn(__nv_bfloat16{}, __nv_bfloat16{});
+  if (vd == CudaDType::kF64 && xd == CudaDType::kF64) return fn(double{}, double{});
+  if (vd == CudaDType::kF16 && xd == CudaDType::kF32) return fn(__half{}, float{});
+  if (vd == CudaDType::kBF16 && xd == CudaDType::kF32) return fn(__nv_bfloat16{}, float{});
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+bool nm_cuda_supported(CudaDType value_dtype, CudaDType act_dtype) {
+  if (value_dtype == act_dtype) return true;
+  return act_dtype == CudaDType::kF32 &&
+         (value_dtype == CudaDType::kF16 || value_dtype == CudaDType::kBF16);
+}
+
+cudaError_t nm_cuda_forward(const NmCudaShape& s, CudaDType value_dtype, const void* values,
+                            const uint8_t* metadata, CudaDType act_dtype, const void* x,
+                            int64_t tokens, const void* bias, void* y, cudaStream_t stream) {
+  if (!shape_ok(s) || tokens < 0) return cudaErrorInvalidValue;
+  if (tokens == 0 || s.rows == 0) return cudaSuccess;
+  return dispatch_pair(value_dtype, act_dtype, [&](auto v, auto a) {
+    using TV = decltype(v);
+    using TX = decltype(a);
+    return launch_forward<TV, TX>(s, values, metadata, x, tokens, bias, y, stream);
+  });
+}
+
+cudaError_t nm_cuda_grad_input(const NmCudaShape& s, CudaDType value_dtype, const void* values,
+                               const uint8_t* metadata, CudaDType act_dtype, const void* dy,
+                               int64_t tokens, void* dx, cudaStream_t stream) {
+  if (!shape_ok(s) || tokens < 0) return cudaErrorInvalidValue;
+  if (tokens == 0 || s.cols == 0) return cudaSuccess;
+  return dispatch_pair(value_dtype, act_dtype, [&](auto v, auto a) {
+    using TV = decltype(v);
+    using TD = decltype(a);
+    return launch_grad_input<TV, TD>(s, values, metadata, dy, tokens, dx, stream);
+  });
+}
+
+cudaError_t nm_cuda_grad_values(const NmCudaShape& s, const uint8_t* metadata, CudaDType act_dtype,
+                                const void* dy, const void* x, int64_t tokens, void* dv,
+                                cudaStream_t stream) {
+  if (!shape_ok(s) || tokens < 0) return cudaErrorInvalidValue;
+  if (s.rows == 0 || s.kept() == 0) return cudaSuccess;
+  switch (act_dtype) {
+    case CudaDType::kF32: return launch_grad_values<float>(s, metadata, dy, x, tokens, dv, stream);
+    case CudaDType::kF16: return launch_grad_values<__half>(s, metadata, dy, x, tokens, dv, stream);
+    case CudaDType::kBF16:
+      return launch_grad_values<__nv_bfloat16>(s, metadata, dy, x, tokens, dv, stream);
+    case CudaDType::kF64: return launch_grad_values<double>(s, metadata, dy, x, tokens, dv, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t nm_cuda_validate(const NmCudaShape& s, const uint8_t* metadata, int64_t* error,
+                             cudaStream_t stream) {
+  if (!shape_ok(s)) return cudaErrorInvalidValue;
+  // All bits set: -1 as int64 (well-formed), the largest value for atomicMin.
+  cudaError_t status = cudaMemsetAsync(error, 0xff, sizeof(int64_t), stream);
+  if (status != cudaSuccess) return status;
+  const int64_t total = s.rows * s.groups();
+  if (total == 0 || s.n == 1) return cudaSuccess;
+  const int64_t blocks = ceil_div(total, kFlatThreads);
+  nm_validate_kernel<<<static_cast<unsigned>(blocks < kMaxFlatBlocks ? blocks : kMaxFlatBlocks),
+                       kFlatThreads, 0, stream>>>(s, metadata,
+                                                  reinterpret_cast<unsigned long long*>(error));
+  return last_launch_error();
+}
+
+cudaError_t nm_cuda_expand(const NmCudaShape& s, CudaDType value_dtype, const void* values,
+                           const uint8_t* metadata, void* dense, cudaStream_t stream) {
+  if (!shape_ok(s)) return cudaErrorInvalidValue;
+  if (s.rows == 0 || s.kept() == 0) return cudaSuccess;
+  switch (value_dtype) {
+    case CudaDType::kF32: return launch_expand<float>(s, values, metadata, dense, stream);
+    case CudaDType::kF16: return launch_expand<__half>(s, values, metadata, dense, stream);
+    case CudaDType::kBF16: return launch_expand<__nv_bfloat16>(s, values, metadata, dense, stream);
+    case CudaDType::kF64: return launch_expand<double>(s, values, metadata, dense, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace cuda
+}  // namespace sparse_ext
