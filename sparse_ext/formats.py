@@ -372,8 +372,11 @@ class NMWeight:
         ValueError naming what is wrong."""
         _check_nm_pattern(self.n, self.m)
         M, K = self.shape
-        if self.values.dtype not in _VALUE_DTYPES:
-            raise ValueError(f"values must be float32, bfloat16 or float64, got {self.values.dtype}")
+        # float16 is accepted on CUDA (the CUDA kernels take it); there the check runs on device.
+        on_cuda = self.values.is_cuda and self.metadata.is_cuda
+        if self.values.dtype not in _VALUE_DTYPES + ((torch.float16,) if on_cuda else ()):
+            raise ValueError(f"values must be float32, bfloat16 or float64 (or float16 on CUDA), "
+                             f"got {self.values.dtype}")
         if self.metadata.dtype != torch.uint8:
             raise ValueError(f"metadata must be uint8, got {self.metadata.dtype}")
         want_v = (M, self.groups * self.n)
@@ -384,8 +387,12 @@ class NMWeight:
             raise ValueError(f"metadata must have shape {want_m} ({self.groups * self.n} slots of "
                              f"{_NM_BITS[self.m]} bits per row), got {tuple(self.metadata.shape)}")
         try:
-            torch.ops.sparse_ext.nm_validate(self.values.cpu().contiguous(),
-                                             self.metadata.cpu().contiguous(), K, self.n, self.m)
+            if on_cuda and self.values.device == self.metadata.device:
+                torch.ops.sparse_ext.nm_validate(self.values.contiguous(),
+                                                 self.metadata.contiguous(), K, self.n, self.m)
+            else:
+                torch.ops.sparse_ext.nm_validate(self.values.cpu().contiguous(),
+                                                 self.metadata.cpu().contiguous(), K, self.n, self.m)
         except RuntimeError as e:
             raise ValueError(str(e).split("\n")[0]) from None
         return self

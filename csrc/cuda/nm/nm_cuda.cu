@@ -9,6 +9,7 @@
 // Bounds safety does not depend on the metadata: an index has B bits, so a column is
 // < G * m; columns >= cols are skipped, and slot / byte offsets are derived from the shape only.
 #include <cstring>
+#include <type_traits>
 
 #include "nm_cuda.cuh"
 
@@ -144,13 +145,129 @@ cudaError_t launch_forward_tt(const NmCudaShape& s, const void* values, const ui
 }
 
 template <typename TV, typename TX>
+cudaError_t launch_forward_tiled(const NmCudaShape& s, const void* values, const uint8_t* meta,
+                                 const void* x, int64_t tokens, const void* bias, void* y,
+                                 cudaStream_t stream);
+
+// Tokens from which the token-tiled kernel replaces the warp-per-row kernel (a guess, to be tuned
+// on a GPU: the warp kernel re-reads the weights once per 8 tokens, the tiled one once per 128).
+constexpr int64_t kTiledMinTokens = 48;
+
+template <typename TV, typename TX>
 cudaError_t launch_forward(const NmCudaShape& s, const void* values, const uint8_t* meta,
                            const void* x, int64_t tokens, const void* bias, void* y,
                            cudaStream_t stream) {
+  if constexpr (!std::is_same_v<TV, double>) {
+    if (tokens >= kTiledMinTokens)
+      return launch_forward_tiled<TV, TX>(s, values, meta, x, tokens, bias, y, stream);
+  }
   if (tokens <= 1) return launch_forward_tt<TV, TX, 1>(s, values, meta, x, tokens, bias, y, stream);
   if (tokens == 2) return launch_forward_tt<TV, TX, 2>(s, values, meta, x, tokens, bias, y, stream);
   if (tokens <= 4) return launch_forward_tt<TV, TX, 4>(s, values, meta, x, tokens, bias, y, stream);
   return launch_forward_tt<TV, TX, 8>(s, values, meta, x, tokens, bias, y, stream);
+}
+
+// ---- forward, token-tiled (many tokens) ------------------------------------------------------
+// A block computes a [kTileRows, kTileTokens] tile of y^T: it walks the (padded) columns in chunks
+// of kTileCols; per chunk it stages the activations [kTileCols, kTileTokens] (fp32, transposed) and
+// the chunk's slots of its rows (value, shared-memory offset of the slot's column) in shared
+// memory, then every thread multiplies its 4 rows' slots into its 8 tokens (two float4 reads per
+// slot and row: only the kept n/m of the products are computed). Weights are read once per
+// kTileTokens tokens instead of once per 8. fp32 / fp16 / bf16 only (fp64 uses the warp kernel).
+constexpr int kTileRows = 64;
+constexpr int kTileTokens = 128;
+constexpr int kTileCols = 32;                      // a multiple of every m
+constexpr int kTileThreads = 256;                  // 16 token lanes x 16 row lanes
+// Slots per row and chunk: (kTileCols / m) * n <= kTileCols - kTileCols / m <= 30 (n <= m - 1).
+constexpr int kTileMaxSlots = kTileCols - kTileCols / 16;
+constexpr int kTileXStride = kTileTokens + 4;      // floats per staged column (16-byte aligned)
+
+template <typename TV, typename TX>
+__global__ void __launch_bounds__(kTileThreads)
+    nm_forward_tiled_kernel(NmCudaShape s, const TV* __restrict__ values,
+                            const uint8_t* __restrict__ meta, const TX* __restrict__ x,
+                            int64_t tokens, const float* __restrict__ bias, TX* __restrict__ y) {
+  __shared__ __align__(16) float xs[kTileCols * kTileXStride];
+  __shared__ float2 ws[kTileRows * kTileMaxSlots];  // (value, xs offset of its column as int bits)
+  const int tid = static_cast<int>(threadIdx.x);
+  const int tx = tid % 16, ty = tid / 16;
+  const int64_t kept = s.kept(), stride = s.meta_stride(), K = s.cols, R = s.rows, G = s.groups();
+  const int n = static_cast<int>(s.n), m = static_cast<int>(s.m), bits = s.bits();
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTileRows;
+  const int groups_per_chunk = kTileCols / m;
+  for (int64_t t0 = static_cast<int64_t>(blockIdx.y) * kTileTokens; t0 < tokens;
+       t0 += static_cast<int64_t>(gridDim.y) * kTileTokens) {
+    float acc[4][8];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int t = 0; t < 8; ++t) acc[i][t] = 0.f;
+    for (int64_t g0 = 0; g0 < G; g0 += groups_per_chunk) {
+      const int64_t k0 = g0 * m;
+      const int chunk_groups = static_cast<int>(G - g0 < groups_per_chunk ? G - g0 : groups_per_chunk);
+      const int slots = chunk_groups * n;  // <= kTileMaxSlots
+      __syncthreads();  // the previous chunk's readers are done
+      for (int e = tid; e < kTileCols * kTileTokens; e += kTileThreads) {
+        const int t = e / kTileCols, c = e % kTileCols;
+        const int64_t token = t0 + t, col = k0 + c;
+        xs[c * kTileXStride + t] =
+            token < tokens && col < K ? static_cast<float>(to_float(x[token * K + col])) : 0.f;
+      }
+      for (int e = tid; e < kTileRows * slots; e += kTileThreads) {
+        const int row = e / slots, q = e % slots;
+        const int64_t r = r0 + row, j = g0 * n + q;
+        float v = 0.f;
+        int col = 0;
+        if (r < R) {
+          v = static_cast<float>(to_float(values[r * kept + j]));
+          col = (q / n) * m + static_cast<int>(read_index(meta + r * stride, j, bits));
+        }
+        ws[row * kTileMaxSlots + q] = make_float2(v, __int_as_float(col * kTileXStride));
+      }
+      __syncthreads();
+      for (int q = 0; q < slots; ++q) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const float2 w = ws[(ty * 4 + i) * kTileMaxSlots + q];
+          const float* xc = xs + __float_as_int(w.y);
+          const float4 a = *reinterpret_cast<const float4*>(xc + tx * 4);
+          const float4 b = *reinterpret_cast<const float4*>(xc + 64 + tx * 4);
+          acc[i][0] += w.x * a.x;
+          acc[i][1] += w.x * a.y;
+          acc[i][2] += w.x * a.z;
+          acc[i][3] += w.x * a.w;
+          acc[i][4] += w.x * b.x;
+          acc[i][5] += w.x * b.y;
+          acc[i][6] += w.x * b.z;
+          acc[i][7] += w.x * b.w;
+        }
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int64_t r = r0 + ty * 4 + i;
+      if (r >= R) continue;
+      const float b = bias != nullptr ? bias[r] : 0.f;
+#pragma unroll
+      for (int t = 0; t < 8; ++t) {
+        const int64_t token = t0 + (t < 4 ? tx * 4 + t : 64 + tx * 4 + (t - 4));
+        if (token < tokens) store(y + token * R + r, acc[i][t] + b);
+      }
+    }
+  }
+}
+
+template <typename TV, typename TX>
+cudaError_t launch_forward_tiled(const NmCudaShape& s, const void* values, const uint8_t* meta,
+                                 const void* x, int64_t tokens, const void* bias, void* y,
+                                 cudaStream_t stream) {
+  const int64_t tiles = ceil_div(tokens, kTileTokens);
+  const dim3 grid(static_cast<unsigned>(ceil_div(s.rows, kTileRows)),
+                  static_cast<unsigned>(tiles < kMaxGridY ? tiles : kMaxGridY));
+  nm_forward_tiled_kernel<TV, TX><<<grid, kTileThreads, 0, stream>>>(
+      s, static_cast<const TV*>(values), meta, static_cast<const TX*>(x), tokens,
+      static_cast<const float*>(bias), static_cast<TX*>(y));
+  return last_launch_error();
 }
 
 // ---- input gradient ---------------------------------------------------------------------------
@@ -260,10 +377,45 @@ __global__ void __launch_bounds__(kFlatThreads)
   }
 }
 
+// One thread per (row, group): it owns the group's m dense columns, so slots naming the same
+// column (non-canonical metadata) are summed in slot order, as the CPU kernels do, with no race.
 template <typename TV>
 __global__ void __launch_bounds__(kFlatThreads)
     nm_expand_kernel(NmCudaShape s, const TV* __restrict__ values,
                      const uint8_t* __restrict__ meta, TV* __restrict__ dense) {
+  using A = typename Accum<TV>::type;
+  const int64_t kept = s.kept(), stride = s.meta_stride(), K = s.cols, G = s.groups();
+  const int64_t total = s.rows * G;
+  const int bits = s.bits();
+  for (int64_t flat = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; flat < total;
+       flat += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = flat / G, g = flat - r * G;
+    for (int64_t q = 0; q < s.n; ++q) {
+      const int64_t j = g * s.n + q;
+      const int64_t col = g * s.m + read_index(meta + r * stride, j, bits);
+      if (col >= K) continue;
+      TV* p = dense + r * K + col;
+      store(p, static_cast<A>(to_float(*p)) + static_cast<A>(to_float(values[r * kept + j])));
+    }
+  }
+}
+
+template <typename TV>
+cudaError_t launch_expand(const NmCudaShape& s, const void* values, const uint8_t* meta,
+                          void* dense, cudaStream_t stream) {
+  const int64_t blocks = ceil_div(s.rows * s.groups(), kFlatThreads);
+  nm_expand_kernel<TV><<<static_cast<unsigned>(blocks < kMaxFlatBlocks ? blocks : kMaxFlatBlocks),
+                         kFlatThreads, 0, stream>>>(s, static_cast<const TV*>(values), meta,
+                                                    static_cast<TV*>(dense));
+  return last_launch_error();
+}
+
+// One thread per slot: dv[r, j] = dense[r, col(r, j)] (0 for a padding column), as Accum<T>.
+template <typename T>
+__global__ void __launch_bounds__(kFlatThreads)
+    nm_gather_kernel(NmCudaShape s, const uint8_t* __restrict__ meta, const T* __restrict__ dense,
+                     typename Accum<T>::type* __restrict__ dv) {
+  using A = typename Accum<T>::type;
   const int64_t kept = s.kept(), stride = s.meta_stride(), K = s.cols;
   const int64_t total = s.rows * kept;
   const int bits = s.bits();
@@ -271,17 +423,18 @@ __global__ void __launch_bounds__(kFlatThreads)
        flat += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t r = flat / kept, j = flat - r * kept;
     const int64_t col = (j / s.n) * s.m + read_index(meta + r * stride, j, bits);
-    if (col < K) dense[r * K + col] = values[flat];
+    dv[flat] = col < K ? static_cast<A>(to_float(dense[r * K + col])) : A(0);
   }
 }
 
-template <typename TV>
-cudaError_t launch_expand(const NmCudaShape& s, const void* values, const uint8_t* meta,
-                          void* dense, cudaStream_t stream) {
+template <typename T>
+cudaError_t launch_gather(const NmCudaShape& s, const uint8_t* meta, const void* dense, void* dv,
+                          cudaStream_t stream) {
+  using A = typename Accum<T>::type;
   const int64_t blocks = ceil_div(s.rows * s.kept(), kFlatThreads);
-  nm_expand_kernel<TV><<<static_cast<unsigned>(blocks < kMaxFlatBlocks ? blocks : kMaxFlatBlocks),
-                         kFlatThreads, 0, stream>>>(s, static_cast<const TV*>(values), meta,
-                                                    static_cast<TV*>(dense));
+  nm_gather_kernel<T><<<static_cast<unsigned>(blocks < kMaxFlatBlocks ? blocks : kMaxFlatBlocks),
+                        kFlatThreads, 0, stream>>>(s, meta, static_cast<const T*>(dense),
+                                                   static_cast<A*>(dv));
   return last_launch_error();
 }
 
@@ -372,6 +525,20 @@ cudaError_t nm_cuda_expand(const NmCudaShape& s, CudaDType value_dtype, const vo
     case CudaDType::kF16: return launch_expand<__half>(s, values, metadata, dense, stream);
     case CudaDType::kBF16: return launch_expand<__nv_bfloat16>(s, values, metadata, dense, stream);
     case CudaDType::kF64: return launch_expand<double>(s, values, metadata, dense, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t nm_cuda_gather_slots(const NmCudaShape& s, const uint8_t* metadata,
+                                 CudaDType dense_dtype, const void* dense, void* dv,
+                                 cudaStream_t stream) {
+  if (!shape_ok(s)) return cudaErrorInvalidValue;
+  if (s.rows == 0 || s.kept() == 0) return cudaSuccess;
+  switch (dense_dtype) {
+    case CudaDType::kF32: return launch_gather<float>(s, metadata, dense, dv, stream);
+    case CudaDType::kF16: return launch_gather<__half>(s, metadata, dense, dv, stream);
+    case CudaDType::kBF16: return launch_gather<__nv_bfloat16>(s, metadata, dense, dv, stream);
+    case CudaDType::kF64: return launch_gather<double>(s, metadata, dense, dv, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -73,11 +73,20 @@ cudaError_t nm_cuda_grad_values(const NmCudaShape& s, const uint8_t* metadata, C
 cudaError_t nm_cuda_validate(const NmCudaShape& s, const uint8_t* metadata, int64_t* error,
                              cudaStream_t stream);
 
-// Expands to a dense matrix (for the sparse-tensor-core path):
-//   dense value_dtype [rows, cols], must be zero-filled by the caller; slot j of row r is stored at
-//   column (j / n) * m + idx(r, j) when that is < cols (canonical metadata: no two slots collide).
+// Expands to a dense matrix (the sparse-tensor-core path and the GEMM-based backward):
+//   dense value_dtype [rows, cols], must be zero-filled by the caller; slot j of row r is added to
+//   column (j / n) * m + idx(r, j) when that is < cols (slots naming the same column, possible only
+//   with non-canonical metadata, are summed in slot order by one thread: deterministic).
 cudaError_t nm_cuda_expand(const NmCudaShape& s, CudaDType value_dtype, const void* values,
                            const uint8_t* metadata, void* dense, cudaStream_t stream);
+
+// Gathers every slot's entry of a dense [rows, cols] matrix (the GEMM-based values gradient):
+//   dv[r, j] = dense[r, (j / n) * m + idx(r, j)], or 0 when that column is >= cols
+//   metadata uint8 [rows, meta_stride], dense dense_dtype [rows, cols],
+//   dv float [rows, kept] (double when dense_dtype is f64)
+cudaError_t nm_cuda_gather_slots(const NmCudaShape& s, const uint8_t* metadata,
+                                 CudaDType dense_dtype, const void* dense, void* dv,
+                                 cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace sparse_ext

@@ -114,8 +114,7 @@ std::atomic<bool> cusparselt_broken{false};  // set once when cuSPARSELt fails a
 
 using WeakImpl = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
 
-// One converted weight: keyed on the exact values / metadata tensors and versions. `packed` is
-// undefined when the weight cannot use the path (non-canonical metadata), so it is not retried.
+// One converted weight: keyed on the exact values / metadata tensors and versions.
 struct Compressed {
   WeakImpl values, metadata;
   const void* values_data;
@@ -139,6 +138,18 @@ bool same_key(const Compressed& c, const at::Tensor& values, const at::Tensor& m
          c.n == n && c.m == m;
 }
 
+// W as a dense [rows, cols] matrix in values' dtype (duplicate slots, possible only with
+// non-canonical metadata, summed as on the CPU).
+at::Tensor expand_dense(const NmCudaShape& s, const at::Tensor& values, const at::Tensor& metadata,
+                        const char* op) {
+  at::Tensor dense = at::zeros({s.rows, s.cols}, values.options());
+  check_launch(cuda::nm_cuda_expand(s, cuda_dtype(values.scalar_type()), values.data_ptr(),
+                                    metadata.data_ptr<uint8_t>(), dense.data_ptr(),
+                                    current_stream()),
+               op);
+  return dense;
+}
+
 // Validates the metadata on device; returns the smallest bad r * G + g or -1.
 int64_t first_bad_group(const NmCudaShape& s, const at::Tensor& metadata) {
   at::Tensor error = at::empty({1}, metadata.options().dtype(at::kLong));
@@ -149,7 +160,9 @@ int64_t first_bad_group(const NmCudaShape& s, const at::Tensor& metadata) {
 }
 
 // The cuSPARSELt-compressed 2:4 form of the weight, converted once per (values, metadata,
-// versions) and cached; undefined when the weight cannot take the path.
+// versions) and cached. With n <= 2 every aligned group of 4 expanded columns holds at most 2
+// nonzeros whatever the metadata bits say (slots naming one column are summed), so any metadata
+// gives a valid 2:4 matrix and no validation (no synchronization) is needed.
 at::Tensor compressed_weight(const NmCudaShape& s, const at::Tensor& values,
                              const at::Tensor& metadata) {
   {
@@ -162,15 +175,7 @@ at::Tensor compressed_weight(const NmCudaShape& s, const at::Tensor& values,
     for (const Compressed& c : compressed_cache)
       if (same_key(c, values, metadata, s.n, s.m)) return c.packed;
   }
-  at::Tensor packed;
-  if (first_bad_group(s, metadata) < 0) {
-    at::Tensor dense = at::zeros({s.rows, s.cols}, values.options());
-    check_launch(cuda::nm_cuda_expand(s, cuda_dtype(values.scalar_type()), values.data_ptr(),
-                                      metadata.data_ptr<uint8_t>(), dense.data_ptr(),
-                                      current_stream()),
-                 "nm_linear");
-    packed = at::_cslt_compress(dense);
-  }
+  const at::Tensor packed = at::_cslt_compress(expand_dense(s, values, metadata, "nm_linear"));
   Compressed entry{WeakImpl(values.getIntrusivePtr()), WeakImpl(metadata.getIntrusivePtr()),
                    values.data_ptr(),
                    metadata.data_ptr(), values._version(), metadata._version(), s.n, s.m, packed};
@@ -203,7 +208,6 @@ at::Tensor try_cusparselt(const at::Tensor& rows, const at::Tensor& values,
   if (mode == PathMode::kAuto && T < cusparselt_min_tokens(s.n, s.m)) return at::Tensor();
   try {
     const at::Tensor packed = compressed_weight(s, values, metadata);
-    if (!packed.defined()) return at::Tensor();
     // cuSPARSELt wants the dense operand's rows (tokens) a multiple of 8.
     const int64_t pad = (8 - T % 8) % 8;
     const at::Tensor dense = pad == 0 ? rows : at::constant_pad_nd(rows, {0, 0, 0, pad});
@@ -220,6 +224,17 @@ at::Tensor try_cusparselt(const at::Tensor& rows, const at::Tensor& values,
     cusparselt_broken.store(true);
     return at::Tensor();
   }
+}
+
+// Tokens from which the backward ops expand W to dense and use cuBLAS (at::mm): the kernels sum
+// over rows (grad_input) or tokens (grad_values) in one thread, which is fine at decode-like
+// sizes but far too serial at training sizes. A guess, to be tuned on a GPU. The GEMMs are
+// deterministic (cuBLAS without split-K atomics for these calls). SPARSE_EXT_NM_CUDA_PATH=cores
+// keeps the kernels.
+constexpr int64_t kGemmBackwardMinTokens = 64;
+
+bool gemm_backward(int64_t tokens) {
+  return tokens >= kGemmBackwardMinTokens && path_mode() != PathMode::kCores;
 }
 
 // ---- ops --------------------------------------------------------------------------------------
@@ -278,6 +293,11 @@ at::Tensor nm_linear_grad_input_cuda(const at::Tensor& grad_out, const at::Tenso
   const at::Tensor dy = kernel_rows(grad_out, M_out, values.scalar_type());
   const int64_t T = dy.size(0);
   if (T == 0 || in_features == 0 || M_out == 0) return at::zeros(out_shape, grad_out.options());
+  if (gemm_backward(T)) {
+    // dx = dy @ W, in dy's dtype (float32 when it differs from the values' dtype).
+    const at::Tensor dense = expand_dense(s, values, metadata, "nm_linear_grad_input");
+    return at::mm(dy, dense.to(dy.scalar_type())).to(grad_out.scalar_type()).reshape(out_shape);
+  }
   at::Tensor dx = at::empty({T, in_features}, dy.options());
   check_launch(cuda::nm_cuda_grad_input(s, cuda_dtype(values.scalar_type()), values.data_ptr(),
                                         metadata.data_ptr<uint8_t>(),
@@ -308,6 +328,15 @@ at::Tensor nm_linear_grad_values_cuda(const at::Tensor& grad_out, const at::Tens
   const at::Tensor xr = x.reshape({-1, K}).to(common).contiguous();
   at::Tensor dv = at::zeros({M_out, s.kept()}, x.options().dtype(f64 ? at::kDouble : at::kFloat));
   if (M_out == 0 || s.kept() == 0) return dv;
+  if (gemm_backward(xr.size(0))) {
+    // dv = gather(dy^T @ x) at the slots' columns: a dense GEMM then one read per slot.
+    const at::Tensor full = at::mm(dy.t(), xr);
+    check_launch(cuda::nm_cuda_gather_slots(s, metadata.data_ptr<uint8_t>(),
+                                            cuda_dtype(full.scalar_type()), full.data_ptr(),
+                                            dv.data_ptr(), current_stream()),
+                 "nm_linear_grad_values");
+    return dv;
+  }
   check_launch(cuda::nm_cuda_grad_values(s, metadata.data_ptr<uint8_t>(), cuda_dtype(common),
                                          dy.data_ptr(), xr.data_ptr(), xr.size(0), dv.data_ptr(),
                                          current_stream()),
