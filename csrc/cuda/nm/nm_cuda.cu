@@ -83,6 +83,12 @@ __global__ void __launch_bounds__(kForwardWarps * kWarp)
     A acc[TT];
 #pragma unroll
     for (int t = 0; t < TT; ++t) acc[t] = A(0);
+    // Group and slot-in-group of the chunk's first slot, advanced incrementally (no division in
+    // the loop): the lane's chunks are kWarp * kSlotChunk slots apart.
+    constexpr int64_t kStride = int64_t{kWarp} * kSlotChunk;
+    const int64_t step_g = kStride / n, step_q = kStride - step_g * n;
+    int64_t g_first = lane * kSlotChunk / n;
+    int64_t q_first = lane * kSlotChunk - g_first * n;
     for (int64_t c = lane; c * kSlotChunk < kept; c += kWarp) {
       const int64_t j0 = c * kSlotChunk;
       A v[kSlotChunk];
@@ -104,8 +110,14 @@ __global__ void __launch_bounds__(kForwardWarps * kWarp)
           idx[i] = i < count ? read_index(mrow, j0 + i, bits) : 0u;
         }
       }
-      int64_t g = j0 / n;
-      int64_t q = j0 - g * n;
+      int64_t g = g_first;
+      int64_t q = q_first;
+      g_first += step_g;
+      q_first += step_q;
+      if (q_first >= n) {
+        q_first -= n;
+        ++g_first;
+      }
 #pragma unroll
       for (int i = 0; i < kSlotChunk; ++i) {
         const int64_t col = g * m + idx[i];
