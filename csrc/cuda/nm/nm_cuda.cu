@@ -20,7 +20,6 @@ namespace {
 constexpr int kWarp = 32;
 constexpr int kForwardWarps = 4;       // rows (warps) per forward block
 constexpr int kSlotChunk = 8;          // slots per lane per step in the forward kernel
-constexpr int kColumnThreads = 128;    // threads per block of the grad_input kernel
 constexpr int kFlatThreads = 256;      // threads per block of the per-slot kernels
 constexpr int64_t kMaxGridY = 65535;   // token tiles beyond this are looped over in-kernel
 constexpr int64_t kMaxFlatBlocks = int64_t{1} << 20;
@@ -283,39 +282,63 @@ cudaError_t launch_forward_tiled(const NmCudaShape& s, const void* values, const
 }
 
 // ---- input gradient ---------------------------------------------------------------------------
+// A block owns 32 consecutive input columns (one per lane) and a tile of TT tokens; its
+// kGradRowSplits warps each sum a contiguous range of rows, reading the n slots of the lane's
+// group in every row (the lanes of a warp read neighbouring slots, so loads coalesce). The warps'
+// partial sums are then added in warp order by warp 0: no atomics, deterministic.
+constexpr int kGradRowSplits = 8;
+
 template <typename TV, typename TD, int TT>
-__global__ void __launch_bounds__(kColumnThreads)
+__global__ void __launch_bounds__(kGradRowSplits * kWarp)
     nm_grad_input_kernel(NmCudaShape s, const TV* __restrict__ values,
                          const uint8_t* __restrict__ meta, const TD* __restrict__ dy,
                          int64_t tokens, TD* __restrict__ dx) {
   using A = typename Accum<TV>::type;
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= s.cols) return;
+  __shared__ A partial[kGradRowSplits][TT][kWarp];
+  const int lane = static_cast<int>(threadIdx.x) % kWarp;
+  const int warp = static_cast<int>(threadIdx.x) / kWarp;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kWarp + lane;
+  const bool valid = c < s.cols;
   const int64_t kept = s.kept(), stride = s.meta_stride(), K = s.cols, R = s.rows;
   const int64_t n = s.n, m = s.m;
   const int bits = s.bits();
   const int64_t g = c / m;
   const uint32_t want = static_cast<uint32_t>(c - g * m);
+  const int64_t rows_per_warp = ceil_div(R, kGradRowSplits);
+  const int64_t r_begin = warp * rows_per_warp;
+  const int64_t r_end = r_begin + rows_per_warp < R ? r_begin + rows_per_warp : R;
   for (int64_t t0 = static_cast<int64_t>(blockIdx.y) * TT; t0 < tokens;
        t0 += static_cast<int64_t>(gridDim.y) * TT) {
     const int nt = static_cast<int>(tokens - t0 < TT ? tokens - t0 : TT);
     A acc[TT];
 #pragma unroll
     for (int t = 0; t < TT; ++t) acc[t] = A(0);
-    for (int64_t r = 0; r < R; ++r) {
-      const TV* vg = values + r * kept + g * n;
-      const uint8_t* mrow = meta + r * stride;
-      for (int64_t q = 0; q < n; ++q) {
-        if (read_index(mrow, g * n + q, bits) != want) continue;
-        const A v = static_cast<A>(to_float(vg[q]));
+    if (valid) {
+      for (int64_t r = r_begin; r < r_end; ++r) {
+        const TV* vg = values + r * kept + g * n;
+        const uint8_t* mrow = meta + r * stride;
+        for (int64_t q = 0; q < n; ++q) {
+          if (read_index(mrow, g * n + q, bits) != want) continue;
+          const A v = static_cast<A>(to_float(vg[q]));
 #pragma unroll
-        for (int t = 0; t < TT; ++t)
-          if (t < nt) acc[t] += v * static_cast<A>(to_float(dy[(t0 + t) * R + r]));
+          for (int t = 0; t < TT; ++t)
+            if (t < nt) acc[t] += v * static_cast<A>(to_float(dy[(t0 + t) * R + r]));
+        }
       }
     }
 #pragma unroll
-    for (int t = 0; t < TT; ++t)
-      if (t < nt) store(dx + (t0 + t) * K + c, acc[t]);
+    for (int t = 0; t < TT; ++t) partial[warp][t][lane] = acc[t];
+    __syncthreads();
+    if (warp == 0 && valid) {
+#pragma unroll
+      for (int t = 0; t < TT; ++t) {
+        if (t >= nt) continue;
+        A sum = A(0);
+        for (int w = 0; w < kGradRowSplits; ++w) sum += partial[w][t][lane];
+        store(dx + (t0 + t) * K + c, sum);
+      }
+    }
+    __syncthreads();  // partial is rewritten by the next token tile
   }
 }
 
@@ -323,10 +346,10 @@ template <typename TV, typename TD>
 cudaError_t launch_grad_input(const NmCudaShape& s, const void* values, const uint8_t* meta,
                               const void* dy, int64_t tokens, void* dx, cudaStream_t stream) {
   constexpr int TT = 4;
-  const dim3 grid(static_cast<unsigned>(ceil_div(s.cols, kColumnThreads)),
+  const dim3 grid(static_cast<unsigned>(ceil_div(s.cols, kWarp)),
                   static_cast<unsigned>(ceil_div(tokens, TT) < kMaxGridY ? ceil_div(tokens, TT)
                                                                           : kMaxGridY));
-  nm_grad_input_kernel<TV, TD, TT><<<grid, kColumnThreads, 0, stream>>>(
+  nm_grad_input_kernel<TV, TD, TT><<<grid, kGradRowSplits * kWarp, 0, stream>>>(
       s, static_cast<const TV*>(values), meta, static_cast<const TD*>(dy), tokens,
       static_cast<TD*>(dx));
   return last_launch_error();
