@@ -528,3 +528,16 @@ def test_cuda_module_training(dtype):
     assert torch.equal(sl.metadata, meta_before)
     ref = linear_reference(x, sl.to_dense().weight, sl.bias)
     assert_close_to_reference(sl(x), ref, F.linear(x, sl.to_dense().weight, sl.bias))
+
+
+@_cuda
+def test_cuda_float16_from_dense():
+    """An fp16 CUDA nn.Linear converts directly (its N:M weight stays on the GPU)."""
+    lin = torch.nn.Linear(64, 32).cuda().half()
+    sl = se.SparseLinear.from_dense(lin, pattern="2:4")
+    assert sl.values.is_cuda and sl.values.dtype == torch.float16 and sl.metadata.is_cuda
+    x = torch.randn(3, 64, device="cuda", dtype=torch.float16)
+    w = sl.to_dense().weight
+    assert_close_to_reference(sl(x), linear_reference(x, w, sl.bias), F.linear(x, w, sl.bias))
+    with pytest.raises(TypeError, match="float16 on CUDA"):
+        NMWeight.from_dense(torch.randn(4, 8).half(), 2, 4)
