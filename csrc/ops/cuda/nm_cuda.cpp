@@ -110,6 +110,12 @@ int64_t cusparselt_min_tokens(int64_t n, int64_t m) {
   return 256;                  // 1:8, 1:16, 2:16
 }
 
+// Shapes the sparse-tensor-core path takes: stricter than cuSPARSELt's documented minimum for
+// 16-bit types (multiples of 16), so that no torch version rejects them (every LLM shape passes).
+constexpr int64_t kCsltRowMultiple = 32;
+constexpr int64_t kCsltColMultiple = 64;
+constexpr int64_t kCsltTokenMultiple = 16;
+
 std::atomic<bool> cusparselt_broken{false};  // set once when cuSPARSELt fails at run time
 
 using WeakImpl = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
@@ -201,15 +207,15 @@ at::Tensor try_cusparselt(const at::Tensor& rows, const at::Tensor& values,
   const at::ScalarType dt = values.scalar_type();
   const int64_t T = rows.size(0);
   const bool applies = (dt == at::kHalf || dt == at::kBFloat16) && rows.scalar_type() == dt &&
-                       s.n <= 2 && s.rows >= 16 && s.rows % 16 == 0 && s.cols >= 16 &&
-                       s.cols % 16 == 0 && T > 0 && !values.is_inference() &&
+                       s.n <= 2 && s.rows > 0 && s.rows % kCsltRowMultiple == 0 && s.cols > 0 &&
+                       s.cols % kCsltColMultiple == 0 && T > 0 && !values.is_inference() &&
                        !metadata.is_inference();
   if (!applies) return at::Tensor();
   if (mode == PathMode::kAuto && T < cusparselt_min_tokens(s.n, s.m)) return at::Tensor();
   try {
     const at::Tensor packed = compressed_weight(s, values, metadata);
-    // cuSPARSELt wants the dense operand's rows (tokens) a multiple of 8.
-    const int64_t pad = (8 - T % 8) % 8;
+    // cuSPARSELt wants the dense operand's rows (tokens) a multiple of 8 (16 to be safe).
+    const int64_t pad = (kCsltTokenMultiple - T % kCsltTokenMultiple) % kCsltTokenMultiple;
     const at::Tensor dense = pad == 0 ? rows : at::constant_pad_nd(rows, {0, 0, 0, pad});
     c10::optional<at::Tensor> b;
     if (bias.defined()) b = bias.to(dt);
