@@ -418,13 +418,14 @@ def test_cuda_wrong_device():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("tokens", [1, 7, 64, 300])
 def test_cuda_paths_agree(monkeypatch, n, m, dtype, tokens):
-    """The CUDA-core kernel and the cuSPARSELt path (n <= 2; others fall back) both match."""
+    """Every forward path matches: CUDA cores, cuSPARSELt (n <= 2; others fall back), dense
+    expansion + cuBLAS, and the automatic choice."""
     nm = _nm(128, 256, n, m, dtype=dtype, device="cuda")
     x = torch.randn(tokens, 256, device="cuda", dtype=dtype)
     bias = torch.randn(128, device="cuda", dtype=dtype)
     ref = linear_reference(x, nm.to_dense(), bias)
     torch_same = F.linear(x, nm.to_dense(), bias)
-    for path in ("cores", "cusparselt", "auto"):
+    for path in ("cores", "cusparselt", "dense", "auto"):
         monkeypatch.setenv("SPARSE_EXT_NM_CUDA_PATH", path)
         assert_close_to_reference(se.ops.nm_linear(x, nm, bias), ref, torch_same)
 

@@ -86,18 +86,20 @@ at::Tensor kernel_rows(const at::Tensor& x, int64_t K, at::ScalarType value_type
 }
 
 // ---- 2:4 sparse tensor cores through cuSPARSELt -------------------------------------------------
-// Path choice per call. SPARSE_EXT_NM_CUDA_PATH=cores|cusparselt|auto (default auto) forces one
-// (cusparselt still falls back to the cores where it cannot apply). Thresholds in auto mode are
-// guesses to be tuned with bench/ on a GPU: below them the CUDA-core kernel, which reads only the
-// n/m kept values, wins at decode sizes (memory bound); above them tensor cores win.
-enum class PathMode { kAuto, kCores, kCusparselt };
+// Path choice per call. SPARSE_EXT_NM_CUDA_PATH=cores|cusparselt|dense|auto (default auto)
+// forces one (cusparselt and dense fall back to the cores where they cannot apply). Thresholds in
+// auto mode are guesses to be tuned with bench/ on a GPU: below them the CUDA-core kernels, which
+// read only the n/m kept values, win (decode sizes are memory bound); above them tensor cores win.
+enum class PathMode { kAuto, kCores, kCusparselt, kDense };
 
 PathMode path_mode() {
   const char* env = std::getenv("SPARSE_EXT_NM_CUDA_PATH");
   if (env == nullptr || std::strcmp(env, "auto") == 0 || env[0] == '\0') return PathMode::kAuto;
   if (std::strcmp(env, "cores") == 0) return PathMode::kCores;
   if (std::strcmp(env, "cusparselt") == 0) return PathMode::kCusparselt;
-  TORCH_CHECK(false, "SPARSE_EXT_NM_CUDA_PATH must be auto, cores or cusparselt, got '", env, "'");
+  if (std::strcmp(env, "dense") == 0) return PathMode::kDense;
+  TORCH_CHECK(false, "SPARSE_EXT_NM_CUDA_PATH must be auto, cores, cusparselt or dense, got '",
+              env, "'");
   return PathMode::kAuto;
 }
 
@@ -203,7 +205,8 @@ at::Tensor try_cusparselt(const at::Tensor& rows, const at::Tensor& values,
                           const at::Tensor& metadata, const at::Tensor& bias,
                           const NmCudaShape& s) {
   const PathMode mode = path_mode();
-  if (mode == PathMode::kCores || cusparselt_broken.load()) return at::Tensor();
+  if (mode == PathMode::kCores || mode == PathMode::kDense || cusparselt_broken.load())
+    return at::Tensor();
   const at::ScalarType dt = values.scalar_type();
   const int64_t T = rows.size(0);
   const bool applies = (dt == at::kHalf || dt == at::kBFloat16) && rows.scalar_type() == dt &&
@@ -243,6 +246,27 @@ bool gemm_backward(int64_t tokens) {
   return tokens >= kGemmBackwardMinTokens && path_mode() != PathMode::kCores;
 }
 
+// Tokens from which, in auto mode, a 16-bit forward that the 2:4 path cannot take (3:4, 3:8,
+// 4:16, ..., unaligned shapes, or no cuSPARSELt) expands W to dense on device (per call: no dense
+// copy is kept, the weight-memory saving stays) and runs cuBLAS on dense tensor cores: at prefill
+// sizes that is far faster than any CUDA-core kernel, and the expansion (one write of the dense
+// weight) is small next to the GEMM. A guess, to be tuned on a GPU.
+constexpr int64_t kDenseMinTokens = 256;
+
+// y [T, rows] in x's dtype through expand + at::linear, or undefined when the path does not apply.
+at::Tensor try_dense(const at::Tensor& rows, const at::Tensor& values, const at::Tensor& metadata,
+                     const at::Tensor& bias, const NmCudaShape& s) {
+  const PathMode mode = path_mode();
+  const at::ScalarType dt = values.scalar_type();
+  if (rows.scalar_type() != dt || mode == PathMode::kCores || mode == PathMode::kCusparselt)
+    return at::Tensor();
+  if (mode == PathMode::kAuto &&
+      (!(dt == at::kHalf || dt == at::kBFloat16) || rows.size(0) < kDenseMinTokens))
+    return at::Tensor();
+  const at::Tensor dense = expand_dense(s, values, metadata, "nm_linear");
+  return bias.defined() ? at::linear(rows, dense, bias.to(dt)) : at::linear(rows, dense);
+}
+
 // ---- ops --------------------------------------------------------------------------------------
 at::Tensor nm_linear_cuda(const at::Tensor& x, const at::Tensor& values, const at::Tensor& metadata,
                           const c10::optional<at::Tensor>& bias, int64_t n, int64_t m) {
@@ -270,6 +294,9 @@ at::Tensor nm_linear_cuda(const at::Tensor& x, const at::Tensor& values, const a
     const at::Tensor fast = try_cusparselt(rows, values, metadata,
                                            bias.has_value() ? *bias : at::Tensor(), s);
     if (fast.defined()) return fast.reshape(out_shape);
+    const at::Tensor dense_path = try_dense(rows, values, metadata,
+                                            bias.has_value() ? *bias : at::Tensor(), s);
+    if (dense_path.defined()) return dense_path.reshape(out_shape);
   }
   const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor bias_acc = bias.has_value() ? bias->to(acc).contiguous() : at::Tensor();
