@@ -8,6 +8,8 @@
 //
 // Bounds safety does not depend on the metadata: an index has B bits, so a column is
 // < G * m; columns >= cols are skipped, and slot / byte offsets are derived from the shape only.
+#include <mma.h>
+
 #include <cstring>
 #include <type_traits>
 
@@ -160,14 +162,27 @@ cudaError_t launch_forward_tiled(const NmCudaShape& s, const void* values, const
                                  const void* x, int64_t tokens, const void* bias, void* y,
                                  cudaStream_t stream);
 
+template <typename T>
+cudaError_t launch_forward_mma(const NmCudaShape& s, const void* values, const uint8_t* meta,
+                               const void* x, int64_t tokens, const void* bias, void* y,
+                               cudaStream_t stream);
+
 // Tokens from which the token-tiled kernel replaces the warp-per-row kernel (a guess, to be tuned
 // on a GPU: the warp kernel re-reads the weights once per 8 tokens, the tiled one once per 128).
 constexpr int64_t kTiledMinTokens = 48;
+// Tokens from which 16-bit weights with activations of the same dtype use the tensor-core kernel
+// (a guess, to be tuned on a GPU).
+constexpr int64_t kMmaMinTokens = 16;
 
 template <typename TV, typename TX>
 cudaError_t launch_forward(const NmCudaShape& s, const void* values, const uint8_t* meta,
                            const void* x, int64_t tokens, const void* bias, void* y,
                            cudaStream_t stream) {
+  if constexpr (std::is_same_v<TV, TX> &&
+                (std::is_same_v<TV, __half> || std::is_same_v<TV, __nv_bfloat16>)) {
+    if (tokens >= kMmaMinTokens)
+      return launch_forward_mma<TV>(s, values, meta, x, tokens, bias, y, stream);
+  }
   if constexpr (!std::is_same_v<TV, double>) {
     if (tokens >= kTiledMinTokens)
       return launch_forward_tiled<TV, TX>(s, values, meta, x, tokens, bias, y, stream);
@@ -278,6 +293,128 @@ cudaError_t launch_forward_tiled(const NmCudaShape& s, const void* values, const
   nm_forward_tiled_kernel<TV, TX><<<grid, kTileThreads, 0, stream>>>(
       s, static_cast<const TV*>(values), meta, static_cast<const TX*>(x), tokens,
       static_cast<const float*>(bias), static_cast<TX*>(y));
+  return last_launch_error();
+}
+
+// ---- forward on tensor cores (16-bit, mid to large token counts) -------------------------------
+// Sparse in memory, dense in shared memory: a block computes a [kMmaTokens, kMmaRows] tile of y.
+// Per chunk of kMmaCols columns it stages the activations (as stored, 16-bit) and expands its
+// rows' slots of the chunk into a zeroed dense [kMmaRows, kMmaCols] tile (one thread per (row,
+// group), so slots naming one column are summed in order: deterministic), then 4 warps run
+// 16x16x16 WMMA products (fp32 accumulation), each warp a 32 x 32 sub-tile. Only the n/m kept
+// weights cross the memory bus; the tensor cores do the dense-tile math.
+constexpr int kMmaTokens = 64;
+constexpr int kMmaRows = 64;
+constexpr int kMmaCols = 32;                  // a multiple of every m and of the WMMA k (16)
+constexpr int kMmaThreads = 128;              // 4 warps in a 2 x 2 arrangement of 32 x 32
+constexpr int kMmaLd = kMmaCols + 8;          // 16-bit elements per staged row (multiple of 8)
+constexpr int kMmaOutLd = kMmaRows + 4;       // floats per staged output row (multiple of 4)
+
+template <typename T>  // __half or __nv_bfloat16, both the values and the activations
+__global__ void __launch_bounds__(kMmaThreads)
+    nm_forward_mma_kernel(NmCudaShape s, const T* __restrict__ values,
+                          const uint8_t* __restrict__ meta, const T* __restrict__ x,
+                          int64_t tokens, const float* __restrict__ bias, T* __restrict__ y) {
+  using namespace nvcuda;
+  __shared__ __align__(32) T xs[kMmaTokens * kMmaLd];     // [token][column of the chunk]
+  __shared__ __align__(32) T ws[kMmaRows * kMmaLd];       // [row][column of the chunk]
+  __shared__ __align__(32) float cs[kMmaTokens * kMmaOutLd];  // [token][row] accumulators
+  const int tid = static_cast<int>(threadIdx.x);
+  const int warp = tid / kWarp;
+  const int wt = warp / 2, wr = warp % 2;  // the warp's sub-tile: tokens wt*32.., rows wr*32..
+  const int64_t kept = s.kept(), stride = s.meta_stride(), K = s.cols, R = s.rows, G = s.groups();
+  const int n = static_cast<int>(s.n), m = static_cast<int>(s.m), bits = s.bits();
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kMmaRows;
+  const int groups_per_chunk = kMmaCols / m;
+  const T zero = from_float<T>(0.f);
+  for (int64_t t0 = static_cast<int64_t>(blockIdx.y) * kMmaTokens; t0 < tokens;
+       t0 += static_cast<int64_t>(gridDim.y) * kMmaTokens) {
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+    for (int64_t g0 = 0; g0 < G; g0 += groups_per_chunk) {
+      const int64_t k0 = g0 * m;
+      const int chunk_groups =
+          static_cast<int>(G - g0 < groups_per_chunk ? G - g0 : groups_per_chunk);
+      __syncthreads();  // the previous chunk's fragment loads are done
+      // Activations: 8 consecutive columns per step, one 16-byte load when in bounds and aligned.
+      for (int e = tid; e < kMmaTokens * (kMmaCols / 8); e += kMmaThreads) {
+        const int t = e / (kMmaCols / 8), c8 = (e % (kMmaCols / 8)) * 8;
+        const int64_t token = t0 + t, col = k0 + c8;
+        T* dst = xs + t * kMmaLd + c8;
+        const T* src = x + token * K + col;
+        if (token < tokens && col + 8 <= K && (reinterpret_cast<uintptr_t>(src) & 15u) == 0) {
+          *reinterpret_cast<uint4*>(dst) = __ldg(reinterpret_cast<const uint4*>(src));
+        } else {
+#pragma unroll
+          for (int i = 0; i < 8; ++i) dst[i] = token < tokens && col + i < K ? src[i] : zero;
+        }
+      }
+      for (int e = tid; e < kMmaRows * kMmaLd / 8; e += kMmaThreads)
+        reinterpret_cast<uint4*>(ws)[e] = make_uint4(0u, 0u, 0u, 0u);
+      __syncthreads();
+      // Weights: one thread per (row, group) adds the group's slots into its own columns.
+      for (int e = tid; e < kMmaRows * chunk_groups; e += kMmaThreads) {
+        const int row = e / chunk_groups, gl = e % chunk_groups;
+        const int64_t r = r0 + row;
+        if (r >= R) continue;
+        const int64_t g = g0 + gl;
+        const uint8_t* mrow = meta + r * stride;
+        for (int q = 0; q < n; ++q) {
+          const int64_t j = g * n + q;
+          const int c = gl * m + static_cast<int>(read_index(mrow, j, bits));  // < kMmaCols
+          if (k0 + c >= K) continue;
+          T* p = ws + row * kMmaLd + c;
+          *p = from_float<T>(to_float(*p) + to_float(values[r * kept + j]));
+        }
+      }
+      __syncthreads();
+#pragma unroll
+      for (int kk = 0; kk < kMmaCols; kk += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a[2];
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b[2];
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+          wmma::load_matrix_sync(a[i], xs + (wt * 32 + i * 16) * kMmaLd + kk, kMmaLd);
+        // B = W^T restricted to the chunk: element (k, row) at ws[row * kMmaLd + k], column-major.
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+          wmma::load_matrix_sync(b[j], ws + (wr * 32 + j * 16) * kMmaLd + kk, kMmaLd);
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+          for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+        wmma::store_matrix_sync(cs + (wt * 32 + i * 16) * kMmaOutLd + wr * 32 + j * 16, acc[i][j],
+                                kMmaOutLd, wmma::mem_row_major);
+    __syncthreads();
+    for (int e = tid; e < kMmaTokens * kMmaRows; e += kMmaThreads) {
+      const int t = e / kMmaRows, row = e % kMmaRows;
+      const int64_t token = t0 + t, r = r0 + row;
+      if (token < tokens && r < R)
+        store(y + token * R + r, cs[t * kMmaOutLd + row] + (bias != nullptr ? bias[r] : 0.f));
+    }
+    __syncthreads();  // cs and the staging buffers are reused by the next token tile
+  }
+}
+
+template <typename T>
+cudaError_t launch_forward_mma(const NmCudaShape& s, const void* values, const uint8_t* meta,
+                               const void* x, int64_t tokens, const void* bias, void* y,
+                               cudaStream_t stream) {
+  const int64_t tiles = ceil_div(tokens, kMmaTokens);
+  const dim3 grid(static_cast<unsigned>(ceil_div(s.rows, kMmaRows)),
+                  static_cast<unsigned>(tiles < kMaxGridY ? tiles : kMaxGridY));
+  nm_forward_mma_kernel<T><<<grid, kMmaThreads, 0, stream>>>(
+      s, static_cast<const T*>(values), meta, static_cast<const T*>(x), tokens,
+      static_cast<const float*>(bias), static_cast<T*>(y));
   return last_launch_error();
 }
 
