@@ -542,3 +542,20 @@ def test_cuda_float16_from_dense():
     assert_close_to_reference(sl(x), linear_reference(x, w, sl.bias), F.linear(x, w, sl.bias))
     with pytest.raises(TypeError, match="float16 on CUDA"):
         NMWeight.from_dense(torch.randn(4, 8).half(), 2, 4)
+
+
+@_cuda
+@pytest.mark.parametrize("n,m", PATTERNS)
+@pytest.mark.parametrize("in_f", [7, 33, 300])
+@pytest.mark.parametrize("tokens", [16, 70])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_16bit_odd_shapes(monkeypatch, n, m, in_f, tokens, dtype):
+    """The tensor-core kernel on partial tiles: rows, tokens and columns not multiples of its tile
+    (scalar activation loads when in_features % 8 != 0)."""
+    monkeypatch.setenv("SPARSE_EXT_NM_CUDA_PATH", "cores")
+    nm = _nm(24, in_f, n, m, dtype=dtype, device="cuda")
+    x = torch.randn(tokens, in_f, device="cuda", dtype=dtype)
+    bias = torch.randn(24, device="cuda", dtype=dtype)
+    dense = nm.to_dense()
+    assert_close_to_reference(se.ops.nm_linear(x, nm, bias), linear_reference(x, dense, bias),
+                              F.linear(x, dense, bias))
