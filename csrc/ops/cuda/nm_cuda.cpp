@@ -134,7 +134,8 @@ struct Compressed {
 
 constexpr size_t kCompressedEntries = 64;
 std::mutex compressed_mutex;
-std::deque<Compressed> compressed_cache;
+// Never destroyed: device tensors must not be freed by static destructors after CUDA shut down.
+std::deque<Compressed>& compressed_cache = *new std::deque<Compressed>();
 
 bool same_key(const Compressed& c, const at::Tensor& values, const at::Tensor& metadata,
               int64_t n, int64_t m) {
