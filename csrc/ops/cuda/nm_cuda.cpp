@@ -227,6 +227,8 @@ at::Tensor try_cusparselt(const at::Tensor& rows, const at::Tensor& values,
     at::Tensor y = at::_cslt_sparse_mm(packed, dense.t(), b, c10::nullopt, c10::nullopt,
                                        /*transpose_result=*/true);
     return pad == 0 ? y : y.narrow(0, 0, T).contiguous();
+  } catch (const c10::OutOfMemoryError&) {
+    throw;  // not a reason to give up on the path
   } catch (const c10::Error& e) {
     // cuSPARSELt missing from this torch build or unusable on this GPU: remember, use the cores.
     TORCH_WARN_ONCE("sparse_ext nm_linear: cuSPARSELt unavailable (", e.what_without_backtrace(),
