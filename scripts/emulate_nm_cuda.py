@@ -95,17 +95,21 @@ def tiled_kernel(vals, meta, x, n, m, K):
                         if tok < T: y[tok, rr] = acc[tid, i, t]
     return y
 
-def mma_kernel(vals, meta, x, n, m, K):
+def mma_kernel(vals, meta, x, n, m, K, splits=1):
     R, kept = vals.shape; T = x.shape[0]; bits = {4: 2, 8: 3, 16: 4}[m]; G = -(-K // m)
     BT, BR, KC, LD = 64, 64, 32, 40
     y = torch.zeros(T, R, dtype=torch.float64)
     for bx in range(-(-R // BR)):
         r0 = bx * BR
         for t0 in range(0, T, BT):
+          gpc = KC // m
+          chunks = -(-G // gpc); cps = -(-max(chunks, 1) // splits)
+          total = torch.zeros(BT, BR, dtype=torch.float64)
+          for z in range(splits):  # split-K slices, partial sums added in split order
             acc = torch.zeros(BT, BR, dtype=torch.float64)
-            gpc = KC // m
-            for g0 in range(0, G, gpc):
-                k0 = g0 * m; cg = min(G - g0, gpc)
+            g_begin = z * cps * gpc; g_end = min(G, g_begin + cps * gpc)
+            for g0 in range(g_begin, g_end, gpc):
+                k0 = g0 * m; cg = min(g_end - g0, gpc)
                 xs = torch.zeros(BT, LD, dtype=torch.float64)
                 for e in range(BT * (KC // 8)):
                     t, c8 = e // (KC // 8), (e % (KC // 8)) * 8
@@ -134,9 +138,10 @@ def mma_kernel(vals, meta, x, n, m, K):
                                 b = ws[wr * 32 + jj * 16: wr * 32 + jj * 16 + 16, kk:kk + 16].t()
                                 acc[wt * 32 + i * 16: wt * 32 + i * 16 + 16,
                                     wr * 32 + jj * 16: wr * 32 + jj * 16 + 16] += a @ b
-            for t in range(BT):
+            total += acc
+          for t in range(BT):
                 for row in range(BR):
-                    if t0 + t < T and r0 + row < R: y[t0 + t, r0 + row] = acc[t, row]
+                    if t0 + t < T and r0 + row < R: y[t0 + t, r0 + row] = total[t, row]
     return y
 
 def grad_input_kernel(vals, meta, dy, n, m, K):
@@ -173,7 +178,9 @@ if __name__ == "__main__":
         for TT in (1, 8):
             assert torch.allclose(warp_kernel(w.values, w.metadata, x, n, m, K, TT), ref, atol=1e-9)
         assert torch.allclose(tiled_kernel(w.values, w.metadata, x, n, m, K), ref, atol=1e-9)
-        assert torch.allclose(mma_kernel(w.values, w.metadata, x, n, m, K), ref, atol=1e-9)
+        for splits in (1, 3):
+            assert torch.allclose(mma_kernel(w.values, w.metadata, x, n, m, K, splits), ref,
+                                  atol=1e-9)
         dy = torch.randn(T, R, dtype=torch.float64)
         assert torch.allclose(grad_input_kernel(w.values, w.metadata, dy, n, m, K),
                               dy @ w.to_dense().double(), atol=1e-9)

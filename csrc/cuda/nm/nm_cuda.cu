@@ -165,7 +165,8 @@ cudaError_t launch_forward_tiled(const NmCudaShape& s, const void* values, const
 template <typename T>
 cudaError_t launch_forward_mma(const NmCudaShape& s, const void* values, const uint8_t* meta,
                                const void* x, int64_t tokens, const void* bias, void* y,
-                               cudaStream_t stream);
+                               float* workspace, int64_t workspace_floats, cudaStream_t stream);
+int64_t mma_splits(const NmCudaShape& s, int64_t tokens);
 
 // Tokens from which the token-tiled kernel replaces the warp-per-row kernel (a guess, to be tuned
 // on a GPU: the warp kernel re-reads the weights once per 8 tokens, the tiled one once per 128).
@@ -175,13 +176,17 @@ constexpr int64_t kTiledMinTokens = 48;
 constexpr int64_t kMmaMinTokens = 16;
 
 template <typename TV, typename TX>
+constexpr bool kMmaPair =
+    std::is_same_v<TV, TX> && (std::is_same_v<TV, __half> || std::is_same_v<TV, __nv_bfloat16>);
+
+template <typename TV, typename TX>
 cudaError_t launch_forward(const NmCudaShape& s, const void* values, const uint8_t* meta,
                            const void* x, int64_t tokens, const void* bias, void* y,
-                           cudaStream_t stream) {
-  if constexpr (std::is_same_v<TV, TX> &&
-                (std::is_same_v<TV, __half> || std::is_same_v<TV, __nv_bfloat16>)) {
+                           float* workspace, int64_t workspace_floats, cudaStream_t stream) {
+  if constexpr (kMmaPair<TV, TX>) {
     if (tokens >= kMmaMinTokens)
-      return launch_forward_mma<TV>(s, values, meta, x, tokens, bias, y, stream);
+      return launch_forward_mma<TV>(s, values, meta, x, tokens, bias, y, workspace,
+                                    workspace_floats, stream);
   }
   if constexpr (!std::is_same_v<TV, double>) {
     if (tokens >= kTiledMinTokens)
@@ -314,7 +319,8 @@ template <typename T>  // __half or __nv_bfloat16, both the values and the activ
 __global__ void __launch_bounds__(kMmaThreads)
     nm_forward_mma_kernel(NmCudaShape s, const T* __restrict__ values,
                           const uint8_t* __restrict__ meta, const T* __restrict__ x,
-                          int64_t tokens, const float* __restrict__ bias, T* __restrict__ y) {
+                          int64_t tokens, const float* __restrict__ bias, T* __restrict__ y,
+                          int64_t chunks_per_split, float* __restrict__ partial) {
   using namespace nvcuda;
   __shared__ __align__(32) T xs[kMmaTokens * kMmaLd];     // [token][column of the chunk]
   __shared__ __align__(32) T ws[kMmaRows * kMmaLd];       // [row][column of the chunk]
@@ -326,6 +332,11 @@ __global__ void __launch_bounds__(kMmaThreads)
   const int n = static_cast<int>(s.n), m = static_cast<int>(s.m), bits = s.bits();
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kMmaRows;
   const int groups_per_chunk = kMmaCols / m;
+  // This block's slice of the groups (split-K over blockIdx.z; one slice when partial is null).
+  const int64_t g_begin = static_cast<int64_t>(blockIdx.z) * chunks_per_split * groups_per_chunk;
+  const int64_t g_end =
+      g_begin + chunks_per_split * groups_per_chunk < G ? g_begin + chunks_per_split * groups_per_chunk
+                                                        : G;
   const T zero = from_float<T>(0.f);
   for (int64_t t0 = static_cast<int64_t>(blockIdx.y) * kMmaTokens; t0 < tokens;
        t0 += static_cast<int64_t>(gridDim.y) * kMmaTokens) {
@@ -334,10 +345,10 @@ __global__ void __launch_bounds__(kMmaThreads)
     for (int i = 0; i < 2; ++i)
 #pragma unroll
       for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
-    for (int64_t g0 = 0; g0 < G; g0 += groups_per_chunk) {
+    for (int64_t g0 = g_begin; g0 < g_end; g0 += groups_per_chunk) {
       const int64_t k0 = g0 * m;
       const int chunk_groups =
-          static_cast<int>(G - g0 < groups_per_chunk ? G - g0 : groups_per_chunk);
+          static_cast<int>(g_end - g0 < groups_per_chunk ? g_end - g0 : groups_per_chunk);
       __syncthreads();  // the previous chunk's fragment loads are done
       // Activations: 8 consecutive columns per step, one 16-byte load when in bounds and aligned.
       for (int e = tid; e < kMmaTokens * (kMmaCols / 8); e += kMmaThreads) {
@@ -398,23 +409,75 @@ __global__ void __launch_bounds__(kMmaThreads)
     for (int e = tid; e < kMmaTokens * kMmaRows; e += kMmaThreads) {
       const int t = e / kMmaRows, row = e % kMmaRows;
       const int64_t token = t0 + t, r = r0 + row;
-      if (token < tokens && r < R)
+      if (token >= tokens || r >= R) continue;
+      if (partial == nullptr)
         store(y + token * R + r, cs[t * kMmaOutLd + row] + (bias != nullptr ? bias[r] : 0.f));
+      else
+        partial[(static_cast<int64_t>(blockIdx.z) * tokens + token) * R + r] =
+            cs[t * kMmaOutLd + row];
     }
     __syncthreads();  // cs and the staging buffers are reused by the next token tile
   }
 }
 
+// Split-K partial sums of the tensor-core kernel, added in split order (deterministic):
+//   y[t, r] = sum_z partial[z, t, r] + bias[r].   partial float [splits, tokens, rows].
+template <typename T>
+__global__ void __launch_bounds__(kFlatThreads)
+    nm_split_reduce_kernel(int64_t splits, int64_t tokens, int64_t rows,
+                           const float* __restrict__ partial, const float* __restrict__ bias,
+                           T* __restrict__ y) {
+  const int64_t total = tokens * rows;
+  for (int64_t flat = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; flat < total;
+       flat += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float sum = 0.f;
+    for (int64_t z = 0; z < splits; ++z) sum += partial[z * total + flat];
+    store(y + flat, sum + (bias != nullptr ? bias[flat % rows] : 0.f));
+  }
+}
+
+// K splits of the tensor-core kernel: enough blocks to fill the GPU when rows x tokens alone give
+// few (a block walks its K range serially, so few blocks would leave the kernel latency bound),
+// at least kMmaMinChunksPerSplit chunks each. Guesses, to be tuned on a GPU.
+constexpr int64_t kMmaTargetBlocks = 512;
+constexpr int64_t kMmaMinChunksPerSplit = 4;
+constexpr int64_t kMmaMaxSplits = 64;
+
+int64_t mma_chunks(const NmCudaShape& s) { return ceil_div(s.groups(), kMmaCols / s.m); }
+
+int64_t mma_splits(const NmCudaShape& s, int64_t tokens) {
+  const int64_t tiles = ceil_div(tokens, kMmaTokens);
+  const int64_t blocks = ceil_div(s.rows, kMmaRows) * (tiles < kMaxGridY ? tiles : kMaxGridY);
+  int64_t splits = ceil_div(kMmaTargetBlocks, blocks > 0 ? blocks : 1);
+  const int64_t by_chunks = mma_chunks(s) / kMmaMinChunksPerSplit;
+  if (splits > by_chunks) splits = by_chunks;
+  if (splits > kMmaMaxSplits) splits = kMmaMaxSplits;
+  return splits > 1 ? splits : 1;
+}
+
 template <typename T>
 cudaError_t launch_forward_mma(const NmCudaShape& s, const void* values, const uint8_t* meta,
                                const void* x, int64_t tokens, const void* bias, void* y,
-                               cudaStream_t stream) {
+                               float* workspace, int64_t workspace_floats, cudaStream_t stream) {
+  int64_t splits = mma_splits(s, tokens);
+  if (workspace == nullptr || workspace_floats < splits * tokens * s.rows) splits = 1;
+  const int64_t chunks = mma_chunks(s);
+  const int64_t chunks_per_split = ceil_div(chunks > 0 ? chunks : 1, splits);
   const int64_t tiles = ceil_div(tokens, kMmaTokens);
   const dim3 grid(static_cast<unsigned>(ceil_div(s.rows, kMmaRows)),
-                  static_cast<unsigned>(tiles < kMaxGridY ? tiles : kMaxGridY));
+                  static_cast<unsigned>(tiles < kMaxGridY ? tiles : kMaxGridY),
+                  static_cast<unsigned>(splits));
+  float* partial = splits > 1 ? workspace : nullptr;
   nm_forward_mma_kernel<T><<<grid, kMmaThreads, 0, stream>>>(
       s, static_cast<const T*>(values), meta, static_cast<const T*>(x), tokens,
-      static_cast<const float*>(bias), static_cast<T*>(y));
+      static_cast<const float*>(bias), static_cast<T*>(y), chunks_per_split, partial);
+  cudaError_t status = last_launch_error();
+  if (status != cudaSuccess || partial == nullptr) return status;
+  const int64_t blocks = ceil_div(tokens * s.rows, kFlatThreads);
+  nm_split_reduce_kernel<T>
+      <<<static_cast<unsigned>(blocks < kMaxFlatBlocks ? blocks : kMaxFlatBlocks), kFlatThreads, 0,
+         stream>>>(splits, tokens, s.rows, partial, static_cast<const float*>(bias),
+                   static_cast<T*>(y));
   return last_launch_error();
 }
 
@@ -634,15 +697,26 @@ bool nm_cuda_supported(CudaDType value_dtype, CudaDType act_dtype) {
          (value_dtype == CudaDType::kF16 || value_dtype == CudaDType::kBF16);
 }
 
+int64_t nm_cuda_forward_workspace(const NmCudaShape& s, CudaDType value_dtype,
+                                  CudaDType act_dtype, int64_t tokens) {
+  if (!shape_ok(s) || tokens < kMmaMinTokens || s.rows == 0 || value_dtype != act_dtype ||
+      (value_dtype != CudaDType::kF16 && value_dtype != CudaDType::kBF16))
+    return 0;
+  const int64_t splits = mma_splits(s, tokens);
+  return splits > 1 ? splits * tokens * s.rows : 0;
+}
+
 cudaError_t nm_cuda_forward(const NmCudaShape& s, CudaDType value_dtype, const void* values,
                             const uint8_t* metadata, CudaDType act_dtype, const void* x,
-                            int64_t tokens, const void* bias, void* y, cudaStream_t stream) {
+                            int64_t tokens, const void* bias, void* y, float* workspace,
+                            int64_t workspace_floats, cudaStream_t stream) {
   if (!shape_ok(s) || tokens < 0) return cudaErrorInvalidValue;
   if (tokens == 0 || s.rows == 0) return cudaSuccess;
   return dispatch_pair(value_dtype, act_dtype, [&](auto v, auto a) {
     using TV = decltype(v);
     using TX = decltype(a);
-    return launch_forward<TV, TX>(s, values, metadata, x, tokens, bias, y, stream);
+    return launch_forward<TV, TX>(s, values, metadata, x, tokens, bias, y, workspace,
+                                  workspace_floats, stream);
   });
 }
 

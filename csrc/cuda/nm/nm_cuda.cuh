@@ -41,15 +41,20 @@ struct NmCudaShape {
 // converts any other pair to f32 activations first.
 bool nm_cuda_supported(CudaDType value_dtype, CudaDType act_dtype);
 
-// Forward, CUDA-core kernel (warp per output row, weights streamed once per tile of <= 8 tokens,
-// metadata decoded in registers):
+// Forward on CUDA cores or, for fp16 / bf16 values with activations of the same dtype from 16
+// tokens, on tensor cores (kernels and thresholds documented in nm_cuda.cu and docs/cuda.md):
 //   y[t, r] = sum_j values[r, j] * x[t, (j / n) * m + idx(r, j)]  (+ bias[r])
-//   values  value_dtype [rows, kept]      metadata uint8 [rows, meta_stride]
-//   x       act_dtype [tokens, cols]      y act_dtype [tokens, rows]
-//   bias    float [rows] (double [rows] when act_dtype is f64) or nullptr
+//   values     value_dtype [rows, kept]      metadata uint8 [rows, meta_stride]
+//   x          act_dtype [tokens, cols]      y act_dtype [tokens, rows]
+//   bias       float [rows] (double [rows] when act_dtype is f64) or nullptr
+//   workspace  float [workspace_floats] for split-K partial sums, or nullptr; size it with
+//              nm_cuda_forward_workspace (a smaller one only means fewer splits: still correct).
+int64_t nm_cuda_forward_workspace(const NmCudaShape& s, CudaDType value_dtype,
+                                  CudaDType act_dtype, int64_t tokens);
 cudaError_t nm_cuda_forward(const NmCudaShape& s, CudaDType value_dtype, const void* values,
                             const uint8_t* metadata, CudaDType act_dtype, const void* x,
-                            int64_t tokens, const void* bias, void* y, cudaStream_t stream);
+                            int64_t tokens, const void* bias, void* y, float* workspace,
+                            int64_t workspace_floats, cudaStream_t stream);
 
 // Input gradient (one thread per input column and tile of tokens, rows summed in order):
 //   dx[t, c] = sum_r dy[t, r] * W[r, c]

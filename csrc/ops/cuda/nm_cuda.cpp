@@ -304,11 +304,17 @@ at::Tensor nm_linear_cuda(const at::Tensor& x, const at::Tensor& values, const a
   const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor bias_acc = bias.has_value() ? bias->to(acc).contiguous() : at::Tensor();
   at::Tensor y = at::empty({T, out_features}, rows.options());
+  const int64_t ws_floats = cuda::nm_cuda_forward_workspace(
+      s, cuda_dtype(values.scalar_type()), cuda_dtype(rows.scalar_type()), T);
+  const at::Tensor workspace =
+      ws_floats > 0 ? at::empty({ws_floats}, rows.options().dtype(at::kFloat)) : at::Tensor();
   check_launch(cuda::nm_cuda_forward(s, cuda_dtype(values.scalar_type()), values.data_ptr(),
                                      metadata.data_ptr<uint8_t>(),
                                      cuda_dtype(rows.scalar_type()), rows.data_ptr(), T,
                                      bias_acc.defined() ? bias_acc.data_ptr() : nullptr,
-                                     y.data_ptr(), current_stream()),
+                                     y.data_ptr(),
+                                     workspace.defined() ? workspace.data_ptr<float>() : nullptr,
+                                     ws_floats, current_stream()),
                "nm_linear");
   return y.to(x.scalar_type()).reshape(out_shape);
 }
