@@ -222,7 +222,7 @@ at::Tensor try_cusparselt(const at::Tensor& rows, const at::Tensor& values,
     const int64_t pad = (kCsltTokenMultiple - T % kCsltTokenMultiple) % kCsltTokenMultiple;
     const at::Tensor dense = pad == 0 ? rows : at::constant_pad_nd(rows, {0, 0, 0, pad});
     c10::optional<at::Tensor> b;
-    if (bias.defined()) b = bias.to(dt);
+    if (bias.defined()) b = bias.to(dt).contiguous();
     // W [rows, cols] (compressed) @ x^T [cols, T] with the result transposed: y [T, rows].
     at::Tensor y = at::_cslt_sparse_mm(packed, dense.t(), b, c10::nullopt, c10::nullopt,
                                        /*transpose_result=*/true);
