@@ -15,33 +15,44 @@ def read_index(row, j, bits):
     if shift + bits > 8: v |= int(row[byte + 1]) << (8 - shift)
     return v & ((1 << bits) - 1)
 
+def chunk_slots(n, m):
+    for vec in (8, 4, 2):
+        if vec * m <= 16 * n:
+            return vec
+    return 1
+
 def warp_kernel(vals, meta, x, n, m, K, TT):
     R, kept = vals.shape; T = x.shape[0]; bits = {4: 2, 8: 3, 16: 4}[m]; mask = (1 << bits) - 1
+    VEC = chunk_slots(n, m)
     y = torch.zeros(T, R, dtype=torch.float64)
     for r in range(R):
         for t0 in range(0, T, TT):
             nt = min(TT, T - t0)
             acc = [[0.0] * TT for _ in range(32)]
             for lane in range(32):
-                kStride = 256; step_g = kStride // n; step_q = kStride - step_g * n
-                g_first = lane * 8 // n; q_first = lane * 8 - g_first * n
+                kStride = 32 * VEC; step_g = kStride // n; step_q = kStride - step_g * n
+                g_first = lane * VEC // n; q_first = lane * VEC - g_first * n
+                whole_bytes = (VEC * bits) % 8 == 0; chunk_bytes = VEC * bits // 8
                 c = lane
-                while c * 8 < kept:
-                    j0 = c * 8
-                    if j0 + 8 <= kept:
-                        v = [float(vals[r, j0 + i]) for i in range(8)]
-                        word = 0
-                        for q in range(bits): word |= int(meta[r, c * bits + q]) << (8 * q)
-                        idx = [(word >> (i * bits)) & mask for i in range(8)]
-                        count = 8
+                while c * VEC < kept:
+                    j0 = c * VEC
+                    if j0 + VEC <= kept:
+                        v = [float(vals[r, j0 + i]) for i in range(VEC)]
+                        if whole_bytes:
+                            word = 0
+                            for q in range(chunk_bytes): word |= int(meta[r, c * chunk_bytes + q]) << (8 * q)
+                            idx = [(word >> (i * bits)) & mask for i in range(VEC)]
+                        else:
+                            idx = [read_index(meta[r], j0 + i, bits) for i in range(VEC)]
+                        count = VEC
                     else:
                         count = kept - j0
-                        v = [float(vals[r, j0 + i]) if i < count else 0.0 for i in range(8)]
-                        idx = [read_index(meta[r], j0 + i, bits) if i < count else 0 for i in range(8)]
+                        v = [float(vals[r, j0 + i]) if i < count else 0.0 for i in range(VEC)]
+                        idx = [read_index(meta[r], j0 + i, bits) if i < count else 0 for i in range(VEC)]
                     g, q = g_first, q_first
                     g_first += step_g; q_first += step_q
                     if q_first >= n: q_first -= n; g_first += 1
-                    for i in range(8):
+                    for i in range(VEC):
                         col = g * m + idx[i]
                         if i < count and col < K:
                             for t in range(nt): acc[lane][t] += v[i] * float(x[t0 + t, col])
@@ -171,7 +182,9 @@ def grad_input_kernel(vals, meta, dy, n, m, K):
 if __name__ == "__main__":
     torch.manual_seed(0)
     for (n, m, R, K, T) in [(2, 4, 70, 37, 20), (3, 8, 24, 300, 16), (15, 16, 5, 70, 3),
-                            (1, 8, 66, 33, 130), (4, 16, 3, 100, 65), (3, 4, 9, 7, 5)]:
+                            (1, 8, 66, 33, 130), (4, 16, 3, 100, 65), (3, 4, 9, 7, 5),
+                            (1, 16, 4, 600, 3), (2, 8, 5, 1000, 2), (1, 4, 3, 700, 9),
+                            (2, 16, 3, 530, 2)]:
         w = NMWeight.from_dense(torch.randn(R, K), n, m)
         x = torch.randn(T, K, dtype=torch.float64)
         ref = x @ w.to_dense().double().t()

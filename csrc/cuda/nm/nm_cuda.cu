@@ -1,10 +1,12 @@
 // N:M semi-structured kernels on CUDA cores (format and launcher contracts: nm_cuda.cuh).
 //
-// Forward: one warp per output row. A lane owns chunks of 8 consecutive slots: it loads their 8
-// values with 16-byte vector loads (when aligned) and their 8 indices as `B` whole metadata bytes
-// (8 slots x B bits), decodes the indices in registers, and multiplies each value into up to 8
-// tokens' activations. The per-token partial sums are reduced across the warp. Every weight byte
-// is read once per tile of 8 tokens, which is what matters at decode sizes (memory bound).
+// Forward at few tokens: one warp per output row. A lane owns chunks of VEC consecutive slots
+// (VEC chosen per pattern so that a chunk spans at most 16 columns: the warp's activation reads
+// then fall in a few cache lines): it loads their values with one vector load (when aligned) and
+// their indices as whole metadata bytes when VEC * B is a multiple of 8 (else slot by slot),
+// decodes the indices in registers, and multiplies each value into up to 8 tokens' activations.
+// The per-token partial sums are reduced across the warp. Every weight byte is read once per
+// tile of 8 tokens, which is what matters at decode sizes (memory bound).
 //
 // Bounds safety does not depend on the metadata: an index has B bits, so a column is
 // < G * m; columns >= cols are skipped, and slot / byte offsets are derived from the shape only.
@@ -21,7 +23,7 @@ namespace {
 
 constexpr int kWarp = 32;
 constexpr int kForwardWarps = 4;       // rows (warps) per forward block
-constexpr int kSlotChunk = 8;          // slots per lane per step in the forward kernel
+constexpr int kMaxChunkCols = 16;      // columns a lane's chunk of slots may span (warp kernel)
 constexpr int kFlatThreads = 256;      // threads per block of the per-slot kernels
 constexpr int64_t kMaxGridY = 65535;   // token tiles beyond this are looped over in-kernel
 constexpr int64_t kMaxFlatBlocks = int64_t{1} << 20;
@@ -40,28 +42,40 @@ __device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn
 __device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 __device__ __forceinline__ void store(double* p, double v) { *p = v; }
 
-// Eight consecutive values as the accumulator type; 16-byte loads when the address allows.
-template <typename TV, typename A>
-__device__ __forceinline__ void load8(const TV* p, A out[kSlotChunk]) {
-  constexpr int per = 16 / static_cast<int>(sizeof(TV));  // 4 float, 8 half/bf16, 2 double
-  static_assert(kSlotChunk % per == 0, "a chunk must be whole 16-byte vectors");
-  if ((reinterpret_cast<uintptr_t>(p) & 15u) == 0) {
+// VEC consecutive values as the accumulator type; vector loads (4, 8 or 16 bytes) when the
+// address allows, else element by element.
+template <typename TV, typename A, int VEC>
+__device__ __forceinline__ void load_vec(const TV* p, A out[VEC]) {
+  constexpr int bytes = VEC * static_cast<int>(sizeof(TV));
+  constexpr int step = bytes >= 16 ? 16 : bytes;  // bytes per load
+  constexpr int per = step / static_cast<int>(sizeof(TV));
+  if constexpr (step >= 4) {
+    if ((reinterpret_cast<uintptr_t>(p) & static_cast<uintptr_t>(step - 1)) == 0) {
 #pragma unroll
-    for (int v = 0; v < kSlotChunk / per; ++v) {
-      const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p + v * per));
-      TV tmp[per];
-      memcpy(tmp, &raw, sizeof(raw));
+      for (int v = 0; v < VEC / per; ++v) {
+        TV tmp[per];
+        if constexpr (step == 16) {
+          const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p + v * per));
+          memcpy(tmp, &raw, sizeof(raw));
+        } else if constexpr (step == 8) {
+          const uint2 raw = __ldg(reinterpret_cast<const uint2*>(p + v * per));
+          memcpy(tmp, &raw, sizeof(raw));
+        } else {
+          const unsigned raw = __ldg(reinterpret_cast<const unsigned*>(p + v * per));
+          memcpy(tmp, &raw, sizeof(raw));
+        }
 #pragma unroll
-      for (int i = 0; i < per; ++i) out[v * per + i] = static_cast<A>(to_float(tmp[i]));
+        for (int i = 0; i < per; ++i) out[v * per + i] = static_cast<A>(to_float(tmp[i]));
+      }
+      return;
     }
-  } else {
-#pragma unroll
-    for (int i = 0; i < kSlotChunk; ++i) out[i] = static_cast<A>(to_float(p[i]));
   }
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) out[i] = static_cast<A>(to_float(p[i]));
 }
 
 // ---- forward ----------------------------------------------------------------------------------
-template <typename TV, typename TX, int TT>
+template <typename TV, typename TX, int TT, int VEC>
 __global__ void __launch_bounds__(kForwardWarps * kWarp)
     nm_forward_kernel(NmCudaShape s, const TV* __restrict__ values,
                       const uint8_t* __restrict__ meta, const TX* __restrict__ x, int64_t tokens,
@@ -85,28 +99,37 @@ __global__ void __launch_bounds__(kForwardWarps * kWarp)
 #pragma unroll
     for (int t = 0; t < TT; ++t) acc[t] = A(0);
     // Group and slot-in-group of the chunk's first slot, advanced incrementally (no division in
-    // the loop): the lane's chunks are kWarp * kSlotChunk slots apart.
-    constexpr int64_t kStride = int64_t{kWarp} * kSlotChunk;
+    // the loop): the lane's chunks are kWarp * VEC slots apart.
+    constexpr int64_t kStride = int64_t{kWarp} * VEC;
     const int64_t step_g = kStride / n, step_q = kStride - step_g * n;
-    int64_t g_first = lane * kSlotChunk / n;
-    int64_t q_first = lane * kSlotChunk - g_first * n;
-    for (int64_t c = lane; c * kSlotChunk < kept; c += kWarp) {
-      const int64_t j0 = c * kSlotChunk;
-      A v[kSlotChunk];
-      uint32_t idx[kSlotChunk];
-      int count = kSlotChunk;
-      if (j0 + kSlotChunk <= kept) {
-        load8<TV, A>(vrow + j0, v);
-        // 8 slots of B bits are exactly B whole bytes, starting at byte c * B.
-        const uint8_t* mb = mrow + c * bits;
-        uint32_t word = 0;
-        for (int q = 0; q < bits; ++q) word |= static_cast<uint32_t>(__ldg(mb + q)) << (8 * q);
+    int64_t g_first = lane * VEC / n;
+    int64_t q_first = lane * VEC - g_first * n;
+    // A chunk's VEC * B index bits are whole bytes (starting at byte c * VEC * B / 8) when
+    // VEC * B is a multiple of 8; otherwise indices are read slot by slot.
+    const bool whole_bytes = (VEC * bits) % 8 == 0;
+    const int chunk_bytes = VEC * bits / 8;
+    for (int64_t c = lane; c * VEC < kept; c += kWarp) {
+      const int64_t j0 = c * VEC;
+      A v[VEC];
+      uint32_t idx[VEC];
+      int count = VEC;
+      if (j0 + VEC <= kept) {
+        load_vec<TV, A, VEC>(vrow + j0, v);
+        if (whole_bytes) {
+          const uint8_t* mb = mrow + c * chunk_bytes;
+          uint32_t word = 0;  // at most 8 slots x 4 bits
+          for (int q = 0; q < chunk_bytes; ++q)
+            word |= static_cast<uint32_t>(__ldg(mb + q)) << (8 * q);
 #pragma unroll
-        for (int i = 0; i < kSlotChunk; ++i) idx[i] = (word >> (i * bits)) & mask;
+          for (int i = 0; i < VEC; ++i) idx[i] = (word >> (i * bits)) & mask;
+        } else {
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) idx[i] = read_index(mrow, j0 + i, bits);
+        }
       } else {
         count = static_cast<int>(kept - j0);
 #pragma unroll
-        for (int i = 0; i < kSlotChunk; ++i) {
+        for (int i = 0; i < VEC; ++i) {
           v[i] = i < count ? static_cast<A>(to_float(vrow[j0 + i])) : A(0);
           idx[i] = i < count ? read_index(mrow, j0 + i, bits) : 0u;
         }
@@ -120,7 +143,7 @@ __global__ void __launch_bounds__(kForwardWarps * kWarp)
         ++g_first;
       }
 #pragma unroll
-      for (int i = 0; i < kSlotChunk; ++i) {
+      for (int i = 0; i < VEC; ++i) {
         const int64_t col = g * m + idx[i];
         if (i < count && col < K) {
 #pragma unroll
@@ -143,18 +166,39 @@ __global__ void __launch_bounds__(kForwardWarps * kWarp)
   }
 }
 
-template <typename TV, typename TX, int TT>
-cudaError_t launch_forward_tt(const NmCudaShape& s, const void* values, const uint8_t* meta,
-                              const void* x, int64_t tokens, const void* bias, void* y,
-                              cudaStream_t stream) {
+template <typename TV, typename TX, int TT, int VEC>
+cudaError_t launch_forward_tt_vec(const NmCudaShape& s, const void* values, const uint8_t* meta,
+                                  const void* x, int64_t tokens, const void* bias, void* y,
+                                  cudaStream_t stream) {
   using A = typename Accum<TV>::type;
   const dim3 grid(static_cast<unsigned>(ceil_div(s.rows, kForwardWarps)),
                   static_cast<unsigned>(ceil_div(tokens, TT) < kMaxGridY ? ceil_div(tokens, TT)
                                                                           : kMaxGridY));
-  nm_forward_kernel<TV, TX, TT><<<grid, kForwardWarps * kWarp, 0, stream>>>(
+  nm_forward_kernel<TV, TX, TT, VEC><<<grid, kForwardWarps * kWarp, 0, stream>>>(
       s, static_cast<const TV*>(values), meta, static_cast<const TX*>(x), tokens,
       static_cast<const A*>(bias), static_cast<TX*>(y));
   return last_launch_error();
+}
+
+// Slots per lane chunk: the largest of 8, 4, 2, 1 whose chunk spans at most kMaxChunkCols
+// columns on average (VEC * m / n): 8 for 2:4, 3:4, 15:16; 4 for 1:4, 2:8, 3:8, 4:16; 2 for
+// 1:8, 2:16; 1 for 1:16.
+int chunk_slots(int64_t n, int64_t m) {
+  for (int vec = 8; vec > 1; vec /= 2)
+    if (vec * m <= kMaxChunkCols * n) return vec;
+  return 1;
+}
+
+template <typename TV, typename TX, int TT>
+cudaError_t launch_forward_tt(const NmCudaShape& s, const void* values, const uint8_t* meta,
+                              const void* x, int64_t tokens, const void* bias, void* y,
+                              cudaStream_t stream) {
+  switch (chunk_slots(s.n, s.m)) {
+    case 8: return launch_forward_tt_vec<TV, TX, TT, 8>(s, values, meta, x, tokens, bias, y, stream);
+    case 4: return launch_forward_tt_vec<TV, TX, TT, 4>(s, values, meta, x, tokens, bias, y, stream);
+    case 2: return launch_forward_tt_vec<TV, TX, TT, 2>(s, values, meta, x, tokens, bias, y, stream);
+    default: return launch_forward_tt_vec<TV, TX, TT, 1>(s, values, meta, x, tokens, bias, y, stream);
+  }
 }
 
 template <typename TV, typename TX>
