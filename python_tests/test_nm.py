@@ -13,9 +13,15 @@ PATTERNS = [(2, 4), (1, 4), (3, 4), (2, 8), (1, 8), (4, 16), (1, 16)]
 _lib = torch.ops.sparse_ext
 
 
-def _nm(out_f, in_f, n, m, dtype=torch.float32):
+def _nm(out_f, in_f, n, m, dtype=torch.float32, device="cpu"):
     w = torch.randn(out_f, in_f, dtype=torch.float32)
-    return NMWeight.from_dense(w, n, m).to(dtype=dtype)
+    return NMWeight.from_dense(w, n, m).to(device=device, dtype=dtype)
+
+
+def _one_isa_on_cuda(isa, device):
+    """Tests that take both ``isa`` and ``device`` run their CUDA case once (ISAs are CPU paths)."""
+    if device.type == "cuda" and isa != "scalar":
+        pytest.skip("CPU ISA paths do not apply on CUDA; the CUDA case runs with isa=scalar")
 
 
 # ---- format -------------------------------------------------------------------------------------
@@ -103,19 +109,21 @@ def test_nbytes_2_4():
 @pytest.mark.parametrize("n,m", PATTERNS)
 @pytest.mark.parametrize("in_f", [7, 33, 64, 300])
 @pytest.mark.parametrize("tokens", [1, 5, 17, 40, 70])
-def test_forward_matches_reference(isa, n, m, in_f, tokens):
+def test_forward_matches_reference(isa, device, n, m, in_f, tokens):
+    _one_isa_on_cuda(isa, device)
     out_f = 24
-    nm = _nm(out_f, in_f, n, m)
-    x = torch.randn(tokens, in_f)
-    bias = torch.randn(out_f)
+    nm = _nm(out_f, in_f, n, m, device=device)
+    x = torch.randn(tokens, in_f, device=device)
+    bias = torch.randn(out_f, device=device)
     y = se.ops.nm_linear(x, nm, bias)
     assert_close_to_reference(y, linear_reference(x, nm.to_dense(), bias))
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 40), (40,), (1, 1, 40), (0, 40)])
-def test_forward_batch_dims(isa, shape):
-    nm = _nm(9, 40, 2, 4)
-    x = torch.randn(*shape)
+def test_forward_batch_dims(isa, device, shape):
+    _one_isa_on_cuda(isa, device)
+    nm = _nm(9, 40, 2, 4, device=device)
+    x = torch.randn(*shape, device=device)
     y = se.ops.nm_linear(x, nm)
     assert y.shape == (*shape[:-1], 9)
     assert_close_to_reference(y, linear_reference(x, nm.to_dense()))
@@ -123,16 +131,21 @@ def test_forward_batch_dims(isa, shape):
 
 @pytest.mark.parametrize("n,m", [(2, 4), (1, 8), (4, 16)])
 @pytest.mark.parametrize("tokens", [1, 16, 33])
-def test_forward_bf16(isa, n, m, tokens):
-    nm32 = _nm(48, 96, n, m)
-    nm = nm32.to(dtype=torch.bfloat16)
-    x = torch.randn(tokens, 96).bfloat16()
-    ref = linear_reference(x, nm.to_dense())
-    torch_bf16 = F.linear(x, nm.to_dense())
-    assert_close_to_reference(se.ops.nm_linear(x, nm), ref, torch_bf16)
-    # bf16 weights with fp32 activations compute in fp32
-    xf = x.float()
-    assert_close_to_reference(se.ops.nm_linear(xf, nm), linear_reference(xf, nm.to_dense()))
+def test_forward_bf16(isa, device, n, m, tokens):
+    _one_isa_on_cuda(isa, device)
+    nm32 = _nm(48, 96, n, m, device=device)
+    # float16 is part of the contract on CUDA only
+    for dtype in (torch.bfloat16, torch.float16) if device.type == "cuda" else (torch.bfloat16,):
+        nm = nm32.to(dtype=dtype)
+        x = torch.randn(tokens, 96, device=device).to(dtype)
+        ref = linear_reference(x, nm.to_dense())
+        torch_same = F.linear(x, nm.to_dense())
+        y = se.ops.nm_linear(x, nm)
+        assert y.dtype == dtype
+        assert_close_to_reference(y, ref, torch_same)
+        # reduced-precision weights with fp32 activations compute in fp32
+        xf = x.float()
+        assert_close_to_reference(se.ops.nm_linear(xf, nm), linear_reference(xf, nm.to_dense()))
 
 
 def test_isas_agree():
@@ -170,25 +183,26 @@ def test_deterministic_across_threads(tokens):
 # ---- backward ops, opcheck, gradcheck -------------------------------------------------------------
 @pytest.mark.parametrize("n,m", [(2, 4), (1, 8), (3, 8), (4, 16)])
 @pytest.mark.parametrize("tokens", [1, 9, 40])
-def test_backward_ops(isa, n, m, tokens):
-    nm = _nm(20, 37, n, m)
-    x = torch.randn(tokens, 37)
-    dy = torch.randn(tokens, 20)
+def test_backward_ops(isa, device, n, m, tokens):
+    _one_isa_on_cuda(isa, device)
+    nm = _nm(20, 37, n, m, device=device)
+    x = torch.randn(tokens, 37, device=device)
+    dy = torch.randn(tokens, 20, device=device)
     dense = nm.to_dense()
     dx = _lib.nm_linear_grad_input(dy, nm.values, nm.metadata, 37, n, m)
     assert_close_to_reference(dx, dy.double() @ dense.double())
     dv = _lib.nm_linear_grad_values(dy, x, nm.metadata, n, m)
     cols = nm.columns()
-    full = torch.zeros(20, nm.groups * m, dtype=torch.float64)
+    full = torch.zeros(20, nm.groups * m, dtype=torch.float64, device=device)
     full[:, :37] = dy.double().t() @ x.double()
     assert_close_to_reference(dv, torch.gather(full, 1, cols))
 
 
-def test_opcheck():
-    nm = _nm(12, 21, 2, 4)
-    x = torch.randn(3, 21)
-    bias = torch.randn(12)
-    dy = torch.randn(3, 12)
+def test_opcheck(device):
+    nm = _nm(12, 21, 2, 4, device=device)
+    x = torch.randn(3, 21, device=device)
+    bias = torch.randn(12, device=device)
+    dy = torch.randn(3, 12, device=device)
     torch.library.opcheck(_lib.nm_linear, (x, nm.values, nm.metadata, bias, 2, 4))
     torch.library.opcheck(_lib.nm_linear, (x.requires_grad_(), nm.values.requires_grad_(),
                                            nm.metadata, bias.requires_grad_(), 2, 4))
@@ -198,20 +212,20 @@ def test_opcheck():
 
 
 @pytest.mark.parametrize("n,m", [(2, 4), (3, 8), (1, 16)])
-def test_gradcheck_float64(n, m):
-    nm = _nm(6, 19, n, m, dtype=torch.float64)
-    x = torch.randn(2, 3, 19, dtype=torch.float64, requires_grad=True)
+def test_gradcheck_float64(device, n, m):
+    nm = _nm(6, 19, n, m, dtype=torch.float64, device=device)
+    x = torch.randn(2, 3, 19, dtype=torch.float64, device=device, requires_grad=True)
     values = nm.values.clone().requires_grad_()
-    bias = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(6, dtype=torch.float64, device=device, requires_grad=True)
     fn = lambda x_, v_, b_: _lib.nm_linear(x_, v_, nm.metadata, b_, n, m)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, values, bias))
 
 
-def test_autograd_float32_matches_dense():
-    nm = _nm(16, 40, 2, 4)
-    x = torch.randn(5, 40, requires_grad=True)
+def test_autograd_float32_matches_dense(device):
+    nm = _nm(16, 40, 2, 4, device=device)
+    x = torch.randn(5, 40, device=device, requires_grad=True)
     values = nm.values.clone().requires_grad_()
-    bias = torch.randn(16, requires_grad=True)
+    bias = torch.randn(16, device=device, requires_grad=True)
     y = _lib.nm_linear(x, values, nm.metadata, bias, 2, 4)
     g = torch.randn_like(y)
     y.backward(g)
@@ -226,30 +240,31 @@ def test_autograd_float32_matches_dense():
 
 
 # ---- malformed input ------------------------------------------------------------------------------
-def test_bad_metadata_and_lengths():
-    nm = _nm(8, 32, 2, 4)
-    x = torch.randn(3, 32)
+def test_bad_metadata_and_lengths(device):
+    nm = _nm(8, 32, 2, 4, device=device)
+    x = torch.randn(3, 32, device=device)
     v, meta = nm.values, nm.metadata
     with pytest.raises(RuntimeError, match=r"metadata must have shape \[8, 4\]"):
         _lib.nm_linear(x, v, meta[:, :3].contiguous(), None, 2, 4)
     with pytest.raises(RuntimeError, match=r"values must have shape \[8, 16\]"):
         _lib.nm_linear(x, v[:, :15].contiguous(), meta, None, 2, 4)
     with pytest.raises(RuntimeError, match=r"in_features 40 .* got \[8, 4\]"):
-        _lib.nm_linear(torch.randn(3, 40), v, meta, None, 2, 4)  # in_features disagrees
+        _lib.nm_linear(torch.randn(3, 40, device=device), v, meta, None, 2, 4)  # in_features disagrees
     with pytest.raises(RuntimeError, match="metadata must have dtype"):
         _lib.nm_linear(x, v, meta.int(), None, 2, 4)
     with pytest.raises(RuntimeError, match="values must have dtype"):
-        _lib.nm_linear(x, v.half(), meta, None, 2, 4)
+        # float16 values are accepted on CUDA; an integer dtype is wrong everywhere
+        _lib.nm_linear(x, v.half() if device.type == "cpu" else v.int(), meta, None, 2, 4)
     with pytest.raises(RuntimeError, match="x must have dtype"):
         _lib.nm_linear(x.int(), v, meta, None, 2, 4)
     with pytest.raises(RuntimeError, match="bias must have length 8"):
-        _lib.nm_linear(x, v, meta, torch.randn(7), 2, 4)
+        _lib.nm_linear(x, v, meta, torch.randn(7, device=device), 2, 4)
     with pytest.raises(RuntimeError, match="float64 needs both"):
         _lib.nm_linear(x.double(), v, meta, None, 2, 4)
     with pytest.raises(RuntimeError, match="metadata must be contiguous"):
-        _lib.nm_linear(x, v, torch.zeros(4, 8, dtype=torch.uint8).t(), None, 2, 4)
+        _lib.nm_linear(x, v, torch.zeros(4, 8, dtype=torch.uint8, device=device).t(), None, 2, 4)
     with pytest.raises(RuntimeError, match="same number of tokens"):
-        _lib.nm_linear_grad_values(torch.randn(2, 8), x, meta, 2, 4)
+        _lib.nm_linear_grad_values(torch.randn(2, 8, device=device), x, meta, 2, 4)
 
 
 def test_from_indices_rejects_bad_metadata():
@@ -267,33 +282,40 @@ def test_from_indices_rejects_bad_metadata():
         NMWeight.from_indices(v, good.float(), (2, 8), 2, 4)
 
 
-def test_validate_catches_noncanonical_packed_metadata():
-    nm = _nm(4, 16, 2, 4)
+def test_validate_catches_noncanonical_packed_metadata(device):
+    nm = _nm(4, 16, 2, 4, device=device)
     idx = nm.indices()
     idx[2, 3] = idx[2, 2]  # slot repeats its neighbour: the group names fewer than 2 columns
-    broken = NMWeight(nm.values, nm_pack_indices(idx, 4), nm.shape, 2, 4)
+    broken = NMWeight(nm.values, nm_pack_indices(idx, 4).to(device), nm.shape, 2, 4)
     with pytest.raises(ValueError, match="row 2, group 1: indices must be strictly increasing"):
         broken.validate()
+    with pytest.raises(RuntimeError, match="row 2, group 1: indices must be strictly increasing"):
+        _lib.nm_validate(broken.values, broken.metadata, 16, 2, 4)
     # the kernel never reads out of bounds whatever the bits say: random metadata runs safely
-    junk = torch.randint(0, 256, nm.metadata.shape, dtype=torch.uint8)
-    y = _lib.nm_linear(torch.randn(3, 16), nm.values, junk, None, 2, 4)
+    junk = torch.randint(0, 256, nm.metadata.shape, dtype=torch.uint8).to(device)
+    y = _lib.nm_linear(torch.randn(3, 16, device=device), nm.values, junk, None, 2, 4)
     assert torch.isfinite(y).all()
+    dx = _lib.nm_linear_grad_input(torch.randn(3, 4, device=device), nm.values, junk, 16, 2, 4)
+    dv = _lib.nm_linear_grad_values(torch.randn(3, 4, device=device),
+                                    torch.randn(3, 16, device=device), junk, 2, 4)
+    assert torch.isfinite(dx).all() and torch.isfinite(dv).all()
     with pytest.raises(ValueError, match="metadata must have shape"):
         NMWeight(nm.values, nm.metadata[:, :1], nm.shape, 2, 4).validate()
 
 
 # ---- module ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("pattern", ["2:4", "1:4", "2:8", "1:8", "4:16"])
-def test_sparse_linear_from_dense(pattern):
+def test_sparse_linear_from_dense(device, pattern):
     lin = torch.nn.Linear(48, 20)
-    sl = se.SparseLinear.from_dense(lin, pattern=pattern)
+    sl = se.SparseLinear.from_dense(lin, pattern=pattern).to(device)
+    lin = lin.to(device)
     n, m = (int(v) for v in pattern.split(":"))
     assert sl.format_kind == "nm"
     assert isinstance(sl.weight_format(), NMWeight)
     assert abs(sl.sparsity - (1 - n / m)) < 1e-6
     r = repr(sl)
     assert f"pattern='{pattern}'" in r and "weight_bytes" in r
-    x = torch.randn(2, 3, 48)
+    x = torch.randn(2, 3, 48, device=device)
     ref = F.linear(x, sl.to_dense().weight, lin.bias)
     torch.testing.assert_close(sl(x), ref, rtol=1e-5, atol=1e-5)
     dense_again = sl.to_dense()
@@ -351,16 +373,189 @@ def test_sparse_linear_training_state_dict_bf16():
     assert "bfloat16" in repr(sb)
 
 
-def test_torch_compile_fullgraph():
+def test_torch_compile_fullgraph(device):
     torch._dynamo.reset()
     model = torch.nn.Sequential(
         se.SparseLinear.from_dense(torch.nn.Linear(32, 24), pattern="2:4"),
         torch.nn.ReLU(),
         se.SparseLinear.from_dense(torch.nn.Linear(24, 8), pattern="1:8"),
-    )
-    x = torch.randn(5, 32)
+    ).to(device)
+    x = torch.randn(5, 32, device=device)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x), model(x))
     xg = x.clone().requires_grad_()
     compiled(xg).sum().backward()
     assert xg.grad is not None and model[0].values.grad is not None
+
+
+# ---- CUDA only: device checks, both CUDA paths, the compressed-weight cache ----------------------
+_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available on this machine")
+
+
+@_cuda
+def test_cuda_wrong_device():
+    nm = _nm(8, 32, 2, 4, device="cuda")
+    x = torch.randn(3, 32, device="cuda")
+    with pytest.raises(RuntimeError, match="values must be on x's device"):
+        _lib.nm_linear(x, nm.values.cpu(), nm.metadata, None, 2, 4)
+    with pytest.raises(RuntimeError, match="metadata must be on x's device"):
+        _lib.nm_linear(x, nm.values, nm.metadata.cpu(), None, 2, 4)
+    with pytest.raises(RuntimeError, match="bias must be on x's device"):
+        _lib.nm_linear(x, nm.values, nm.metadata, torch.randn(8), 2, 4)
+    with pytest.raises(RuntimeError, match="x must be a CUDA tensor"):
+        _lib.nm_linear(x.cpu(), nm.values, nm.metadata, None, 2, 4)
+    with pytest.raises(RuntimeError, match="values must be on grad_out's device"):
+        _lib.nm_linear_grad_input(torch.randn(3, 8, device="cuda"), nm.values.cpu(), nm.metadata,
+                                  32, 2, 4)
+    with pytest.raises(RuntimeError, match="x must be"):
+        _lib.nm_linear_grad_values(torch.randn(3, 8, device="cuda"), x.cpu(), nm.metadata, 2, 4)
+    with pytest.raises(RuntimeError, match="metadata must be on values's device"):
+        _lib.nm_validate(nm.values, nm.metadata.cpu(), 32, 2, 4)
+
+
+@_cuda
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (2, 8), (1, 8), (4, 16)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 7, 64, 300])
+def test_cuda_paths_agree(monkeypatch, n, m, dtype, tokens):
+    """Every forward path matches: CUDA cores, cuSPARSELt (n <= 2; others fall back), dense
+    expansion + cuBLAS, and the automatic choice."""
+    nm = _nm(128, 256, n, m, dtype=dtype, device="cuda")
+    x = torch.randn(tokens, 256, device="cuda", dtype=dtype)
+    bias = torch.randn(128, device="cuda", dtype=dtype)
+    ref = linear_reference(x, nm.to_dense(), bias)
+    torch_same = F.linear(x, nm.to_dense(), bias)
+    for path in ("cores", "cusparselt", "dense", "auto"):
+        monkeypatch.setenv("SPARSE_EXT_NM_CUDA_PATH", path)
+        assert_close_to_reference(se.ops.nm_linear(x, nm, bias), ref, torch_same)
+
+
+@_cuda
+def test_cuda_compressed_cache_sees_inplace_edits(monkeypatch):
+    monkeypatch.setenv("SPARSE_EXT_NM_CUDA_PATH", "cusparselt")
+    nm = _nm(64, 128, 2, 4, dtype=torch.float16, device="cuda")
+    x = torch.randn(32, 128, device="cuda", dtype=torch.float16)
+    y1 = se.ops.nm_linear(x, nm)
+    assert torch.equal(se.ops.nm_linear(x, nm), y1)
+    with torch.no_grad():
+        nm.values.mul_(2)  # bumps the version: the cached compressed weight must not be reused
+    y2 = se.ops.nm_linear(x, nm)
+    assert_close_to_reference(y2, linear_reference(x, nm.to_dense()), F.linear(x, nm.to_dense()))
+    # any metadata bits give a valid 2:4 matrix (slots naming one column are summed): the 2:4
+    # path agrees with the cores on random metadata too
+    junk = torch.randint(0, 256, nm.metadata.shape, dtype=torch.uint8).cuda()
+    y_junk = _lib.nm_linear(x, nm.values, junk, None, 2, 4)
+    monkeypatch.setenv("SPARSE_EXT_NM_CUDA_PATH", "cores")
+    y_cores = _lib.nm_linear(x, nm.values, junk, None, 2, 4)
+    assert torch.isfinite(y_junk).all()
+    scale = y_cores.float().abs().max().item()
+    assert (y_junk.float() - y_cores.float()).abs().max().item() <= 1e-2 * max(1.0, scale)
+
+
+@_cuda
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 8), (4, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_cuda_backward_paths_agree(monkeypatch, n, m, dtype):
+    """Backward at training sizes: the kernels and the dense-GEMM path (>= 64 tokens) match."""
+    nm = _nm(48, 100, n, m, dtype=dtype, device="cuda")
+    x = torch.randn(130, 100, device="cuda", dtype=dtype)
+    dy = torch.randn(130, 48, device="cuda", dtype=dtype)
+    dense = nm.to_dense()
+    ref_dx = dy.double() @ dense.double()
+    full = torch.zeros(48, nm.groups * m, dtype=torch.float64, device="cuda")
+    full[:, :100] = dy.double().t() @ x.double()
+    ref_dv = torch.gather(full, 1, nm.columns())
+    torch_dx = dy @ dense
+    torch_dv = torch.gather(torch.nn.functional.pad((dy.t() @ x).double(), (0, nm.groups * m - 100)),
+                            1, nm.columns())
+    for path in ("cores", "auto"):
+        monkeypatch.setenv("SPARSE_EXT_NM_CUDA_PATH", path)
+        dx = _lib.nm_linear_grad_input(dy, nm.values, nm.metadata, 100, n, m)
+        dv = _lib.nm_linear_grad_values(dy, x, nm.metadata, n, m)
+        assert dx.dtype == dtype and dv.dtype == (torch.float64 if dtype == torch.float64
+                                                  else torch.float32)
+        if dtype == torch.bfloat16:
+            assert_close_to_reference(dx, ref_dx, torch_dx)
+            assert_close_to_reference(dv, ref_dv, torch_dv)
+        else:
+            assert_close_to_reference(dx, ref_dx)
+            assert_close_to_reference(dv, ref_dv)
+
+
+@_cuda
+@pytest.mark.parametrize("tokens", [1, 50])
+def test_cuda_deterministic(tokens):
+    nm = _nm(300, 256, 2, 4, device="cuda")
+    x = torch.randn(tokens, 256, device="cuda")
+    dy = torch.randn(tokens, 300, device="cuda")
+    runs = [(se.ops.nm_linear(x, nm),
+             _lib.nm_linear_grad_input(dy, nm.values, nm.metadata, 256, 2, 4),
+             _lib.nm_linear_grad_values(dy, x, nm.metadata, 2, 4)) for _ in range(3)]
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+
+
+@_cuda
+def test_cuda_mixed_dtypes():
+    nm = _nm(32, 64, 1, 8, dtype=torch.bfloat16, device="cuda")
+    x = torch.randn(5, 64, device="cuda", dtype=torch.float16)  # computed in fp32, returned fp16
+    b = torch.randn(32, device="cuda", dtype=torch.float64)
+    y = se.ops.nm_linear(x, nm, b)
+    assert y.dtype == torch.float16
+    dense = nm.to_dense().float()
+    assert_close_to_reference(y, linear_reference(x, dense, b),
+                              F.linear(x.float(), dense, b.float()).half())
+
+
+@_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_module_training(dtype):
+    torch.manual_seed(1)
+    sl = se.SparseLinear.from_dense(torch.nn.Linear(64, 32), pattern="2:4").cuda().to(dtype)
+    sl.weight_format().validate()  # runs the device-side check (float16 allowed on CUDA)
+    meta_before = sl.metadata.clone()
+    opt = torch.optim.SGD(sl.parameters(), lr=0.05)
+    x = torch.randn(40, 64, device="cuda", dtype=dtype)
+    target = torch.randn(40, 32, device="cuda", dtype=dtype)
+    losses = []
+    for _ in range(5):
+        opt.zero_grad()
+        loss = F.mse_loss(sl(x).float(), target.float())
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert torch.equal(sl.metadata, meta_before)
+    ref = linear_reference(x, sl.to_dense().weight, sl.bias)
+    assert_close_to_reference(sl(x), ref, F.linear(x, sl.to_dense().weight, sl.bias))
+
+
+@_cuda
+def test_cuda_float16_from_dense():
+    """An fp16 CUDA nn.Linear converts directly (its N:M weight stays on the GPU)."""
+    lin = torch.nn.Linear(64, 32).cuda().half()
+    sl = se.SparseLinear.from_dense(lin, pattern="2:4")
+    assert sl.values.is_cuda and sl.values.dtype == torch.float16 and sl.metadata.is_cuda
+    x = torch.randn(3, 64, device="cuda", dtype=torch.float16)
+    w = sl.to_dense().weight
+    assert_close_to_reference(sl(x), linear_reference(x, w, sl.bias), F.linear(x, w, sl.bias))
+    with pytest.raises(TypeError, match="float16 on CUDA"):
+        NMWeight.from_dense(torch.randn(4, 8).half(), 2, 4)
+
+
+@_cuda
+@pytest.mark.parametrize("n,m", PATTERNS)
+@pytest.mark.parametrize("in_f", [7, 33, 300])
+@pytest.mark.parametrize("tokens", [16, 70])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_16bit_odd_shapes(monkeypatch, n, m, in_f, tokens, dtype):
+    """The tensor-core kernel on partial tiles: rows, tokens and columns not multiples of its tile
+    (scalar activation loads when in_features % 8 != 0)."""
+    monkeypatch.setenv("SPARSE_EXT_NM_CUDA_PATH", "cores")
+    nm = _nm(24, in_f, n, m, dtype=dtype, device="cuda")
+    x = torch.randn(tokens, in_f, device="cuda", dtype=dtype)
+    bias = torch.randn(24, device="cuda", dtype=dtype)
+    dense = nm.to_dense()
+    assert_close_to_reference(se.ops.nm_linear(x, nm, bias), linear_reference(x, dense, bias),
+                              F.linear(x, dense, bias))

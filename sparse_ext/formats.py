@@ -216,7 +216,8 @@ class NMWeight:
     input columns keeps ``n`` slots (``m`` in 4/8/16, ``1 <= n < m``).
 
     Attributes:
-      values    float32 | bfloat16 | float64 [out_features, G * n], G = ceil(in_features / m)
+      values    float32 | bfloat16 | float64 (| float16 on CUDA) [out_features, G * n],
+                G = ceil(in_features / m)
       metadata  uint8 [out_features, ceil(G * n * log2(m) / 8)]: each slot's index in its group,
                 log2(m) bits per slot (see :func:`nm_pack_indices`)
     Canonical form: the n indices of a group strictly increase; unused slots hold zeros.
@@ -240,8 +241,11 @@ class NMWeight:
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             raise ValueError(f"weight must be a 2-D tensor [out_features, in_features], got "
                              f"{getattr(weight, 'shape', type(weight).__name__)}")
-        if weight.dtype not in _VALUE_DTYPES:
-            raise TypeError(f"weight must be float32, bfloat16 or float64, got {weight.dtype}")
+        # float16 exists only on CUDA (the CUDA kernels take it): such a weight stays on its device.
+        cuda_half = weight.dtype == torch.float16 and weight.is_cuda
+        if weight.dtype not in _VALUE_DTYPES and not cuda_half:
+            raise TypeError(f"weight must be float32, bfloat16 or float64 (or float16 on CUDA), "
+                            f"got {weight.dtype}")
         weight = weight.detach()
         M, K = weight.shape
         G = -(-K // m)
@@ -279,8 +283,9 @@ class NMWeight:
         vals = torch.gather(wg, -1, idx)
         if keep is not None:
             vals = vals * torch.gather(keep, -1, idx).to(vals.dtype)
-        return cls(vals.reshape(M, G * n).contiguous().cpu(),
-                   nm_pack_indices(idx.reshape(M, G * n), m).cpu(), (M, K), n, m)
+        out_device = weight.device if cuda_half else torch.device("cpu")
+        return cls(vals.reshape(M, G * n).contiguous().to(out_device),
+                   nm_pack_indices(idx.reshape(M, G * n), m).to(out_device), (M, K), n, m)
 
     @classmethod
     def from_indices(cls, values: torch.Tensor, indices: torch.Tensor, shape: Tuple[int, int],
@@ -372,8 +377,11 @@ class NMWeight:
         ValueError naming what is wrong."""
         _check_nm_pattern(self.n, self.m)
         M, K = self.shape
-        if self.values.dtype not in _VALUE_DTYPES:
-            raise ValueError(f"values must be float32, bfloat16 or float64, got {self.values.dtype}")
+        # float16 is accepted on CUDA (the CUDA kernels take it); there the check runs on device.
+        on_cuda = self.values.is_cuda and self.metadata.is_cuda
+        if self.values.dtype not in _VALUE_DTYPES + ((torch.float16,) if on_cuda else ()):
+            raise ValueError(f"values must be float32, bfloat16 or float64 (or float16 on CUDA), "
+                             f"got {self.values.dtype}")
         if self.metadata.dtype != torch.uint8:
             raise ValueError(f"metadata must be uint8, got {self.metadata.dtype}")
         want_v = (M, self.groups * self.n)
@@ -384,8 +392,12 @@ class NMWeight:
             raise ValueError(f"metadata must have shape {want_m} ({self.groups * self.n} slots of "
                              f"{_NM_BITS[self.m]} bits per row), got {tuple(self.metadata.shape)}")
         try:
-            torch.ops.sparse_ext.nm_validate(self.values.cpu().contiguous(),
-                                             self.metadata.cpu().contiguous(), K, self.n, self.m)
+            if on_cuda and self.values.device == self.metadata.device:
+                torch.ops.sparse_ext.nm_validate(self.values.contiguous(),
+                                                 self.metadata.contiguous(), K, self.n, self.m)
+            else:
+                torch.ops.sparse_ext.nm_validate(self.values.cpu().contiguous(),
+                                                 self.metadata.cpu().contiguous(), K, self.n, self.m)
         except RuntimeError as e:
             raise ValueError(str(e).split("\n")[0]) from None
         return self

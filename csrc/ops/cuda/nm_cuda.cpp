@@ -1,0 +1,414 @@
+// ATen glue for the N:M family on CUDA: argument checks (mirroring csrc/ops/nm_ops.cpp), dtype
+// handling, path choice (CUDA-core kernels in csrc/cuda/nm, or 2:4 sparse tensor cores through
+// cuSPARSELt via ATen's _cslt_* ops), allocation and launch on the current stream.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <mutex>
+#include <string>
+
+#include "../../cuda/nm/nm_cuda.cuh"
+#include "../common.h"
+#include "cuda_glue.h"
+
+namespace sparse_ext {
+namespace {
+
+using cuda::CudaDType;
+using cuda::NmCudaShape;
+
+void check_pattern(int64_t n, int64_t m) {
+  TORCH_CHECK(m == 4 || m == 8 || m == 16, "m must be 4, 8 or 16, got ", m);
+  TORCH_CHECK(n >= 1 && n < m, "n must satisfy 1 <= n < m (", m, "), got n = ", n);
+}
+
+int index_bits(int64_t m) { return m == 4 ? 2 : m == 8 ? 3 : 4; }
+
+CudaDType cuda_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return CudaDType::kF32;
+    case at::kHalf: return CudaDType::kF16;
+    case at::kBFloat16: return CudaDType::kBF16;
+    case at::kDouble: return CudaDType::kF64;
+    default: TORCH_CHECK(false, "N:M CUDA kernels: unsupported dtype ", t);
+  }
+  return CudaDType::kF32;
+}
+
+// Checks metadata (and values when given) against the pattern and sizes, on x's device; the same
+// conditions and messages as the CPU glue (make_weight in csrc/ops/nm_ops.cpp).
+NmCudaShape check_weight(const at::Tensor& x, const char* x_name, const at::Tensor* values,
+                         const at::Tensor& metadata, int64_t out_features, int64_t in_features,
+                         int64_t n, int64_t m) {
+  check_pattern(n, m);
+  TORCH_CHECK(in_features >= 0, "in_features must be non-negative, got ", in_features);
+  const NmCudaShape s{out_features, in_features, n, m};
+  check_same_cuda_device(x, x_name, {{&metadata, "metadata"}});
+  check_dtype(metadata, "metadata", {at::kByte});
+  TORCH_CHECK(metadata.dim() == 2, "metadata must be 2-D [out_features, ceil(kept * ",
+              index_bits(m), " / 8)], got shape ", metadata.sizes());
+  TORCH_CHECK(metadata.size(0) == out_features && metadata.size(1) == s.meta_stride(),
+              "metadata must have shape [", out_features, ", ", s.meta_stride(), "] for ",
+              out_features, " rows, in_features ", in_features, " and ", n, ":", m, " (",
+              s.kept(), " slots of ", index_bits(m), " bits per row), got ", metadata.sizes());
+  TORCH_CHECK(metadata.is_contiguous(), "metadata must be contiguous");
+  if (values != nullptr) {
+    check_same_cuda_device(x, x_name, {{values, "values"}});
+    check_dtype(*values, "values", {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble});
+    TORCH_CHECK(values->dim() == 2, "values must be 2-D [out_features, ceil(in_features / m) * n], "
+                "got shape ", values->sizes());
+    TORCH_CHECK(values->size(0) == out_features && values->size(1) == s.kept(),
+                "values must have shape [", out_features, ", ", s.kept(), "] (", s.groups(),
+                " groups of ", n, " for in_features ", in_features, " and ", n, ":", m, "), got ",
+                values->sizes());
+    TORCH_CHECK(values->is_contiguous(), "values must be contiguous");
+  }
+  return s;
+}
+
+void check_activations(const at::Tensor& x, const char* name) {
+  check_cuda(x, name);
+  check_dtype(x, name, {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble});
+  TORCH_CHECK(x.dim() >= 1, name, " must have at least one dimension, got a scalar");
+}
+
+// Activations for the kernels: [tokens, K] contiguous, in a dtype the kernels pair with `values`
+// (the same dtype, or float32 with half / bfloat16 values; other mixes compute in float32).
+at::Tensor kernel_rows(const at::Tensor& x, int64_t K, at::ScalarType value_type) {
+  at::Tensor rows = x.reshape({-1, K});
+  if (!cuda::nm_cuda_supported(cuda_dtype(value_type), cuda_dtype(rows.scalar_type())))
+    rows = rows.to(at::kFloat);
+  return rows.contiguous();
+}
+
+// ---- 2:4 sparse tensor cores through cuSPARSELt -------------------------------------------------
+// Path choice per call. SPARSE_EXT_NM_CUDA_PATH=cores|cusparselt|dense|auto (default auto)
+// forces one (cusparselt and dense fall back to the cores where they cannot apply). Thresholds in
+// auto mode are guesses to be tuned with bench/ on a GPU: below them the CUDA-core kernels, which
+// read only the n/m kept values, win (decode sizes are memory bound); above them tensor cores win.
+enum class PathMode { kAuto, kCores, kCusparselt, kDense };
+
+PathMode path_mode() {
+  const char* env = std::getenv("SPARSE_EXT_NM_CUDA_PATH");
+  if (env == nullptr || std::strcmp(env, "auto") == 0 || env[0] == '\0') return PathMode::kAuto;
+  if (std::strcmp(env, "cores") == 0) return PathMode::kCores;
+  if (std::strcmp(env, "cusparselt") == 0) return PathMode::kCusparselt;
+  if (std::strcmp(env, "dense") == 0) return PathMode::kDense;
+  TORCH_CHECK(false, "SPARSE_EXT_NM_CUDA_PATH must be auto, cores, cusparselt or dense, got '",
+              env, "'");
+  return PathMode::kAuto;
+}
+
+// Tokens from which the sparse-tensor-core path is used in auto mode (guesses, see above). 1:4,
+// 2:8, 1:8 (any n <= 2) are 2:4 patterns once expanded, but the 2:4 layout moves more weight bytes
+// than their own format, so they switch later.
+int64_t cusparselt_min_tokens(int64_t n, int64_t m) {
+  if (n == 2 && m == 4) return 32;
+  if (n * 4 >= m) return 64;   // 1:4, 2:8
+  return 256;                  // 1:8, 1:16, 2:16
+}
+
+// Shapes the sparse-tensor-core path takes: stricter than cuSPARSELt's documented minimum for
+// 16-bit types (multiples of 16), so that no torch version rejects them (every LLM shape passes).
+constexpr int64_t kCsltRowMultiple = 32;
+constexpr int64_t kCsltColMultiple = 64;
+constexpr int64_t kCsltTokenMultiple = 16;
+
+std::atomic<bool> cusparselt_broken{false};  // set once when cuSPARSELt fails at run time
+
+using WeakImpl = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
+
+// One converted weight: keyed on the exact values / metadata tensors and versions.
+struct Compressed {
+  WeakImpl values, metadata;
+  const void* values_data;
+  const void* metadata_data;
+  int64_t values_version, metadata_version;
+  int64_t n, m;
+  at::Tensor packed;
+};
+
+constexpr size_t kCompressedEntries = 64;
+std::mutex compressed_mutex;
+// Never destroyed: device tensors must not be freed by static destructors after CUDA shut down.
+std::deque<Compressed>& compressed_cache = *new std::deque<Compressed>();
+
+bool same_key(const Compressed& c, const at::Tensor& values, const at::Tensor& metadata,
+              int64_t n, int64_t m) {
+  auto v = c.values.lock();
+  auto md = c.metadata.lock();
+  return v.get() == values.unsafeGetTensorImpl() && md.get() == metadata.unsafeGetTensorImpl() &&
+         c.values_data == values.data_ptr() && c.metadata_data == metadata.data_ptr() &&
+         c.values_version == values._version() && c.metadata_version == metadata._version() &&
+         c.n == n && c.m == m;
+}
+
+// W as a dense [rows, cols] matrix in values' dtype (duplicate slots, possible only with
+// non-canonical metadata, summed as on the CPU).
+at::Tensor expand_dense(const NmCudaShape& s, const at::Tensor& values, const at::Tensor& metadata,
+                        const char* op) {
+  at::Tensor dense = at::zeros({s.rows, s.cols}, values.options());
+  check_launch(cuda::nm_cuda_expand(s, cuda_dtype(values.scalar_type()), values.data_ptr(),
+                                    metadata.data_ptr<uint8_t>(), dense.data_ptr(),
+                                    current_stream()),
+               op);
+  return dense;
+}
+
+// Validates the metadata on device; returns the smallest bad r * G + g or -1.
+int64_t first_bad_group(const NmCudaShape& s, const at::Tensor& metadata) {
+  at::Tensor error = at::empty({1}, metadata.options().dtype(at::kLong));
+  check_launch(cuda::nm_cuda_validate(s, metadata.data_ptr<uint8_t>(), error.data_ptr<int64_t>(),
+                                      current_stream()),
+               "nm_validate");
+  return error.item<int64_t>();
+}
+
+// The cuSPARSELt-compressed 2:4 form of the weight, converted once per (values, metadata,
+// versions) and cached. With n <= 2 every aligned group of 4 expanded columns holds at most 2
+// nonzeros whatever the metadata bits say (slots naming one column are summed), so any metadata
+// gives a valid 2:4 matrix and no validation (no synchronization) is needed.
+at::Tensor compressed_weight(const NmCudaShape& s, const at::Tensor& values,
+                             const at::Tensor& metadata) {
+  {
+    std::lock_guard<std::mutex> lock(compressed_mutex);
+    // Evict entries whose weight died (or was edited): they can never match again.
+    for (auto it = compressed_cache.begin(); it != compressed_cache.end();) {
+      if (it->values.expired() || it->metadata.expired()) it = compressed_cache.erase(it);
+      else ++it;
+    }
+    for (const Compressed& c : compressed_cache)
+      if (same_key(c, values, metadata, s.n, s.m)) return c.packed;
+  }
+  const at::Tensor packed = at::_cslt_compress(expand_dense(s, values, metadata, "nm_linear"));
+  Compressed entry{WeakImpl(values.getIntrusivePtr()), WeakImpl(metadata.getIntrusivePtr()),
+                   values.data_ptr(),
+                   metadata.data_ptr(), values._version(), metadata._version(), s.n, s.m, packed};
+  std::lock_guard<std::mutex> lock(compressed_mutex);
+  // Drop a stale entry of the same tensors (an older version) before adding the new one.
+  for (auto it = compressed_cache.begin(); it != compressed_cache.end();) {
+    auto v = it->values.lock();
+    if (v.get() == values.unsafeGetTensorImpl()) it = compressed_cache.erase(it);
+    else ++it;
+  }
+  compressed_cache.push_front(std::move(entry));
+  if (compressed_cache.size() > kCompressedEntries) compressed_cache.pop_back();
+  return packed;
+}
+
+// y [T, rows] in x's dtype through cuSPARSELt, or an undefined tensor when the path does not apply
+// (the caller then runs the CUDA-core kernel).
+at::Tensor try_cusparselt(const at::Tensor& rows, const at::Tensor& values,
+                          const at::Tensor& metadata, const at::Tensor& bias,
+                          const NmCudaShape& s) {
+  const PathMode mode = path_mode();
+  if (mode == PathMode::kCores || mode == PathMode::kDense || cusparselt_broken.load())
+    return at::Tensor();
+  const at::ScalarType dt = values.scalar_type();
+  const int64_t T = rows.size(0);
+  const bool applies = (dt == at::kHalf || dt == at::kBFloat16) && rows.scalar_type() == dt &&
+                       s.n <= 2 && s.rows > 0 && s.rows % kCsltRowMultiple == 0 && s.cols > 0 &&
+                       s.cols % kCsltColMultiple == 0 && T > 0 && !values.is_inference() &&
+                       !metadata.is_inference();
+  if (!applies) return at::Tensor();
+  if (mode == PathMode::kAuto && T < cusparselt_min_tokens(s.n, s.m)) return at::Tensor();
+  try {
+    const at::Tensor packed = compressed_weight(s, values, metadata);
+    // cuSPARSELt wants the dense operand's rows (tokens) a multiple of 8 (16 to be safe).
+    const int64_t pad = (kCsltTokenMultiple - T % kCsltTokenMultiple) % kCsltTokenMultiple;
+    const at::Tensor dense = pad == 0 ? rows : at::constant_pad_nd(rows, {0, 0, 0, pad});
+    c10::optional<at::Tensor> b;
+    if (bias.defined()) b = bias.to(dt).contiguous();
+    // W [rows, cols] (compressed) @ x^T [cols, T] with the result transposed: y [T, rows].
+    at::Tensor y = at::_cslt_sparse_mm(packed, dense.t(), b, c10::nullopt, c10::nullopt,
+                                       /*transpose_result=*/true);
+    return pad == 0 ? y : y.narrow(0, 0, T).contiguous();
+  } catch (const c10::OutOfMemoryError&) {
+    throw;  // not a reason to give up on the path
+  } catch (const c10::Error& e) {
+    // cuSPARSELt missing from this torch build or unusable on this GPU: remember, use the cores.
+    TORCH_WARN_ONCE("sparse_ext nm_linear: cuSPARSELt unavailable (", e.what_without_backtrace(),
+                    "); using the CUDA-core N:M kernel");
+    cusparselt_broken.store(true);
+    return at::Tensor();
+  }
+}
+
+// Tokens from which the backward ops expand W to dense and use cuBLAS (at::mm): the kernels sum
+// over rows (grad_input) or tokens (grad_values) in one thread, which is fine at decode-like
+// sizes but far too serial at training sizes. A guess, to be tuned on a GPU. The GEMMs are
+// deterministic (cuBLAS without split-K atomics for these calls). SPARSE_EXT_NM_CUDA_PATH=cores
+// keeps the kernels.
+constexpr int64_t kGemmBackwardMinTokens = 64;
+
+bool gemm_backward(int64_t tokens) {
+  return tokens >= kGemmBackwardMinTokens && path_mode() != PathMode::kCores;
+}
+
+// Tokens from which, in auto mode, a 16-bit forward that the 2:4 path cannot take (3:4, 3:8,
+// 4:16, ..., unaligned shapes, or no cuSPARSELt) expands W to dense on device (per call: no dense
+// copy is kept, the weight-memory saving stays) and runs cuBLAS on dense tensor cores: at prefill
+// sizes that is far faster than any CUDA-core kernel, and the expansion (one write of the dense
+// weight) is small next to the GEMM. A guess, to be tuned on a GPU.
+constexpr int64_t kDenseMinTokens = 256;
+
+// y [T, rows] in x's dtype through expand + at::linear, or undefined when the path does not apply.
+at::Tensor try_dense(const at::Tensor& rows, const at::Tensor& values, const at::Tensor& metadata,
+                     const at::Tensor& bias, const NmCudaShape& s) {
+  const PathMode mode = path_mode();
+  const at::ScalarType dt = values.scalar_type();
+  if (rows.scalar_type() != dt || mode == PathMode::kCores || mode == PathMode::kCusparselt)
+    return at::Tensor();
+  if (mode == PathMode::kAuto &&
+      (!(dt == at::kHalf || dt == at::kBFloat16) || rows.size(0) < kDenseMinTokens))
+    return at::Tensor();
+  const at::Tensor dense = expand_dense(s, values, metadata, "nm_linear");
+  return bias.defined() ? at::linear(rows, dense, bias.to(dt)) : at::linear(rows, dense);
+}
+
+// ---- ops --------------------------------------------------------------------------------------
+at::Tensor nm_linear_cuda(const at::Tensor& x, const at::Tensor& values, const at::Tensor& metadata,
+                          const c10::optional<at::Tensor>& bias, int64_t n, int64_t m) {
+  check_activations(x, "x");
+  const int64_t K = x.size(-1);
+  TORCH_CHECK(values.dim() == 2, "values must be 2-D [out_features, ceil(in_features / m) * n], "
+              "got shape ", values.sizes());
+  const int64_t out_features = values.size(0);
+  const NmCudaShape s = check_weight(x, "x", &values, metadata, out_features, K, n, m);
+  if (bias.has_value()) {
+    check_same_cuda_device(x, "x", {{&*bias, "bias"}});
+    check_dtype(*bias, "bias", {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble});
+    check_1d(*bias, "bias", out_features);
+  }
+  TORCH_CHECK((x.scalar_type() == at::kDouble) == (values.scalar_type() == at::kDouble),
+              "float64 needs both x and values in float64 (the scalar reference path), got x ",
+              x.scalar_type(), " and values ", values.scalar_type());
+  const c10::cuda::CUDAGuard guard(x.device());
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = out_features;
+  const at::Tensor rows = kernel_rows(x, K, values.scalar_type());
+  const int64_t T = rows.size(0);
+  if (T == 0 || out_features == 0) return at::zeros(out_shape, x.options());
+  if (rows.scalar_type() == x.scalar_type()) {
+    const at::Tensor fast = try_cusparselt(rows, values, metadata,
+                                           bias.has_value() ? *bias : at::Tensor(), s);
+    if (fast.defined()) return fast.reshape(out_shape);
+    const at::Tensor dense_path = try_dense(rows, values, metadata,
+                                            bias.has_value() ? *bias : at::Tensor(), s);
+    if (dense_path.defined()) return dense_path.reshape(out_shape);
+  }
+  const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor bias_acc = bias.has_value() ? bias->to(acc).contiguous() : at::Tensor();
+  at::Tensor y = at::empty({T, out_features}, rows.options());
+  const int64_t ws_floats = cuda::nm_cuda_forward_workspace(
+      s, cuda_dtype(values.scalar_type()), cuda_dtype(rows.scalar_type()), T);
+  const at::Tensor workspace =
+      ws_floats > 0 ? at::empty({ws_floats}, rows.options().dtype(at::kFloat)) : at::Tensor();
+  check_launch(cuda::nm_cuda_forward(s, cuda_dtype(values.scalar_type()), values.data_ptr(),
+                                     metadata.data_ptr<uint8_t>(),
+                                     cuda_dtype(rows.scalar_type()), rows.data_ptr(), T,
+                                     bias_acc.defined() ? bias_acc.data_ptr() : nullptr,
+                                     y.data_ptr(),
+                                     workspace.defined() ? workspace.data_ptr<float>() : nullptr,
+                                     ws_floats, current_stream()),
+               "nm_linear");
+  return y.to(x.scalar_type()).reshape(out_shape);
+}
+
+at::Tensor nm_linear_grad_input_cuda(const at::Tensor& grad_out, const at::Tensor& values,
+                                     const at::Tensor& metadata, int64_t in_features, int64_t n,
+                                     int64_t m) {
+  check_activations(grad_out, "grad_out");
+  const int64_t M_out = grad_out.size(-1);
+  const NmCudaShape s =
+      check_weight(grad_out, "grad_out", &values, metadata, M_out, in_features, n, m);
+  TORCH_CHECK((grad_out.scalar_type() == at::kDouble) == (values.scalar_type() == at::kDouble),
+              "float64 needs both grad_out and values in float64, got grad_out ",
+              grad_out.scalar_type(), " and values ", values.scalar_type());
+  const c10::cuda::CUDAGuard guard(grad_out.device());
+  std::vector<int64_t> out_shape(grad_out.sizes().begin(), grad_out.sizes().end());
+  out_shape.back() = in_features;
+  const at::Tensor dy = kernel_rows(grad_out, M_out, values.scalar_type());
+  const int64_t T = dy.size(0);
+  if (T == 0 || in_features == 0 || M_out == 0) return at::zeros(out_shape, grad_out.options());
+  if (gemm_backward(T)) {
+    // dx = dy @ W, in dy's dtype (float32 when it differs from the values' dtype).
+    const at::Tensor dense = expand_dense(s, values, metadata, "nm_linear_grad_input");
+    return at::mm(dy, dense.to(dy.scalar_type())).to(grad_out.scalar_type()).reshape(out_shape);
+  }
+  at::Tensor dx = at::empty({T, in_features}, dy.options());
+  check_launch(cuda::nm_cuda_grad_input(s, cuda_dtype(values.scalar_type()), values.data_ptr(),
+                                        metadata.data_ptr<uint8_t>(),
+                                        cuda_dtype(dy.scalar_type()), dy.data_ptr(), T,
+                                        dx.data_ptr(), current_stream()),
+               "nm_linear_grad_input");
+  return dx.to(grad_out.scalar_type()).reshape(out_shape);
+}
+
+at::Tensor nm_linear_grad_values_cuda(const at::Tensor& grad_out, const at::Tensor& x,
+                                      const at::Tensor& metadata, int64_t n, int64_t m) {
+  check_activations(grad_out, "grad_out");
+  check_activations(x, "x");
+  check_same_cuda_device(grad_out, "grad_out", {{&x, "x"}});
+  const int64_t K = x.size(-1), M_out = grad_out.size(-1);
+  check_same_tokens(grad_out, x);
+  const NmCudaShape s = check_weight(grad_out, "grad_out", nullptr, metadata, M_out, K, n, m);
+  const bool f64 = x.scalar_type() == at::kDouble || grad_out.scalar_type() == at::kDouble;
+  if (f64)
+    TORCH_CHECK(x.scalar_type() == grad_out.scalar_type(),
+                "float64 needs both grad_out and x in float64, got ", grad_out.scalar_type(),
+                " and ", x.scalar_type());
+  const c10::cuda::CUDAGuard guard(grad_out.device());
+  // Both operands in one dtype: theirs when they agree, float32 otherwise.
+  const at::ScalarType common =
+      x.scalar_type() == grad_out.scalar_type() ? x.scalar_type() : at::kFloat;
+  const at::Tensor dy = grad_out.reshape({-1, M_out}).to(common).contiguous();
+  const at::Tensor xr = x.reshape({-1, K}).to(common).contiguous();
+  at::Tensor dv = at::zeros({M_out, s.kept()}, x.options().dtype(f64 ? at::kDouble : at::kFloat));
+  if (M_out == 0 || s.kept() == 0) return dv;
+  if (gemm_backward(xr.size(0))) {
+    // dv = gather(dy^T @ x) at the slots' columns: a dense GEMM then one read per slot.
+    const at::Tensor full = at::mm(dy.t(), xr);
+    check_launch(cuda::nm_cuda_gather_slots(s, metadata.data_ptr<uint8_t>(),
+                                            cuda_dtype(full.scalar_type()), full.data_ptr(),
+                                            dv.data_ptr(), current_stream()),
+                 "nm_linear_grad_values");
+    return dv;
+  }
+  check_launch(cuda::nm_cuda_grad_values(s, metadata.data_ptr<uint8_t>(), cuda_dtype(common),
+                                         dy.data_ptr(), xr.data_ptr(), xr.size(0), dv.data_ptr(),
+                                         current_stream()),
+               "nm_linear_grad_values");
+  return dv;
+}
+
+at::Tensor nm_validate_cuda(const at::Tensor& values, const at::Tensor& metadata,
+                            int64_t in_features, int64_t n, int64_t m) {
+  TORCH_CHECK(values.dim() == 2, "values must be 2-D [out_features, ceil(in_features / m) * n], "
+              "got shape ", values.sizes());
+  const NmCudaShape s =
+      check_weight(values, "values", &values, metadata, values.size(0), in_features, n, m);
+  const c10::cuda::CUDAGuard guard(values.device());
+  const int64_t bad = first_bad_group(s, metadata);
+  if (bad >= 0) {
+    const int64_t G = s.groups();
+    TORCH_CHECK(false, "malformed N:M metadata: row ", bad / G, ", group ", bad % G,
+                ": indices must be strictly increasing within a group");
+  }
+  return at::ones({}, metadata.options().dtype(at::kBool));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sparse_ext, CUDA, m) {
+  m.impl("nm_linear", &nm_linear_cuda);
+  m.impl("nm_linear_grad_input", &nm_linear_grad_input_cuda);
+  m.impl("nm_linear_grad_values", &nm_linear_grad_values_cuda);
+  m.impl("nm_validate", &nm_validate_cuda);
+}
+
+}  // namespace sparse_ext
