@@ -425,6 +425,29 @@ def _nm_weight(torch, M, K, n, m, device, seed=0):
     return nm, nm.to(device).to_dense()
 
 
+NM_CUDA_PATHS = ("cores", "cusparselt", "dense")
+
+
+def _nm_path_times(row, timer, layer_call):
+    """Times each forward path the glue can be forced onto (SPARSE_EXT_NM_CUDA_PATH, read per
+    call), to tune the auto thresholds; a path that cannot apply falls back to the cores."""
+    import os
+
+    saved = os.environ.get("SPARSE_EXT_NM_CUDA_PATH")
+    try:
+        for path in NM_CUDA_PATHS:
+            os.environ["SPARSE_EXT_NM_CUDA_PATH"] = path
+            try:
+                row[f"path_{path}_ms"] = timer([layer_call])[0]
+            except Exception as exc:  # noqa: BLE001  recorded, the case goes on
+                row[f"path_{path}_error"] = _short(exc)
+    finally:
+        if saved is None:
+            os.environ.pop("SPARSE_EXT_NM_CUDA_PATH", None)
+        else:
+            os.environ["SPARSE_EXT_NM_CUDA_PATH"] = saved
+
+
 def run_nm(case, ctx):
     torch, dev, timer = ctx["torch"], ctx["device"], ctx["timer"]
     import torch.nn.functional as F
@@ -458,6 +481,7 @@ def run_nm(case, ctx):
                 row["torch_2of4_error"] = _short(exc)
         times = timer(fns)
         _graph_times(row, ctx, fns[0], fns[1])
+        _nm_path_times(row, timer, fns[1])
     _speed(row, times[0], times[1], 2.0 * M * K * n)
     if len(times) > 2:
         row["torch_2of4_ms"] = times[2]
