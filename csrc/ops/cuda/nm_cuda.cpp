@@ -371,8 +371,11 @@ at::Tensor nm_linear_grad_values_cuda(const at::Tensor& grad_out, const at::Tens
   at::Tensor dv = at::zeros({M_out, s.kept()}, x.options().dtype(f64 ? at::kDouble : at::kFloat));
   if (M_out == 0 || s.kept() == 0) return dv;
   if (gemm_backward(xr.size(0))) {
-    // dv = gather(dy^T @ x) at the slots' columns: a dense GEMM then one read per slot.
-    const at::Tensor full = at::mm(dy.t(), xr);
+    // dv = gather(dy^T @ x) at the slots' columns: a dense GEMM then one read per slot. The
+    // product is kept in dv's dtype (fp32 out of fp16 / bf16 operands: mm.dtype), as the kernel
+    // and the CPU op compute it; a 16-bit product would round every gradient and overflow fp16.
+    const bool half_in = common == at::kHalf || common == at::kBFloat16;
+    const at::Tensor full = half_in ? at::mm(dy.t(), xr, at::kFloat) : at::mm(dy.t(), xr);
     check_launch(cuda::nm_cuda_gather_slots(s, metadata.data_ptr<uint8_t>(),
                                             cuda_dtype(full.scalar_type()), full.data_ptr(),
                                             dv.data_ptr(), current_stream()),
