@@ -213,7 +213,10 @@ at::Tensor try_cusparselt(const at::Tensor& rows, const at::Tensor& values,
   const bool applies = (dt == at::kHalf || dt == at::kBFloat16) && rows.scalar_type() == dt &&
                        s.n <= 2 && s.rows > 0 && s.rows % kCsltRowMultiple == 0 && s.cols > 0 &&
                        s.cols % kCsltColMultiple == 0 && T > 0 && !values.is_inference() &&
-                       !metadata.is_inference();
+                       !metadata.is_inference() &&
+                       // cuSPARSELt's descriptors promise 16-byte aligned operands (a view at an
+                       // odd storage offset would fail and switch the path off for good).
+                       reinterpret_cast<uintptr_t>(rows.data_ptr()) % 16 == 0;
   if (!applies) return at::Tensor();
   if (mode == PathMode::kAuto && T < cusparselt_min_tokens(s.n, s.m)) return at::Tensor();
   try {
