@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <deque>
 #include <limits>
@@ -128,6 +129,11 @@ at::Tensor spmm_row_order_cuda(const at::Tensor& offsets, int64_t G, int64_t KB)
   }
   at::Tensor order = compute_row_order(offsets, G, KB);
   std::lock_guard<std::mutex> lock(order_mutex);
+  // Entries of freed offsets (e.g. each backward's W^T) can never match again: drop them first so
+  // they do not evict the long-lived weights' entries (a re-sort per call once layers > 128).
+  order_cache.erase(std::remove_if(order_cache.begin(), order_cache.end(),
+                                   [](const OrderEntry& e) { return e.impl.expired(); }),
+                    order_cache.end());
   order_cache.push_front(OrderEntry{
       c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(
           offsets.getIntrusivePtr()),
