@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <deque>
 #include <limits>
@@ -40,10 +41,14 @@ const char* structure_error_text(int32_t code) {
   }
 }
 
+std::string structure_key(int64_t rows, int64_t cols, int64_t block_rows) {
+  return "spmm_structure:" + std::to_string(rows) + ":" + std::to_string(cols) + ":" +
+         std::to_string(block_rows);
+}
+
 void validate_on_device(const at::Tensor& offsets, const at::Tensor& indices,
                         const cuda::SpmmDeviceWeight& w) {
-  const std::string key = "spmm_structure:" + std::to_string(w.rows) + ":" +
-                          std::to_string(w.cols) + ":" + std::to_string(w.block_rows);
+  const std::string key = structure_key(w.rows, w.cols, w.block_rows);
   validate_structure_once(key.c_str(), {offsets, indices}, [&] {
     at::Tensor code = at::empty({1}, offsets.options().dtype(at::kInt));
     check_launch(cuda::spmm_validate_cuda(w, code.data_ptr<int32_t>(), current_stream()),
@@ -128,6 +133,11 @@ at::Tensor spmm_row_order_cuda(const at::Tensor& offsets, int64_t G, int64_t KB)
   }
   at::Tensor order = compute_row_order(offsets, G, KB);
   std::lock_guard<std::mutex> lock(order_mutex);
+  // Entries of freed offsets (e.g. each backward's W^T) can never match again: drop them first so
+  // they do not evict the long-lived weights' entries (a re-sort per call once layers > 128).
+  order_cache.erase(std::remove_if(order_cache.begin(), order_cache.end(),
+                                   [](const OrderEntry& e) { return e.impl.expired(); }),
+                    order_cache.end());
   order_cache.push_front(OrderEntry{
       c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(
           offsets.getIntrusivePtr()),
@@ -237,7 +247,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spmm_transpose_structure_cuda(
   const c10::cuda::CUDAGuard guard(offsets.device());
   checked_spmm_weight_cuda(offsets, indices, nullptr, out_features, in_features, block_rows,
                            "out_features");
-  return spmm_transpose_structure_device(offsets, indices, out_features, in_features, block_rows);
+  auto result =
+      spmm_transpose_structure_device(offsets, indices, out_features, in_features, block_rows);
+  // W^T is well-formed by construction: register it under the key of its consumer (spmm or the
+  // 1x1 sparse_conv2d with W^T [in_features, out_features], R = 1), so the backward does not
+  // validate it again (a host synchronization per step, which also breaks graph capture).
+  const at::Tensor& indices_t = std::get<1>(result);
+  if (indices_t.size(0) <= std::numeric_limits<int32_t>::max())
+    validate_structure_once(structure_key(in_features, out_features, 1).c_str(),
+                            {std::get<0>(result), indices_t}, [] {});
+  return result;
 }
 
 at::Tensor spmm_sddmm_cuda(const at::Tensor& grad_out, const at::Tensor& x,
