@@ -3,71 +3,17 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include <cmath>
 #include <cstdlib>
 #include <limits>
 
 #include "../kernels/conv/conv.h"
 #include "../kernels/spmm/spmm.h"
 #include "common.h"
+#include "conv_args.h"
 #include "spmm_weight.h"
 
 namespace sparse_ext {
 namespace {
-
-std::array<int64_t, 2> pair_arg(at::IntArrayRef v, const char* name) {
-  TORCH_CHECK(v.size() == 2, name, " must have 2 elements (height, width), got ", v.size());
-  return {v[0], v[1]};
-}
-
-struct ConvArgs {
-  std::array<int64_t, 2> kernel, stride, padding, dilation;
-};
-
-ConvArgs conv_args(at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
-                   at::IntArrayRef dilation) {
-  ConvArgs a{pair_arg(kernel_size, "kernel_size"), pair_arg(stride, "stride"),
-             pair_arg(padding, "padding"), pair_arg(dilation, "dilation")};
-  for (int i = 0; i < 2; ++i) {
-    TORCH_CHECK(a.kernel[i] >= 1, "kernel_size must be positive, got ", kernel_size);
-    TORCH_CHECK(a.stride[i] >= 1, "stride must be positive, got ", stride);
-    TORCH_CHECK(a.padding[i] >= 0, "padding must be non-negative, got ", padding);
-    TORCH_CHECK(a.dilation[i] >= 1, "dilation must be positive, got ", dilation);
-  }
-  return a;
-}
-
-ConvShape make_shape(const ConvArgs& a, int64_t in_channels, int64_t in_h, int64_t in_w,
-                     int64_t out_channels) {
-  ConvShape s{};
-  s.in_channels = in_channels;
-  s.in_h = in_h;
-  s.in_w = in_w;
-  s.out_channels = out_channels;
-  s.kernel_h = a.kernel[0];
-  s.kernel_w = a.kernel[1];
-  s.stride_h = a.stride[0];
-  s.stride_w = a.stride[1];
-  s.pad_h = a.padding[0];
-  s.pad_w = a.padding[1];
-  s.dil_h = a.dilation[0];
-  s.dil_w = a.dilation[1];
-  const int64_t eh = in_h + 2 * s.pad_h - s.dil_h * (s.kernel_h - 1) - 1;
-  const int64_t ew = in_w + 2 * s.pad_w - s.dil_w * (s.kernel_w - 1) - 1;
-  TORCH_CHECK(eh >= 0 && ew >= 0, "input of spatial size ", in_h, "x", in_w, " padded by ",
-              s.pad_h, ",", s.pad_w, " is smaller than the dilated kernel ",
-              s.dil_h * (s.kernel_h - 1) + 1, "x", s.dil_w * (s.kernel_w - 1) + 1);
-  s.out_h = eh / s.stride_h + 1;
-  s.out_w = ew / s.stride_w + 1;
-  const std::string error = conv_check_shape(s);
-  TORCH_CHECK(error.empty(), "invalid convolution geometry: ", error);
-  return s;
-}
-
-bool is_pointwise(const ConvShape& s) {
-  return s.kernel_h == 1 && s.kernel_w == 1 && s.stride_h == 1 && s.stride_w == 1 &&
-         s.pad_h == 0 && s.pad_w == 0;
-}
 
 // Structure checks (the SpMM family's) for W [out_channels, in_cols]. The conv kernels read f32
 // values (the op converts bf16), so only float64 keeps its own value type.
@@ -81,10 +27,7 @@ SpmmWeight make_weight(const at::Tensor& offsets, const at::Tensor& indices,
 }
 
 void check_images(const at::Tensor& x, const char* name) {
-  check_cpu(x, name);
-  check_dtype(x, name, {at::kFloat, at::kBFloat16, at::kDouble});
-  TORCH_CHECK(x.dim() == 4, name, " must be 4-D [batch, channels, height, width], got shape ",
-              x.sizes());
+  check_conv_images(x, name, &check_cpu, {at::kFloat, at::kBFloat16, at::kDouble});
 }
 
 const ConvUkernels& ukernels_for(int64_t block_rows) {
@@ -124,22 +67,15 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& offsets,
                              double out_min, double out_max) {
   check_images(x, "x");
   const ConvArgs args = conv_args(kernel_size, stride, padding, dilation);
-  TORCH_CHECK(!(out_min > out_max) && !std::isnan(out_min) && !std::isnan(out_max),
-              "activation clamp needs out_min <= out_max, got (", out_min, ", ", out_max, ")");
+  check_conv_clamp(out_min, out_max);
   const int64_t B = x.size(0), C = x.size(1);
   const int64_t K = C * args.kernel[0] * args.kernel[1];
   SpmmWeight w = make_weight(offsets, indices, &values, out_channels, K, block_rows);
-  const ConvShape s = make_shape(args, C, x.size(2), x.size(3), out_channels);
+  const ConvShape s = make_conv_shape(args, C, x.size(2), x.size(3), out_channels);
   at::Tensor bias_t;
-  if (bias.has_value()) {
-    check_cpu(*bias, "bias");
-    check_dtype(*bias, "bias", {at::kFloat, at::kBFloat16, at::kDouble});
-    check_1d(*bias, "bias", out_channels);
-  }
-  const bool f64 = values.scalar_type() == at::kDouble;
-  TORCH_CHECK((x.scalar_type() == at::kDouble) == f64,
-              "float64 needs both x and values in float64 (the scalar reference path), got x ",
-              x.scalar_type(), " and values ", values.scalar_type());
+  if (bias.has_value())
+    check_conv_bias(*bias, out_channels, &check_cpu, {at::kFloat, at::kBFloat16, at::kDouble});
+  const bool f64 = check_conv_f64(x, values);
   const int64_t P = s.out_h * s.out_w, in_plane = s.in_h * s.in_w;
   if (f64) {
     const at::Tensor xd = x.contiguous();
@@ -171,7 +107,7 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& offsets,
   float* yp = y.data_ptr<float>();
   const int64_t parts = work_parts();
   const bool split_by_groups = w.groups() >= 2 * parts;
-  if (is_pointwise(s)) {
+  if (conv_is_pointwise(s)) {
     // y[b] = W x[b]: each image is a [C_in, H*W] matrix with contiguous pixel rows. Large planes
     // are split by pixels (each thread streams only its part of x and y; the weights are small and
     // shared), small ones (7x7, 14x14) by output-channel groups balanced by nonzeros.
@@ -235,15 +171,12 @@ at::Tensor sparse_conv2d_grad_input_cpu(const at::Tensor& grad_out, const at::Te
                                         int64_t block_rows) {
   check_images(grad_out, "grad_out");
   const ConvArgs args = conv_args(kernel_size, stride, padding, dilation);
-  const auto hw = pair_arg(input_size, "input_size");
-  TORCH_CHECK(in_channels >= 0, "in_channels must be non-negative, got ", in_channels);
+  const auto hw = conv_input_size(input_size, in_channels);
   const int64_t B = grad_out.size(0), M = grad_out.size(1);
   SpmmWeight w = make_weight(offsets, indices, &values, M,
                              in_channels * args.kernel[0] * args.kernel[1], block_rows);
-  const ConvShape s = make_shape(args, in_channels, hw[0], hw[1], M);
-  TORCH_CHECK(grad_out.size(2) == s.out_h && grad_out.size(3) == s.out_w, "grad_out must be ",
-              s.out_h, "x", s.out_w, " for input_size ", input_size, ", got shape ",
-              grad_out.sizes());
+  const ConvShape s = make_conv_shape(args, in_channels, hw[0], hw[1], M);
+  check_conv_grad_out_size(grad_out, s, "input_size", input_size);
   const bool f64 = grad_out.scalar_type() == at::kDouble;
   const at::ScalarType ct = f64 ? at::kDouble : at::kFloat;
   const at::Tensor dy = grad_out.to(ct).contiguous();
@@ -274,19 +207,12 @@ at::Tensor sparse_conv2d_grad_values_cpu(const at::Tensor& grad_out, const at::T
   check_images(x, "x");
   const ConvArgs args = conv_args(kernel_size, stride, padding, dilation);
   const int64_t B = x.size(0), C = x.size(1), M = grad_out.size(1);
-  TORCH_CHECK(grad_out.size(0) == B, "grad_out and x must have the same batch size, got ",
-              grad_out.sizes(), " and ", x.sizes());
+  check_conv_same_batch(grad_out, x);
   SpmmWeight w = make_weight(offsets, indices, nullptr, M, C * args.kernel[0] * args.kernel[1],
                              block_rows);
-  const ConvShape s = make_shape(args, C, x.size(2), x.size(3), M);
-  TORCH_CHECK(grad_out.size(2) == s.out_h && grad_out.size(3) == s.out_w, "grad_out must be ",
-              s.out_h, "x", s.out_w, " for x of shape ", x.sizes(), ", got shape ",
-              grad_out.sizes());
-  const bool f64 = x.scalar_type() == at::kDouble || grad_out.scalar_type() == at::kDouble;
-  if (f64)
-    TORCH_CHECK(x.scalar_type() == grad_out.scalar_type(),
-                "float64 needs both grad_out and x in float64, got ", grad_out.scalar_type(),
-                " and ", x.scalar_type());
+  const ConvShape s = make_conv_shape(args, C, x.size(2), x.size(3), M);
+  check_conv_grad_out_size(grad_out, s, "x of shape", x.sizes());
+  const bool f64 = check_conv_grad_values_f64(grad_out, x);
   const at::ScalarType ct = f64 ? at::kDouble : at::kFloat;
   const at::Tensor dy = grad_out.to(ct).contiguous();
   const at::Tensor xc = x.to(ct).contiguous();

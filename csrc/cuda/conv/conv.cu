@@ -15,15 +15,6 @@ constexpr int kPix = 4;        // pixels per lane: a warp covers 128 pixels
 constexpr int64_t kMaxGridY = 65535;
 constexpr int64_t kMaxGridX = int64_t(1) << 30;
 
-__device__ __forceinline__ void clamped_segment(const int32_t* offsets, int64_t s, int64_t nnz,
-                                                int64_t* begin, int64_t* end) {
-  int64_t b = __ldg(offsets + s), e = __ldg(offsets + s + 1);
-  b = b < 0 ? 0 : (b > nnz ? nnz : b);
-  e = e < b ? b : (e > nnz ? nnz : e);
-  *begin = b;
-  *end = e;
-}
-
 // ---- forward, kxk: one warp per (row group, 128-pixel tile, image) ---------------------------
 template <typename T, int R>
 __global__ void __launch_bounds__(kThreads)
@@ -62,7 +53,7 @@ __global__ void __launch_bounds__(kThreads)
         for (int v = 0; v < kPix; ++v) acc[r][v] = Acc(0);
       for (int64_t kb = 0; kb < KB; ++kb) {
         int64_t b = 0, e = 0;
-        clamped_segment(w.offsets, g * KB + kb, w.nnz, &b, &e);
+        segment_bounds(w.offsets, g * KB + kb, w.nnz, &b, &e);
         for (int64_t j = b; j < e; ++j) {
           const int64_t col = kb * kSpmmKBlockCuda + __ldg(w.indices + j);
           if (col >= K) continue;
@@ -94,10 +85,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int v = 0; v < kPix; ++v) {
           if (!ok[v]) continue;
-          Acc o = acc[r][v] + bm;
-          if (o < lo) o = lo;  // comparisons so NaN propagates like the CPU kernels
-          if (o > hi) o = hi;
-          ym[pix[v]] = from_acc<T>(o);
+          ym[pix[v]] = from_acc<T>(clamp_out(acc[r][v] + bm, lo, hi));
         }
       }
     }
@@ -154,7 +142,7 @@ __global__ void __launch_bounds__(kThreads)
           const int64_t c = (ci * s.kernel_h + kh) * s.kernel_w + kw;  // row of W^T
           for (int64_t mb = 0; mb < MB; ++mb) {
             int64_t b = 0, e = 0;
-            clamped_segment(offsets_t, c * MB + mb, nnz_t, &b, &e);
+            segment_bounds(offsets_t, c * MB + mb, nnz_t, &b, &e);
             for (int64_t j = b; j < e; ++j) {
               const int64_t m = mb * kSpmmKBlockCuda + __ldg(indices_t + j);
               if (m >= M) continue;

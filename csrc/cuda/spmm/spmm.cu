@@ -14,16 +14,6 @@ constexpr int kThreads = 128;  // 4 warps per block for every kernel in this fil
 constexpr int64_t kMaxGridY = 65535;
 constexpr int64_t kMaxGridX = int64_t(1) << 30;
 
-// [begin, end) of segment s, clamped into [0, nnz] and to a non-negative length.
-__device__ __forceinline__ void segment_bounds(const int32_t* offsets, int64_t s, int64_t nnz,
-                                               int64_t* begin, int64_t* end) {
-  int64_t b = __ldg(offsets + s), e = __ldg(offsets + s + 1);
-  b = b < 0 ? 0 : (b > nnz ? nnz : b);
-  e = e < b ? b : (e > nnz ? nnz : e);
-  *begin = b;
-  *end = e;
-}
-
 // ---- validation ----------------------------------------------------------------------------
 __global__ void validate_kernel(const int32_t* offsets, const uint8_t* indices, int64_t segments,
                                 int64_t KB, int64_t K, int64_t nnz, int32_t* error) {
@@ -74,15 +64,6 @@ __global__ void transpose_pad_kernel(const T* __restrict__ in, int64_t N, int64_
     }
     __syncthreads();
   }
-}
-
-// ---- epilogue ------------------------------------------------------------------------------
-template <typename Acc>
-__device__ __forceinline__ Acc clamp_out(Acc v, Acc lo, Acc hi) {
-  // Comparisons (not fminf/fmaxf) so NaN propagates like the CPU kernels.
-  if (v < lo) v = lo;
-  if (v > hi) v = hi;
-  return v;
 }
 
 // ---- decode: one warp per row group, gather over few tokens ---------------------------------

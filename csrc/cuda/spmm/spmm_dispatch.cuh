@@ -1,5 +1,6 @@
 // Compile-time dispatch helpers shared by the SpMM and sparse-conv CUDA launchers (host side),
-// plus the per-dtype vector width and accumulator -> storage conversion (device side).
+// plus the per-dtype vector width, accumulator -> storage conversion, entry and bias loads,
+// segment bounds and the epilogue clamp (device side).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -106,6 +107,26 @@ cudaError_t dispatch_block_rows(int64_t block_rows, Fn&& fn) {
     case 8: return fn(std::integral_constant<int, 8>{});
     default: return cudaErrorInvalidValue;
   }
+}
+
+// [begin, end) of segment s of a blocked-CSR structure (offsets[s], offsets[s + 1]), clamped into
+// [0, nnz] and to a non-negative length, so kernels stay in bounds on unvalidated offsets.
+__device__ __forceinline__ void segment_bounds(const int32_t* offsets, int64_t s, int64_t nnz,
+                                               int64_t* begin, int64_t* end) {
+  int64_t b = __ldg(offsets + s), e = __ldg(offsets + s + 1);
+  b = b < 0 ? 0 : (b > nnz ? nnz : b);
+  e = e < b ? b : (e > nnz ? nnz : e);
+  *begin = b;
+  *end = e;
+}
+
+// The fused activation clamp of the SpMM and conv epilogues: comparisons (not fminf/fmaxf) so NaN
+// propagates like the CPU kernels.
+template <typename Acc>
+__device__ __forceinline__ Acc clamp_out(Acc v, Acc lo, Acc hi) {
+  if (v < lo) v = lo;
+  if (v > hi) v = hi;
+  return v;
 }
 
 // Entry -> (segment) lookup used by SDDMM and conv kernels: the segment s with
