@@ -1,4 +1,5 @@
-// ATen glue for the N:M family: checks, panel packing, thread split, kernel calls.
+// ATen glue for the N:M family: checks (shared with the CUDA glue, nm_args.h), panel packing,
+// thread split, kernel calls.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -12,50 +13,19 @@
 
 #include "../kernels/nm/nm.h"
 #include "common.h"
+#include "nm_args.h"
 
 namespace sparse_ext {
 namespace {
 
-void check_pattern(int64_t n, int64_t m) {
-  TORCH_CHECK(m == 4 || m == 8 || m == 16, "m must be 4, 8 or 16, got ", m);
-  TORCH_CHECK(n >= 1 && n < m, "n must satisfy 1 <= n < m (", m, "), got n = ", n);
+// The CPU's device checks for the shared argument checks (nm_args.h): every tensor on the CPU.
+void check_cpu_operand(const at::Tensor&, const char*, const at::Tensor& t, const char* name) {
+  check_cpu(t, name);
 }
+constexpr NmDeviceChecks kCpu{&check_cpu, &check_cpu_operand, /*float16=*/false};
 
-// Checks metadata (and values when given) against the pattern and sizes, and wraps them.
-NmWeight make_weight(const at::Tensor* values, const at::Tensor& metadata, int64_t out_features,
-                     int64_t in_features, int64_t n, int64_t m) {
-  check_pattern(n, m);
-  TORCH_CHECK(in_features >= 0, "in_features must be non-negative, got ", in_features);
-  NmWeight w{};
-  w.rows = out_features;
-  w.cols = in_features;
-  w.n = n;
-  w.m = m;
-  check_cpu(metadata, "metadata");
-  check_dtype(metadata, "metadata", {at::kByte});
-  TORCH_CHECK(metadata.dim() == 2, "metadata must be 2-D [out_features, ceil(kept * ",
-              w.bits(), " / 8)], got shape ", metadata.sizes());
-  TORCH_CHECK(metadata.size(0) == out_features && metadata.size(1) == w.meta_stride(),
-              "metadata must have shape [", out_features, ", ", w.meta_stride(), "] for ",
-              out_features, " rows, in_features ", in_features, " and ", n, ":", m, " (",
-              w.kept(), " slots of ", w.bits(), " bits per row), got ", metadata.sizes());
-  TORCH_CHECK(metadata.is_contiguous(), "metadata must be contiguous");
-  w.meta = metadata.data_ptr<uint8_t>();
-  if (values != nullptr) {
-    check_cpu(*values, "values");
-    check_dtype(*values, "values", {at::kFloat, at::kBFloat16, at::kDouble});
-    TORCH_CHECK(values->dim() == 2, "values must be 2-D [out_features, ceil(in_features / m) * n], "
-                "got shape ", values->sizes());
-    TORCH_CHECK(values->size(0) == out_features && values->size(1) == w.kept(),
-                "values must have shape [", out_features, ", ", w.kept(), "] (", w.groups(),
-                " groups of ", n, " for in_features ", in_features, " and ", n, ":", m, "), got ",
-                values->sizes());
-    TORCH_CHECK(values->is_contiguous(), "values must be contiguous");
-    w.values = values->data_ptr();
-    w.value_type = values->scalar_type() == at::kFloat    ? ValueType::kF32
-                   : values->scalar_type() == at::kDouble ? ValueType::kF64
-                                                          : ValueType::kBF16;
-  }
+// The kernels' own guard on a checked weight (it cannot fail after the shared checks).
+NmWeight check_shape(const NmWeight& w) {
   const std::string error = nm_check_shape(w);
   TORCH_CHECK(error.empty(), "malformed N:M weight: ", error);
   return w;
@@ -66,12 +36,6 @@ const NmUkernels& ukernels_for(ValueType vt) {
   if (k == nullptr) k = nm_ukernels(Isa::kScalar, vt);
   TORCH_CHECK(k != nullptr, "no N:M kernel for this value type");
   return *k;
-}
-
-void check_activations(const at::Tensor& x, const char* name) {
-  check_cpu(x, name);
-  check_dtype(x, name, {at::kFloat, at::kBFloat16, at::kDouble});
-  TORCH_CHECK(x.dim() >= 1, name, " must have at least one dimension, got a scalar");
 }
 
 at::Tensor as_float_rows(const at::Tensor& x, int64_t K) {
@@ -171,22 +135,10 @@ std::vector<int64_t> even_split(int64_t items) {
 
 at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& metadata,
                          const c10::optional<at::Tensor>& bias, int64_t n, int64_t m) {
-  check_activations(x, "x");
-  const int64_t K = x.size(-1);
-  TORCH_CHECK(values.dim() == 2, "values must be 2-D [out_features, ceil(in_features / m) * n], "
-              "got shape ", values.sizes());
-  const int64_t out_features = values.size(0);
-  const NmWeight w = make_weight(&values, metadata, out_features, K, n, m);
-  if (bias.has_value()) {
-    check_cpu(*bias, "bias");
-    check_dtype(*bias, "bias", {at::kFloat, at::kBFloat16, at::kDouble});
-    check_1d(*bias, "bias", out_features);
-  }
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = out_features;
-  TORCH_CHECK((x.scalar_type() == at::kDouble) == (w.value_type == ValueType::kF64),
-              "float64 needs both x and values in float64 (the scalar reference path), got x ",
-              x.scalar_type(), " and values ", values.scalar_type());
+  const NmOpArgs args = checked_nm_linear_args(x, values, metadata, bias, n, m, kCpu);
+  const NmWeight w = check_shape(args.w);
+  const std::vector<int64_t>& out_shape = args.out_shape;
+  const int64_t K = w.cols, out_features = w.rows;
   if (w.value_type == ValueType::kF64) {
     const at::Tensor rows = x.reshape({-1, K}).contiguous();
     const at::Tensor bias_d = bias.has_value() ? bias->to(at::kDouble).contiguous() : at::Tensor();
@@ -231,15 +183,11 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
 at::Tensor nm_linear_grad_input_cpu(const at::Tensor& grad_out, const at::Tensor& values,
                                     const at::Tensor& metadata, int64_t in_features, int64_t n,
                                     int64_t m) {
-  check_activations(grad_out, "grad_out");
-  const int64_t M_out = grad_out.size(-1);
-  const NmWeight w = make_weight(&values, metadata, M_out, in_features, n, m);
-  const int64_t K = in_features, G = w.groups();
-  std::vector<int64_t> out_shape(grad_out.sizes().begin(), grad_out.sizes().end());
-  out_shape.back() = K;
-  TORCH_CHECK((grad_out.scalar_type() == at::kDouble) == (w.value_type == ValueType::kF64),
-              "float64 needs both grad_out and values in float64, got grad_out ",
-              grad_out.scalar_type(), " and values ", values.scalar_type());
+  const NmOpArgs args =
+      checked_nm_grad_input_args(grad_out, values, metadata, in_features, n, m, kCpu);
+  const NmWeight w = check_shape(args.w);
+  const std::vector<int64_t>& out_shape = args.out_shape;
+  const int64_t M_out = w.rows, K = in_features, G = w.groups();
   if (w.value_type == ValueType::kF64) {
     const at::Tensor dy = grad_out.reshape({-1, M_out}).contiguous();
     at::Tensor dx = at::empty({dy.size(0), K}, grad_out.options());
@@ -272,15 +220,9 @@ at::Tensor nm_linear_grad_input_cpu(const at::Tensor& grad_out, const at::Tensor
 
 at::Tensor nm_linear_grad_values_cpu(const at::Tensor& grad_out, const at::Tensor& x,
                                      const at::Tensor& metadata, int64_t n, int64_t m) {
-  check_activations(grad_out, "grad_out");
-  check_activations(x, "x");
-  const int64_t K = x.size(-1), M_out = grad_out.size(-1);
-  check_same_tokens(grad_out, x);
-  NmWeight w = make_weight(nullptr, metadata, M_out, K, n, m);
+  NmWeight w = check_shape(checked_nm_grad_values_args(grad_out, x, metadata, n, m, kCpu));
+  const int64_t K = w.cols, M_out = w.rows;
   if (x.scalar_type() == at::kDouble || grad_out.scalar_type() == at::kDouble) {
-    TORCH_CHECK(x.scalar_type() == grad_out.scalar_type(),
-                "float64 needs both grad_out and x in float64, got ", grad_out.scalar_type(),
-                " and ", x.scalar_type());
     at::Tensor dv = at::empty({M_out, w.kept()}, x.options());
     const at::Tensor dy = grad_out.reshape({-1, M_out}).contiguous();
     const at::Tensor xr = x.reshape({-1, K}).contiguous();
@@ -310,9 +252,8 @@ at::Tensor nm_linear_grad_values_cpu(const at::Tensor& grad_out, const at::Tenso
 
 at::Tensor nm_validate_cpu(const at::Tensor& values, const at::Tensor& metadata,
                            int64_t in_features, int64_t n, int64_t m) {
-  TORCH_CHECK(values.dim() == 2, "values must be 2-D [out_features, ceil(in_features / m) * n], "
-              "got shape ", values.sizes());
-  const NmWeight w = make_weight(&values, metadata, values.size(0), in_features, n, m);
+  const NmWeight w =
+      check_shape(checked_nm_validate_args(values, metadata, in_features, n, m, kCpu));
   const std::string error = nm_validate(w);
   TORCH_CHECK(error.empty(), "malformed N:M metadata: ", error);
   return at::ones({}, metadata.options().dtype(at::kBool));

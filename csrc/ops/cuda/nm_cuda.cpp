@@ -1,6 +1,7 @@
-// ATen glue for the N:M family on CUDA: argument checks (mirroring csrc/ops/nm_ops.cpp), dtype
-// handling, path choice (CUDA-core kernels in csrc/cuda/nm, or 2:4 sparse tensor cores through
-// cuSPARSELt via ATen's _cslt_* ops), allocation and launch on the current stream.
+// ATen glue for the N:M family on CUDA: argument checks (shared with the CPU glue through
+// csrc/ops/nm_args.h, with CUDA device checks), dtype handling, path choice (CUDA-core kernels in
+// csrc/cuda/nm, or 2:4 sparse tensor cores through cuSPARSELt via ATen's _cslt_* ops), allocation
+// and launch on the current stream.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -13,6 +14,7 @@
 
 #include "../../cuda/nm/nm_cuda.cuh"
 #include "../common.h"
+#include "../nm_args.h"
 #include "cuda_glue.h"
 
 namespace sparse_ext {
@@ -20,13 +22,6 @@ namespace {
 
 using cuda::CudaDType;
 using cuda::NmCudaShape;
-
-void check_pattern(int64_t n, int64_t m) {
-  TORCH_CHECK(m == 4 || m == 8 || m == 16, "m must be 4, 8 or 16, got ", m);
-  TORCH_CHECK(n >= 1 && n < m, "n must satisfy 1 <= n < m (", m, "), got n = ", n);
-}
-
-int index_bits(int64_t m) { return m == 4 ? 2 : m == 8 ? 3 : 4; }
 
 CudaDType cuda_dtype(at::ScalarType t) {
   switch (t) {
@@ -39,42 +34,15 @@ CudaDType cuda_dtype(at::ScalarType t) {
   return CudaDType::kF32;
 }
 
-// Checks metadata (and values when given) against the pattern and sizes, on x's device; the same
-// conditions and messages as the CPU glue (make_weight in csrc/ops/nm_ops.cpp).
-NmCudaShape check_weight(const at::Tensor& x, const char* x_name, const at::Tensor* values,
-                         const at::Tensor& metadata, int64_t out_features, int64_t in_features,
-                         int64_t n, int64_t m) {
-  check_pattern(n, m);
-  TORCH_CHECK(in_features >= 0, "in_features must be non-negative, got ", in_features);
-  const NmCudaShape s{out_features, in_features, n, m};
-  check_same_cuda_device(x, x_name, {{&metadata, "metadata"}});
-  check_dtype(metadata, "metadata", {at::kByte});
-  TORCH_CHECK(metadata.dim() == 2, "metadata must be 2-D [out_features, ceil(kept * ",
-              index_bits(m), " / 8)], got shape ", metadata.sizes());
-  TORCH_CHECK(metadata.size(0) == out_features && metadata.size(1) == s.meta_stride(),
-              "metadata must have shape [", out_features, ", ", s.meta_stride(), "] for ",
-              out_features, " rows, in_features ", in_features, " and ", n, ":", m, " (",
-              s.kept(), " slots of ", index_bits(m), " bits per row), got ", metadata.sizes());
-  TORCH_CHECK(metadata.is_contiguous(), "metadata must be contiguous");
-  if (values != nullptr) {
-    check_same_cuda_device(x, x_name, {{values, "values"}});
-    check_dtype(*values, "values", {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble});
-    TORCH_CHECK(values->dim() == 2, "values must be 2-D [out_features, ceil(in_features / m) * n], "
-                "got shape ", values->sizes());
-    TORCH_CHECK(values->size(0) == out_features && values->size(1) == s.kept(),
-                "values must have shape [", out_features, ", ", s.kept(), "] (", s.groups(),
-                " groups of ", n, " for in_features ", in_features, " and ", n, ":", m, "), got ",
-                values->sizes());
-    TORCH_CHECK(values->is_contiguous(), "values must be contiguous");
-  }
-  return s;
+// The CUDA glue's device checks for the shared argument checks (nm_args.h): activations are CUDA
+// tensors, every other tensor is on the op's first tensor's device.
+void check_cuda_operand(const at::Tensor& first, const char* first_name, const at::Tensor& t,
+                        const char* name) {
+  check_same_cuda_device(first, first_name, {{&t, name}});
 }
+constexpr NmDeviceChecks kCuda{&check_cuda, &check_cuda_operand, /*float16=*/true};
 
-void check_activations(const at::Tensor& x, const char* name) {
-  check_cuda(x, name);
-  check_dtype(x, name, {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble});
-  TORCH_CHECK(x.dim() >= 1, name, " must have at least one dimension, got a scalar");
-}
+NmCudaShape shape_of(const NmWeight& w) { return NmCudaShape{w.rows, w.cols, w.n, w.m}; }
 
 // Activations for the kernels: [tokens, K] contiguous, in a dtype the kernels pair with `values`
 // (the same dtype, or float32 with half / bfloat16 values; other mixes compute in float32).
@@ -276,23 +244,11 @@ at::Tensor try_dense(const at::Tensor& rows, const at::Tensor& values, const at:
 // ---- ops --------------------------------------------------------------------------------------
 at::Tensor nm_linear_cuda(const at::Tensor& x, const at::Tensor& values, const at::Tensor& metadata,
                           const c10::optional<at::Tensor>& bias, int64_t n, int64_t m) {
-  check_activations(x, "x");
-  const int64_t K = x.size(-1);
-  TORCH_CHECK(values.dim() == 2, "values must be 2-D [out_features, ceil(in_features / m) * n], "
-              "got shape ", values.sizes());
-  const int64_t out_features = values.size(0);
-  const NmCudaShape s = check_weight(x, "x", &values, metadata, out_features, K, n, m);
-  if (bias.has_value()) {
-    check_same_cuda_device(x, "x", {{&*bias, "bias"}});
-    check_dtype(*bias, "bias", {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble});
-    check_1d(*bias, "bias", out_features);
-  }
-  TORCH_CHECK((x.scalar_type() == at::kDouble) == (values.scalar_type() == at::kDouble),
-              "float64 needs both x and values in float64 (the scalar reference path), got x ",
-              x.scalar_type(), " and values ", values.scalar_type());
+  const NmOpArgs args = checked_nm_linear_args(x, values, metadata, bias, n, m, kCuda);
+  const NmCudaShape s = shape_of(args.w);
+  const std::vector<int64_t>& out_shape = args.out_shape;
+  const int64_t K = s.cols, out_features = s.rows;
   const c10::cuda::CUDAGuard guard(x.device());
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = out_features;
   const at::Tensor rows = kernel_rows(x, K, values.scalar_type());
   const int64_t T = rows.size(0);
   if (T == 0 || out_features == 0) return at::zeros(out_shape, x.options());
@@ -325,16 +281,12 @@ at::Tensor nm_linear_cuda(const at::Tensor& x, const at::Tensor& values, const a
 at::Tensor nm_linear_grad_input_cuda(const at::Tensor& grad_out, const at::Tensor& values,
                                      const at::Tensor& metadata, int64_t in_features, int64_t n,
                                      int64_t m) {
-  check_activations(grad_out, "grad_out");
-  const int64_t M_out = grad_out.size(-1);
-  const NmCudaShape s =
-      check_weight(grad_out, "grad_out", &values, metadata, M_out, in_features, n, m);
-  TORCH_CHECK((grad_out.scalar_type() == at::kDouble) == (values.scalar_type() == at::kDouble),
-              "float64 needs both grad_out and values in float64, got grad_out ",
-              grad_out.scalar_type(), " and values ", values.scalar_type());
+  const NmOpArgs args =
+      checked_nm_grad_input_args(grad_out, values, metadata, in_features, n, m, kCuda);
+  const NmCudaShape s = shape_of(args.w);
+  const std::vector<int64_t>& out_shape = args.out_shape;
+  const int64_t M_out = s.rows;
   const c10::cuda::CUDAGuard guard(grad_out.device());
-  std::vector<int64_t> out_shape(grad_out.sizes().begin(), grad_out.sizes().end());
-  out_shape.back() = in_features;
   const at::Tensor dy = kernel_rows(grad_out, M_out, values.scalar_type());
   const int64_t T = dy.size(0);
   if (T == 0 || in_features == 0 || M_out == 0) return at::zeros(out_shape, grad_out.options());
@@ -354,17 +306,10 @@ at::Tensor nm_linear_grad_input_cuda(const at::Tensor& grad_out, const at::Tenso
 
 at::Tensor nm_linear_grad_values_cuda(const at::Tensor& grad_out, const at::Tensor& x,
                                       const at::Tensor& metadata, int64_t n, int64_t m) {
-  check_activations(grad_out, "grad_out");
-  check_activations(x, "x");
-  check_same_cuda_device(grad_out, "grad_out", {{&x, "x"}});
-  const int64_t K = x.size(-1), M_out = grad_out.size(-1);
-  check_same_tokens(grad_out, x);
-  const NmCudaShape s = check_weight(grad_out, "grad_out", nullptr, metadata, M_out, K, n, m);
+  const NmCudaShape s =
+      shape_of(checked_nm_grad_values_args(grad_out, x, metadata, n, m, kCuda));
+  const int64_t K = s.cols, M_out = s.rows;
   const bool f64 = x.scalar_type() == at::kDouble || grad_out.scalar_type() == at::kDouble;
-  if (f64)
-    TORCH_CHECK(x.scalar_type() == grad_out.scalar_type(),
-                "float64 needs both grad_out and x in float64, got ", grad_out.scalar_type(),
-                " and ", x.scalar_type());
   const c10::cuda::CUDAGuard guard(grad_out.device());
   // Both operands in one dtype: theirs when they agree, float32 otherwise.
   const at::ScalarType common =
@@ -394,10 +339,8 @@ at::Tensor nm_linear_grad_values_cuda(const at::Tensor& grad_out, const at::Tens
 
 at::Tensor nm_validate_cuda(const at::Tensor& values, const at::Tensor& metadata,
                             int64_t in_features, int64_t n, int64_t m) {
-  TORCH_CHECK(values.dim() == 2, "values must be 2-D [out_features, ceil(in_features / m) * n], "
-              "got shape ", values.sizes());
   const NmCudaShape s =
-      check_weight(values, "values", &values, metadata, values.size(0), in_features, n, m);
+      shape_of(checked_nm_validate_args(values, metadata, in_features, n, m, kCuda));
   const c10::cuda::CUDAGuard guard(values.device());
   const int64_t bad = first_bad_group(s, metadata);
   if (bad >= 0) {
