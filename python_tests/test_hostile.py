@@ -866,3 +866,28 @@ def test_hostile(results, name):
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--child":
     _child(sys.argv[2:])
+
+
+@pytest.mark.parametrize("family", ["spmm", "nm", "conv", "moe"])
+def test_meta_tensor_mixed_with_cpu_raises(family):
+    """A meta tensor among CPU arguments dispatches to the fake kernel, which must raise like the
+    real kernel instead of returning uninitialized memory."""
+    ops = torch.ops.sparse_ext
+    if family == "spmm":
+        w = CSRWeight.from_dense(torch.randn(8, 16) * (torch.rand(8, 16) > 0.5))
+        call = lambda: ops.spmm(torch.randn(2, 16), w.offsets.to("meta"), w.indices, w.values,
+                                None, 8, 1)
+    elif family == "nm":
+        w = NMWeight.from_dense(torch.randn(8, 16), 2, 4)
+        call = lambda: ops.nm_linear(torch.randn(2, 16), w.values, w.metadata.to("meta"), None,
+                                     2, 4)
+    elif family == "conv":
+        w = CSRWeight.from_dense(torch.randn(4, 3) * (torch.rand(4, 3) > 0.3))
+        call = lambda: ops.sparse_conv2d(torch.randn(1, 3, 5, 5), w.offsets, w.indices,
+                                         w.values.to("meta"), None, 4, [1, 1], [1, 1], [0, 0],
+                                         [1, 1], 1, float("-inf"), float("inf"))
+    else:
+        call = lambda: ops.moe_combine(torch.randn(4, 8), torch.rand(2, 2),
+                                       torch.arange(4).reshape(2, 2).to("meta"))
+    with pytest.raises(RuntimeError, match="must be on .*'s device cpu, got meta"):
+        call()

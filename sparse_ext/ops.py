@@ -3,6 +3,8 @@
 Every schema is defined once in ``csrc/registration.cpp``; this file makes each op traceable
 (``register_fake``) and differentiable (``register_autograd``, backward built from other ops).
 """
+import functools
+import inspect
 from typing import Optional
 
 import torch
@@ -13,6 +15,29 @@ from .formats import K_BLOCK, CSRWeight
 _lib = torch.ops.sparse_ext
 
 
+def _register_fake(op_name):
+    """``register_fake`` plus the check every real kernel makes first: all tensor arguments on one
+    device. Without it a meta tensor meeting a CPU tensor would reach the fake kernel (the Meta
+    key wins dispatch) and return an uninitialized result instead of an error."""
+    def register(fake):
+        names = list(inspect.signature(fake).parameters)
+
+        @functools.wraps(fake)
+        def checked(*args, **kwargs):
+            tensors = [(names[i], a) for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+            tensors += [(k, v) for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+            if tensors:
+                first, ref = tensors[0]
+                for name, t in tensors[1:]:
+                    torch._check(t.device == ref.device, lambda: (
+                        f"{name} must be on {first}'s device {ref.device}, got {t.device}"))
+            return fake(*args, **kwargs)
+
+        torch.library.register_fake(op_name)(checked)
+        return fake
+    return register
+
+
 # ---- SpMM --------------------------------------------------------------------------------------
 def spmm(x: torch.Tensor, weight: CSRWeight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x @ W^T + bias`` for ``x [..., in_features]`` and a ``CSRWeight`` W."""
@@ -20,16 +45,13 @@ def spmm(x: torch.Tensor, weight: CSRWeight, bias: Optional[torch.Tensor] = None
                      weight.out_features, weight.block_rows)
 
 
-@torch.library.register_fake("sparse_ext::spmm")
+@_register_fake("sparse_ext::spmm")
 def _spmm_fake(x, offsets, indices, values, bias, out_features, block_rows):
     torch._check(x.dim() >= 1, lambda: "x must have at least one dimension")
-    for name, t in (("offsets", offsets), ("indices", indices), ("values", values), ("bias", bias)):
-        torch._check(t is None or t.device == x.device,
-                     lambda: f"{name} must be on x's device {x.device}, got {t.device}")
     return x.new_empty((*x.shape[:-1], out_features))
 
 
-@torch.library.register_fake("sparse_ext::spmm_transpose_structure")
+@_register_fake("sparse_ext::spmm_transpose_structure")
 def _spmm_transpose_structure_fake(offsets, indices, out_features, in_features, block_rows):
     m_blocks = -(-out_features // K_BLOCK)
     entries = indices.shape[0] * block_rows
@@ -37,7 +59,7 @@ def _spmm_transpose_structure_fake(offsets, indices, out_features, in_features, 
             offsets.new_empty(entries, dtype=torch.int64))
 
 
-@torch.library.register_fake("sparse_ext::spmm_sddmm")
+@_register_fake("sparse_ext::spmm_sddmm")
 def _spmm_sddmm_fake(grad_out, x, offsets, indices, block_rows):
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     return x.new_empty(indices.shape[0] * block_rows, dtype=dtype)
@@ -128,7 +150,7 @@ def sparse_conv2d_op(x, offsets, indices, values, bias, out_channels, kernel_siz
                               padding, dilation, block_rows, out_min, out_max)
 
 
-@torch.library.register_fake("sparse_ext::sparse_conv2d")
+@_register_fake("sparse_ext::sparse_conv2d")
 def _sparse_conv2d_fake(x, offsets, indices, values, bias, out_channels, kernel_size, stride,
                         padding, dilation, block_rows, out_min, out_max):
     torch._check(x.dim() == 4, lambda: "x must be 4-D [batch, channels, height, width]")
@@ -136,13 +158,13 @@ def _sparse_conv2d_fake(x, offsets, indices, values, bias, out_channels, kernel_
     return x.new_empty((x.shape[0], out_channels, oh, ow))  # always NCHW-contiguous
 
 
-@torch.library.register_fake("sparse_ext::sparse_conv2d_grad_input")
+@_register_fake("sparse_ext::sparse_conv2d_grad_input")
 def _sparse_conv2d_grad_input_fake(grad_out, offsets, indices, values, in_channels, input_size,
                                    kernel_size, stride, padding, dilation, block_rows):
     return grad_out.new_empty((grad_out.shape[0], in_channels, input_size[0], input_size[1]))
 
 
-@torch.library.register_fake("sparse_ext::sparse_conv2d_grad_values")
+@_register_fake("sparse_ext::sparse_conv2d_grad_values")
 def _sparse_conv2d_grad_values_fake(grad_out, x, offsets, indices, kernel_size, stride, padding,
                                     dilation, block_rows):
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -200,25 +222,25 @@ def nm_linear(x: torch.Tensor, weight: NMWeight, bias: Optional[torch.Tensor] = 
     return _lib.nm_linear(x, weight.values, weight.metadata, bias, weight.n, weight.m)
 
 
-@torch.library.register_fake("sparse_ext::nm_linear")
+@_register_fake("sparse_ext::nm_linear")
 def _nm_linear_fake(x, values, metadata, bias, n, m):
     torch._check(x.dim() >= 1, lambda: "x must have at least one dimension")
     torch._check(values.dim() == 2, lambda: "values must be 2-D")
     return x.new_empty((*x.shape[:-1], values.shape[0]))
 
 
-@torch.library.register_fake("sparse_ext::nm_linear_grad_input")
+@_register_fake("sparse_ext::nm_linear_grad_input")
 def _nm_linear_grad_input_fake(grad_out, values, metadata, in_features, n, m):
     return grad_out.new_empty((*grad_out.shape[:-1], in_features))
 
 
-@torch.library.register_fake("sparse_ext::nm_linear_grad_values")
+@_register_fake("sparse_ext::nm_linear_grad_values")
 def _nm_linear_grad_values_fake(grad_out, x, metadata, n, m):
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     return x.new_empty((grad_out.shape[-1], -(-x.shape[-1] // m) * n), dtype=dtype)
 
 
-@torch.library.register_fake("sparse_ext::nm_validate")
+@_register_fake("sparse_ext::nm_validate")
 def _nm_validate_fake(values, metadata, in_features, n, m):
     return metadata.new_empty((), dtype=torch.bool)
 
@@ -283,7 +305,7 @@ def _moe_compute_dtype(t):
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-@torch.library.register_fake("sparse_ext::moe_route")
+@_register_fake("sparse_ext::moe_route")
 def _moe_route_fake(router_logits, top_k, scoring, renormalize, selection_bias, num_groups,
                     topk_groups):
     torch._check(router_logits.dim() >= 1, lambda: "router_logits must be [..., num_experts]")
@@ -294,7 +316,7 @@ def _moe_route_fake(router_logits, top_k, scoring, renormalize, selection_bias, 
             router_logits.new_empty(shape, dtype=torch.int64))
 
 
-@torch.library.register_fake("sparse_ext::moe_permute")
+@_register_fake("sparse_ext::moe_permute")
 def _moe_permute_fake(topk_indices, num_experts, capacity):
     torch._check(topk_indices.dim() == 2, lambda: "topk_indices must be 2-D [tokens, top_k]")
     T, k = topk_indices.shape
@@ -303,25 +325,25 @@ def _moe_permute_fake(topk_indices, num_experts, capacity):
             topk_indices.new_empty((T, k), dtype=torch.int64))
 
 
-@torch.library.register_fake("sparse_ext::moe_expert_mlp")
+@_register_fake("sparse_ext::moe_expert_mlp")
 def _moe_expert_mlp_fake(x, row_token, expert_offsets, w1, w2, activation, gated):
     torch._check(x.dim() == 2, lambda: "x must be 2-D [tokens, hidden]")
     return x.new_empty((row_token.shape[0], x.shape[1]), dtype=_moe_compute_dtype(x))
 
 
-@torch.library.register_fake("sparse_ext::moe_expert_mlp_backward")
+@_register_fake("sparse_ext::moe_expert_mlp_backward")
 def _moe_expert_mlp_backward_fake(grad_y, x, row_token, expert_offsets, w1, w2, activation, gated):
     return torch.empty_like(x), torch.empty_like(w1), torch.empty_like(w2)
 
 
-@torch.library.register_fake("sparse_ext::moe_combine")
+@_register_fake("sparse_ext::moe_combine")
 def _moe_combine_fake(expert_out, topk_weights, inverse):
     torch._check(topk_weights.dim() == 2, lambda: "topk_weights must be 2-D [tokens, top_k]")
     return expert_out.new_empty((topk_weights.shape[0], expert_out.shape[1]),
                                 dtype=_moe_compute_dtype(expert_out))
 
 
-@torch.library.register_fake("sparse_ext::moe_combine_backward")
+@_register_fake("sparse_ext::moe_combine_backward")
 def _moe_combine_backward_fake(grad_out, expert_out, topk_weights, inverse):
     return torch.empty_like(expert_out), torch.empty_like(topk_weights)
 
