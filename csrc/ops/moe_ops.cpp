@@ -1,4 +1,5 @@
-// ATen glue for the MoE family: checks, staging, thread split and kernel calls.
+// ATen glue for the MoE family: checks (the device-agnostic ones in moe_args.h, shared with the
+// CUDA glue), staging, thread split and kernel calls.
 // Schemas: csrc/registration.cpp (MoE block). Kernels: csrc/kernels/moe/moe.h.
 //
 // Expert MLP strategy: segments of at most small_rows() tokens (decode and small prefill) run the
@@ -17,6 +18,7 @@
 #include "../kernels/common/bf16.h"
 #include "../kernels/moe/moe.h"
 #include "common.h"
+#include "moe_args.h"
 
 namespace sparse_ext {
 namespace {
@@ -36,35 +38,15 @@ int64_t small_rows() {
 constexpr int64_t kTileF = 32;  // gate (and up) rows per phase-1 item
 constexpr int64_t kTileH = 32;  // down-projection rows per phase-2 item
 
-void check_index(const at::Tensor& t, const char* name) {
-  check_cpu(t, name);
-  check_dtype(t, name, {at::kLong});
-}
-
-at::ScalarType compute_dtype(const at::Tensor& t) {
-  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // ---- Routing -----------------------------------------------------------------------------------
 std::tuple<at::Tensor, at::Tensor> moe_route_cpu(const at::Tensor& logits, int64_t top_k,
                                                  c10::string_view scoring, bool renormalize,
                                                  const c10::optional<at::Tensor>& selection_bias,
                                                  int64_t num_groups, int64_t topk_groups) {
   check_cpu(logits, "router_logits");
-  check_dtype(logits, "router_logits", {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble});
-  TORCH_CHECK(logits.dim() >= 1, "router_logits must be [..., num_experts], got a scalar");
-  MoeRouteParams p{};
-  p.experts = logits.size(-1);
-  p.top_k = top_k;
-  TORCH_CHECK(scoring == "softmax" || scoring == "sigmoid",
-              "scoring must be 'softmax' or 'sigmoid', got '", std::string(scoring), "'");
-  p.scoring = scoring == "softmax" ? MoeScoring::kSoftmax : MoeScoring::kSigmoid;
-  p.renormalize = renormalize;
-  p.num_groups = num_groups;
-  p.topk_groups = topk_groups;
-  const std::string error = moe_route_validate(p);
-  TORCH_CHECK(error.empty(), "moe_route: ", error);
-  const at::ScalarType S = compute_dtype(logits);
+  const MoeRouteParams p =
+      checked_moe_route_args(logits, top_k, scoring, renormalize, num_groups, topk_groups);
+  const at::ScalarType S = moe_compute_dtype(logits);
   const at::Tensor rows = logits.reshape({-1, p.experts}).to(S).contiguous();
   at::Tensor bias;
   if (selection_bias.has_value()) {
@@ -73,8 +55,7 @@ std::tuple<at::Tensor, at::Tensor> moe_route_cpu(const at::Tensor& logits, int64
     bias = selection_bias->to(S).contiguous();
   }
   const int64_t T = rows.size(0);
-  std::vector<int64_t> out_shape(logits.sizes().begin(), logits.sizes().end());
-  out_shape.back() = top_k;
+  const std::vector<int64_t> out_shape = moe_route_out_shape(logits, top_k);
   at::Tensor weights = at::empty({T, top_k}, rows.options());
   at::Tensor indices = at::empty({T, top_k}, rows.options().dtype(at::kLong));
   const int64_t grain = std::max<int64_t>(1, 4096 / p.experts);
@@ -92,14 +73,9 @@ std::tuple<at::Tensor, at::Tensor> moe_route_cpu(const at::Tensor& logits, int64
 std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_permute_cpu(const at::Tensor& topk_indices,
                                                                int64_t num_experts,
                                                                int64_t capacity) {
-  check_cpu(topk_indices, "topk_indices");
-  check_dtype(topk_indices, "topk_indices", {at::kLong, at::kInt});
-  TORCH_CHECK(topk_indices.dim() == 2, "topk_indices must be 2-D [tokens, top_k], got shape ",
-              topk_indices.sizes());
-  TORCH_CHECK(num_experts >= 1, "num_experts must be >= 1, got ", num_experts);
-  const int64_t T = topk_indices.size(0), k = topk_indices.size(1);
-  TORCH_CHECK(k >= 1 && k <= num_experts, "top_k (topk_indices.size(1)) must be in [1, ",
-              num_experts, "], got ", k);
+  const std::pair<int64_t, int64_t> shape =
+      checked_moe_permute_args(topk_indices, num_experts, &check_cpu);
+  const int64_t T = shape.first, k = shape.second;
   const at::Tensor idx = topk_indices.to(at::kLong).contiguous();
   at::Tensor row_token = at::empty({T * k}, idx.options());
   at::Tensor offsets = at::empty({num_experts + 1}, idx.options());
@@ -113,65 +89,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_permute_cpu(const at::Tensor&
 }
 
 // ---- Expert MLP --------------------------------------------------------------------------------
-struct ExpertArgs {
-  int64_t T, H, F, F1, E, P, kept;
-  MoeActivation act;
-  bool gated;
+// The shared checks plus the structure walk, which yields the number of kept rows.
+struct ExpertArgs : MoeExpertArgs {
+  int64_t kept;
 };
 
 ExpertArgs check_expert_args(const at::Tensor& x, const at::Tensor& row_token,
                              const at::Tensor& offsets, const at::Tensor& w1,
                              const at::Tensor& w2, c10::string_view activation, bool gated) {
-  check_cpu(x, "x");
-  check_dtype(x, "x", {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble});
-  TORCH_CHECK(x.dim() == 2, "x must be 2-D [tokens, hidden], got shape ", x.sizes());
-  check_index(row_token, "row_token");
-  check_index(offsets, "expert_offsets");
-  check_cpu(w1, "w1");
-  check_cpu(w2, "w2");
-  check_dtype(w1, "w1", {at::kFloat, at::kBFloat16, at::kDouble});
-  check_dtype(w2, "w2", {at::kFloat, at::kBFloat16, at::kDouble});
-  TORCH_CHECK(w1.dim() == 3, "w1 must be 3-D [num_experts, (2 if gated else 1) * ffn, hidden], got ",
-              w1.sizes());
-  TORCH_CHECK(w2.dim() == 3, "w2 must be 3-D [num_experts, hidden, ffn], got shape ", w2.sizes());
-  ExpertArgs a{};
-  a.T = x.size(0);
-  a.H = x.size(1);
-  a.E = w1.size(0);
-  a.F = w2.size(2);
-  a.gated = gated;
-  a.F1 = gated ? 2 * a.F : a.F;
-  TORCH_CHECK(w2.size(0) == a.E, "w2 must have num_experts (", a.E, ") experts like w1, got ",
-              w2.size(0));
-  TORCH_CHECK(w1.size(1) == a.F1 && w1.size(2) == a.H, "w1 must have shape [", a.E, ", ", a.F1,
-              ", ", a.H, "] (", gated ? "gate and up rows" : "up rows", " x hidden), got ",
-              w1.sizes());
-  TORCH_CHECK(w2.size(1) == a.H, "w2 must have shape [", a.E, ", ", a.H, ", ", a.F, "], got ",
-              w2.sizes());
-  const bool f64 = x.scalar_type() == at::kDouble;
-  TORCH_CHECK(f64 == (w1.scalar_type() == at::kDouble) && f64 == (w2.scalar_type() == at::kDouble),
-              "float64 needs x, w1 and w2 all in float64, got x ", x.scalar_type(), ", w1 ",
-              w1.scalar_type(), ", w2 ", w2.scalar_type());
-  TORCH_CHECK(moe_activation_from_name(std::string(activation).c_str(), &a.act),
-              "activation must be one of silu, gelu, gelu_tanh, relu, got '",
-              std::string(activation), "'");
-  TORCH_CHECK(row_token.dim() == 1, "row_token must be 1-D, got shape ", row_token.sizes());
-  check_1d(offsets, "expert_offsets", a.E + 1);
-  a.P = row_token.size(0);
+  ExpertArgs a{checked_moe_expert_args(x, row_token, offsets, w1, w2, activation, gated,
+                                       &check_cpu, {at::kFloat, at::kBFloat16, at::kDouble}),
+               0};
   const at::Tensor off = offsets.contiguous();
   const int64_t* o = off.data_ptr<int64_t>();
-  TORCH_CHECK(o[0] == 0, "expert_offsets[0] must be 0, got ", o[0]);
-  for (int64_t e = 0; e < a.E; ++e)
-    TORCH_CHECK(o[e + 1] >= o[e], "expert_offsets must not decrease, but expert_offsets[", e + 1,
-                "] = ", o[e + 1], " < expert_offsets[", e, "] = ", o[e]);
-  TORCH_CHECK(o[a.E] <= a.P, "expert_offsets[-1] (", o[a.E],
-              ") must not exceed the number of rows (", a.P, ")");
+  check_moe_expert_offsets(o, a.E, a.P);
   a.kept = o[a.E];
   const at::Tensor rt = row_token.contiguous();
   const int64_t* r = rt.data_ptr<int64_t>();
   for (int64_t p = 0; p < a.kept; ++p)
-    TORCH_CHECK(r[p] >= 0 && r[p] < a.T, "row_token[", p, "] = ", r[p],
-                " is out of range, expected a token in [0, ", a.T, ")");
+    if (r[p] < 0 || r[p] >= a.T) fail_moe_row_token(p, r[p], a.T);
   return a;
 }
 
@@ -225,7 +161,7 @@ at::Tensor moe_expert_mlp_cpu(const at::Tensor& x, const at::Tensor& row_token_i
                               const at::Tensor& w2_in, c10::string_view activation, bool gated) {
   const ExpertArgs a =
       check_expert_args(x, row_token_in, offsets_in, w1_in, w2_in, activation, gated);
-  const at::ScalarType S = compute_dtype(x);
+  const at::ScalarType S = moe_compute_dtype(x);
   const at::Tensor xc = x.to(S).contiguous();
   const at::Tensor row_token = row_token_in.contiguous();
   const at::Tensor offsets = offsets_in.contiguous();
@@ -330,10 +266,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_expert_mlp_backward_cpu(
     const at::Tensor& offsets_in, const at::Tensor& w1, const at::Tensor& w2,
     c10::string_view activation, bool gated) {
   const ExpertArgs a = check_expert_args(x, row_token_in, offsets_in, w1, w2, activation, gated);
-  check_cpu(grad_y, "grad_y");
-  TORCH_CHECK(grad_y.dim() == 2 && grad_y.size(0) == a.P && grad_y.size(1) == a.H,
-              "grad_y must have shape [", a.P, ", ", a.H, "], got ", grad_y.sizes());
-  const at::ScalarType S = compute_dtype(x);
+  check_moe_expert_grad_y(grad_y, a, &check_cpu);
+  const at::ScalarType S = moe_compute_dtype(x);
   const at::Tensor xc = x.to(S).contiguous();
   const at::Tensor gy = grad_y.to(S).contiguous();
   const at::Tensor row_token = row_token_in.contiguous();
@@ -395,29 +329,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_expert_mlp_backward_cpu(
 
 // ---- Combine -----------------------------------------------------------------------------------
 void check_combine_args(const at::Tensor& y, const at::Tensor& weights, const at::Tensor& inverse) {
-  check_cpu(y, "expert_out");
-  check_dtype(y, "expert_out", {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf});
-  TORCH_CHECK(y.dim() == 2, "expert_out must be 2-D [rows, hidden], got shape ", y.sizes());
-  check_cpu(weights, "topk_weights");
-  check_dtype(weights, "topk_weights", {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf});
-  check_index(inverse, "inverse");
-  TORCH_CHECK(weights.dim() == 2, "topk_weights must be 2-D [tokens, top_k], got shape ",
-              weights.sizes());
-  TORCH_CHECK(inverse.sizes() == weights.sizes(), "inverse must have the shape of topk_weights ",
-              weights.sizes(), ", got ", inverse.sizes());
+  checked_moe_combine_args(y, weights, inverse, &check_cpu);
   const at::Tensor inv = inverse.contiguous();
   const int64_t* ip = inv.data_ptr<int64_t>();
   const int64_t rows = y.size(0);
   for (int64_t i = 0; i < inv.numel(); ++i)
-    TORCH_CHECK(ip[i] >= 0 && ip[i] < rows, "inverse[", i / std::max<int64_t>(inv.size(1), 1), ", ",
-                i % std::max<int64_t>(inv.size(1), 1), "] = ", ip[i],
-                " is out of range, expected a row of expert_out in [0, ", rows, ")");
+    if (ip[i] < 0 || ip[i] >= rows) fail_moe_inverse_range(i, inv.size(1), ip[i], rows);
 }
 
 at::Tensor moe_combine_cpu(const at::Tensor& y, const at::Tensor& weights,
                            const at::Tensor& inverse) {
   check_combine_args(y, weights, inverse);
-  const at::ScalarType S = compute_dtype(y);
+  const at::ScalarType S = moe_compute_dtype(y);
   const at::Tensor yc = y.to(S).contiguous();
   const at::Tensor wc = weights.to(S).contiguous();
   const at::Tensor inv = inverse.contiguous();
@@ -440,11 +363,9 @@ std::tuple<at::Tensor, at::Tensor> moe_combine_backward_cpu(const at::Tensor& gr
                                                             const at::Tensor& weights,
                                                             const at::Tensor& inverse) {
   check_combine_args(y, weights, inverse);
-  check_cpu(grad_out, "grad_out");
   const int64_t T = weights.size(0), k = weights.size(1), H = y.size(1);
-  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == T && grad_out.size(1) == H,
-              "grad_out must have shape [", T, ", ", H, "], got ", grad_out.sizes());
-  const at::ScalarType S = compute_dtype(y);
+  check_moe_combine_grad_out(grad_out, T, H, &check_cpu);
+  const at::ScalarType S = moe_compute_dtype(y);
   const at::Tensor yc = y.to(S).contiguous();
   const at::Tensor wc = weights.to(S).contiguous();
   const at::Tensor gc = grad_out.to(S).contiguous();
@@ -455,10 +376,7 @@ std::tuple<at::Tensor, at::Tensor> moe_combine_backward_cpu(const at::Tensor& gr
     const int64_t* ip = inv.data_ptr<int64_t>();
     std::vector<bool> seen(static_cast<size_t>(y.size(0)), false);
     for (int64_t i = 0; i < inv.numel(); ++i) {
-      TORCH_CHECK(!seen[ip[i]], "moe_combine_backward: inverse[", i / std::max<int64_t>(k, 1), ", ",
-                  i % std::max<int64_t>(k, 1), "] = ", ip[i],
-                  " repeats a row of expert_out; inverse must not repeat rows (as moe_permute's "
-                  "inverse never does)");
+      if (seen[ip[i]]) fail_moe_inverse_repeat(i, k, ip[i]);
       seen[ip[i]] = true;
     }
   }

@@ -1,5 +1,6 @@
-// ATen glue of the MoE family on CUDA: argument checks (mirroring csrc/ops/moe_ops.cpp), device
-// validation of the routing metadata, allocation and launches on the current stream.
+// ATen glue of the MoE family on CUDA: device checks (the dtype and shape checks are shared with
+// the CPU glue in csrc/ops/moe_args.h), device validation of the routing metadata, allocation and
+// launches on the current stream.
 // Kernels: csrc/cuda/moe/moe_cuda.h. Schemas: csrc/registration.cpp. Design: docs/cuda.md (## MoE).
 //
 // Expert MLP strategy on CUDA: segments of 1..kSmallRows rows (decode) run the grouped GEMV kernels
@@ -21,6 +22,7 @@
 #include "../../cuda/moe/moe_cuda.h"
 #include "../../kernels/moe/moe.h"
 #include "../common.h"
+#include "../moe_args.h"
 #include "cuda_glue.h"
 
 namespace sparse_ext {
@@ -29,12 +31,6 @@ namespace {
 namespace kc = ::sparse_ext::cuda;
 
 constexpr int64_t kNoError = -1;  // UINT64_MAX read back as int64
-
-at::ScalarType compute_dtype(const at::Tensor& t) {
-  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-void check_index(const at::Tensor& t, const char* name) { check_dtype(t, name, {at::kLong}); }
 
 // Reads back a small int64 error tensor written by a validation launcher (one synchronization).
 std::vector<int64_t> read_errors(const at::Tensor& err) {
@@ -82,21 +78,10 @@ std::tuple<at::Tensor, at::Tensor> moe_route_cuda(const at::Tensor& logits, int6
                                                   int64_t num_groups, int64_t topk_groups) {
   const at::Tensor* bias_in = selection_bias.has_value() ? &*selection_bias : nullptr;
   check_same_cuda_device(logits, "router_logits", {{bias_in, "selection_bias"}});
-  check_dtype(logits, "router_logits", {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble});
-  TORCH_CHECK(logits.dim() >= 1, "router_logits must be [..., num_experts], got a scalar");
-  MoeRouteParams p{};
-  p.experts = logits.size(-1);
-  p.top_k = top_k;
-  TORCH_CHECK(scoring == "softmax" || scoring == "sigmoid",
-              "scoring must be 'softmax' or 'sigmoid', got '", std::string(scoring), "'");
-  p.scoring = scoring == "softmax" ? MoeScoring::kSoftmax : MoeScoring::kSigmoid;
-  p.renormalize = renormalize;
-  p.num_groups = num_groups;
-  p.topk_groups = topk_groups;
-  const std::string error = moe_route_validate(p);
-  TORCH_CHECK(error.empty(), "moe_route: ", error);
+  const MoeRouteParams p =
+      checked_moe_route_args(logits, top_k, scoring, renormalize, num_groups, topk_groups);
   const c10::cuda::CUDAGuard guard(logits.device());
-  const at::ScalarType S = compute_dtype(logits);
+  const at::ScalarType S = moe_compute_dtype(logits);
   const at::Tensor rows = logits.reshape({-1, p.experts}).to(S).contiguous();
   at::Tensor bias;
   if (bias_in != nullptr) {
@@ -104,8 +89,7 @@ std::tuple<at::Tensor, at::Tensor> moe_route_cuda(const at::Tensor& logits, int6
     bias = bias_in->to(S).contiguous();
   }
   const int64_t T = rows.size(0);
-  std::vector<int64_t> out_shape(logits.sizes().begin(), logits.sizes().end());
-  out_shape.back() = top_k;
+  const std::vector<int64_t> out_shape = moe_route_out_shape(logits, top_k);
   at::Tensor weights = at::empty({T, top_k}, rows.options());
   at::Tensor indices = at::empty({T, top_k}, rows.options().dtype(at::kLong));
   const int64_t scratch_elems =
@@ -140,14 +124,9 @@ std::tuple<at::Tensor, at::Tensor> moe_route_cuda(const at::Tensor& logits, int6
 std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_permute_cuda(const at::Tensor& topk_indices,
                                                                 int64_t num_experts,
                                                                 int64_t capacity) {
-  check_cuda(topk_indices, "topk_indices");
-  check_dtype(topk_indices, "topk_indices", {at::kLong, at::kInt});
-  TORCH_CHECK(topk_indices.dim() == 2, "topk_indices must be 2-D [tokens, top_k], got shape ",
-              topk_indices.sizes());
-  TORCH_CHECK(num_experts >= 1, "num_experts must be >= 1, got ", num_experts);
-  const int64_t T = topk_indices.size(0), k = topk_indices.size(1);
-  TORCH_CHECK(k >= 1 && k <= num_experts, "top_k (topk_indices.size(1)) must be in [1, ",
-              num_experts, "], got ", k);
+  const std::pair<int64_t, int64_t> shape =
+      checked_moe_permute_args(topk_indices, num_experts, &check_cuda);
+  const int64_t T = shape.first, k = shape.second;
   const int64_t P = T * k;
   TORCH_CHECK(P < (int64_t{1} << 31), "moe_permute: at most 2^31 - 1 (token, slot) pairs on CUDA, got ",
               P);
@@ -187,11 +166,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_permute_cuda(const at::Tensor
 }
 
 // ---- Expert MLP --------------------------------------------------------------------------------
-struct ExpertArgs {
-  int64_t T, H, F, F1, E, P;
-  int act;
-  bool gated;
-};
+// The shared checks (after every tensor's device), then the structure on the device.
+using ExpertArgs = MoeExpertArgs;
 
 ExpertArgs check_expert_args(const at::Tensor& x, const at::Tensor& row_token,
                              const at::Tensor& offsets, const at::Tensor& w1,
@@ -199,41 +175,9 @@ ExpertArgs check_expert_args(const at::Tensor& x, const at::Tensor& row_token,
                              const char* op) {
   check_same_cuda_device(x, "x", {{&row_token, "row_token"}, {&offsets, "expert_offsets"},
                                   {&w1, "w1"}, {&w2, "w2"}});
-  check_dtype(x, "x", {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble});
-  TORCH_CHECK(x.dim() == 2, "x must be 2-D [tokens, hidden], got shape ", x.sizes());
-  check_index(row_token, "row_token");
-  check_index(offsets, "expert_offsets");
-  check_dtype(w1, "w1", {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble});
-  check_dtype(w2, "w2", {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble});
-  TORCH_CHECK(w1.dim() == 3, "w1 must be 3-D [num_experts, (2 if gated else 1) * ffn, hidden], got ",
-              w1.sizes());
-  TORCH_CHECK(w2.dim() == 3, "w2 must be 3-D [num_experts, hidden, ffn], got shape ", w2.sizes());
-  ExpertArgs a{};
-  a.T = x.size(0);
-  a.H = x.size(1);
-  a.E = w1.size(0);
-  a.F = w2.size(2);
-  a.gated = gated;
-  a.F1 = gated ? 2 * a.F : a.F;
-  TORCH_CHECK(w2.size(0) == a.E, "w2 must have num_experts (", a.E, ") experts like w1, got ",
-              w2.size(0));
-  TORCH_CHECK(w1.size(1) == a.F1 && w1.size(2) == a.H, "w1 must have shape [", a.E, ", ", a.F1,
-              ", ", a.H, "] (", gated ? "gate and up rows" : "up rows", " x hidden), got ",
-              w1.sizes());
-  TORCH_CHECK(w2.size(1) == a.H, "w2 must have shape [", a.E, ", ", a.H, ", ", a.F, "], got ",
-              w2.sizes());
-  const bool f64 = x.scalar_type() == at::kDouble;
-  TORCH_CHECK(f64 == (w1.scalar_type() == at::kDouble) && f64 == (w2.scalar_type() == at::kDouble),
-              "float64 needs x, w1 and w2 all in float64, got x ", x.scalar_type(), ", w1 ",
-              w1.scalar_type(), ", w2 ", w2.scalar_type());
-  MoeActivation act{};
-  TORCH_CHECK(moe_activation_from_name(std::string(activation).c_str(), &act),
-              "activation must be one of silu, gelu, gelu_tanh, relu, got '",
-              std::string(activation), "'");
-  a.act = static_cast<int>(act);
-  TORCH_CHECK(row_token.dim() == 1, "row_token must be 1-D, got shape ", row_token.sizes());
-  check_1d(offsets, "expert_offsets", a.E + 1);
-  a.P = row_token.size(0);
+  const ExpertArgs a =
+      checked_moe_expert_args(x, row_token, offsets, w1, w2, activation, gated, &check_cuda,
+                              {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble});
   // Structure (offsets monotone from 0 and within the rows, row_token in [0, T)) on the device,
   // once per (row_token, offsets) version.
   // One key for the forward and the backward, so the backward reuses the forward's validation.
@@ -246,23 +190,18 @@ ExpertArgs check_expert_args(const at::Tensor& x, const at::Tensor& row_token,
                  op);
     const std::vector<int64_t> e = read_errors(err);
     if (e[0] != kNoError) {
+      // The kernel flags the first malformed entry in the order of the host walk, which
+      // raises on that same entry.
       const at::Tensor ho = off.to(at::kCPU);
-      const int64_t* o = ho.data_ptr<int64_t>();
-      const int64_t code = e[0];
-      TORCH_CHECK(code != 0, "expert_offsets[0] must be 0, got ", o[0]);
-      TORCH_CHECK(code > a.E, "expert_offsets must not decrease, but expert_offsets[", code,
-                  "] = ", o[code], " < expert_offsets[", code - 1, "] = ", o[code - 1]);
-      TORCH_CHECK(false, "expert_offsets[-1] (", o[a.E], ") must not exceed the number of rows (",
-                  a.P, ")");
+      check_moe_expert_offsets(ho.data_ptr<int64_t>(), a.E, a.P);
     }
-    if (e[1] != kNoError) {
-      const int64_t value = rt[e[1]].item<int64_t>();
-      TORCH_CHECK(false, "row_token[", e[1], "] = ", value,
-                  " is out of range, expected a token in [0, ", a.T, ")");
-    }
+    if (e[1] != kNoError) fail_moe_row_token(e[1], rt[e[1]].item<int64_t>(), a.T);
   });
   return a;
 }
+
+// The activation as the kernels take it.
+int act_id(const ExpertArgs& a) { return static_cast<int>(a.act); }
 
 // Host copy of the offsets, clamped exactly like the kernels clamp them (no-op when validated).
 std::vector<int64_t> host_offsets(const at::Tensor& offsets, int64_t P) {
@@ -323,7 +262,7 @@ void launch_small_up(const at::Tensor& xf, const at::Tensor& w1, const at::Tenso
                      at::Tensor& h) {
   check_launch(kc::moe_small_up<TW>(xf.data_ptr<float>(), cptr<TW>(w1),
                                     offsets.data_ptr<int64_t>(), row_token.data_ptr<int64_t>(),
-                                    a.T, a.E, a.H, a.F, a.P, max_rows, a.act, a.gated,
+                                    a.T, a.E, a.H, a.F, a.P, max_rows, act_id(a), a.gated,
                                     h.data_ptr<float>(), current_stream()),
                "moe_expert_mlp");
 }
@@ -344,7 +283,7 @@ at::Tensor moe_expert_mlp_cuda(const at::Tensor& x, const at::Tensor& row_token_
   const c10::cuda::CUDAGuard guard(x.device());
   const ExpertArgs a = check_expert_args(x, row_token_in, offsets_in, w1_in, w2_in, activation,
                                          gated, "moe_expert_mlp");
-  const at::ScalarType S = compute_dtype(x);
+  const at::ScalarType S = moe_compute_dtype(x);
   const at::Tensor row_token = row_token_in.contiguous();
   const at::Tensor offsets = offsets_in.contiguous();
   const at::Tensor w1 = w1_in.contiguous(), w2 = w2_in.contiguous();
@@ -405,7 +344,7 @@ at::Tensor moe_expert_mlp_cuda(const at::Tensor& x, const at::Tensor& row_token_
     const at::Tensor seg = xs.narrow(0, o[e], n);
     const at::Tensor W1 = w1[e].to(gd), W2 = w2[e].to(gd);
     const at::Tensor pre = mm_acc(seg, W1.t());  // [n, F1] in S
-    const at::Tensor h = activate_rows(pre, a.F, a.gated, a.act, gd, "moe_expert_mlp");
+    const at::Tensor h = activate_rows(pre, a.F, a.gated, act_id(a), gd, "moe_expert_mlp");
     at::Tensor out = y.narrow(0, o[e], n);
     mm_acc_out(out, h, W2.t());
   }
@@ -421,9 +360,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_expert_mlp_backward_cuda(
   const ExpertArgs a = check_expert_args(x, row_token_in, offsets_in, w1, w2, activation, gated,
                                          "moe_expert_mlp_backward");
   check_same_cuda_device(x, "x", {{&grad_y, "grad_y"}});
-  TORCH_CHECK(grad_y.dim() == 2 && grad_y.size(0) == a.P && grad_y.size(1) == a.H,
-              "grad_y must have shape [", a.P, ", ", a.H, "], got ", grad_y.sizes());
-  const at::ScalarType S = compute_dtype(x);
+  check_moe_expert_grad_y(grad_y, a, &check_cuda);
+  const at::ScalarType S = moe_compute_dtype(x);
   const at::Tensor xc = x.to(S).contiguous();
   const at::Tensor gy = grad_y.to(S).contiguous();
   const at::Tensor row_token = row_token_in.contiguous();
@@ -441,18 +379,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_expert_mlp_backward_cuda(
       const at::Tensor seg = xs.narrow(0, o[e], n);
       const at::Tensor W1 = w1[e].to(S), W2 = w2[e].to(S);
       const at::Tensor pre = at::mm(seg, W1.t()).contiguous();  // [n, F1]
-      const at::Tensor h = activate_rows(pre, a.F, a.gated, a.act, S, "moe_expert_mlp_backward");
+      const at::Tensor h =
+          activate_rows(pre, a.F, a.gated, act_id(a), S, "moe_expert_mlp_backward");
       const at::Tensor dy = gy.narrow(0, o[e], n);
       const at::Tensor dh = at::mm(dy, W2).contiguous();  // [n, F]
       at::Tensor dpre = at::empty({n, a.F1}, xs.options());
       cudaError_t st;
       if (S == at::kDouble)
         st = kc::moe_activate_backward<double>(pre.data_ptr<double>(), dh.data_ptr<double>(), n,
-                                               a.F, a.gated, a.act, dpre.data_ptr<double>(),
+                                               a.F, a.gated, act_id(a), dpre.data_ptr<double>(),
                                                current_stream());
       else
         st = kc::moe_activate_backward<float>(pre.data_ptr<float>(), dh.data_ptr<float>(), n, a.F,
-                                              a.gated, a.act, dpre.data_ptr<float>(),
+                                              a.gated, act_id(a), dpre.data_ptr<float>(),
                                               current_stream());
       check_launch(st, "moe_expert_mlp_backward");
       at::Tensor g2 = gw2[e], g1 = gw1[e];
@@ -486,15 +425,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_expert_mlp_backward_cuda(
 void check_combine_args(const at::Tensor& y, const at::Tensor& weights, const at::Tensor& inverse,
                         bool injective, const char* op) {
   check_same_cuda_device(y, "expert_out", {{&weights, "topk_weights"}, {&inverse, "inverse"}});
-  check_dtype(y, "expert_out", {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf});
-  TORCH_CHECK(y.dim() == 2, "expert_out must be 2-D [rows, hidden], got shape ", y.sizes());
-  check_dtype(weights, "topk_weights", {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf});
-  check_index(inverse, "inverse");
-  TORCH_CHECK(weights.dim() == 2, "topk_weights must be 2-D [tokens, top_k], got shape ",
-              weights.sizes());
-  TORCH_CHECK(inverse.sizes() == weights.sizes(), "inverse must have the shape of topk_weights ",
-              weights.sizes(), ", got ", inverse.sizes());
-  const int64_t rows = y.size(0), k = std::max<int64_t>(inverse.size(1), 1);
+  checked_moe_combine_args(y, weights, inverse, &check_cuda);
+  const int64_t rows = y.size(0), k = inverse.size(1);
   const std::string key = combine_key(op, rows);
   validate_structure_once(key.c_str(), {inverse}, [&] {
     const at::Tensor inv = inverse.contiguous();
@@ -505,18 +437,10 @@ void check_combine_args(const at::Tensor& y, const at::Tensor& weights, const at
                                           current_stream()),
                  op);
     const std::vector<int64_t> e = read_errors(err);
-    if (e[0] != kNoError) {
-      const int64_t value = inv.reshape({-1})[e[0]].item<int64_t>();
-      TORCH_CHECK(false, "inverse[", e[0] / k, ", ", e[0] % k, "] = ", value,
-                  " is out of range, expected a row of expert_out in [0, ", rows, ")");
-    }
-    if (injective && e[1] != kNoError) {
-      const int64_t value = inv.reshape({-1})[e[1]].item<int64_t>();
-      TORCH_CHECK(false, "moe_combine_backward: inverse[", e[1] / k, ", ", e[1] % k, "] = ",
-                  value,
-                  " repeats a row of expert_out; inverse must not repeat rows (as moe_permute's "
-                  "inverse never does)");
-    }
+    if (e[0] != kNoError)
+      fail_moe_inverse_range(e[0], k, inv.reshape({-1})[e[0]].item<int64_t>(), rows);
+    if (injective && e[1] != kNoError)
+      fail_moe_inverse_repeat(e[1], k, inv.reshape({-1})[e[1]].item<int64_t>());
   });
 }
 
@@ -525,7 +449,7 @@ at::Tensor moe_combine_cuda(const at::Tensor& y, const at::Tensor& weights,
   check_cuda(y, "expert_out");
   const c10::cuda::CUDAGuard guard(y.device());
   check_combine_args(y, weights, inverse, false, "moe_combine");
-  const at::ScalarType S = compute_dtype(y);
+  const at::ScalarType S = moe_compute_dtype(y);
   const at::Tensor yc = y.contiguous();
   const at::Tensor wc = weights.to(S).contiguous();
   const at::Tensor inv = inverse.contiguous();
@@ -565,9 +489,8 @@ std::tuple<at::Tensor, at::Tensor> moe_combine_backward_cuda(const at::Tensor& g
   check_same_cuda_device(y, "expert_out", {{&grad_out, "grad_out"}});
   check_combine_args(y, weights, inverse, true, "moe_combine_backward");
   const int64_t T = weights.size(0), k = weights.size(1), H = y.size(1), rows = y.size(0);
-  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == T && grad_out.size(1) == H,
-              "grad_out must have shape [", T, ", ", H, "], got ", grad_out.sizes());
-  const at::ScalarType S = compute_dtype(y);
+  check_moe_combine_grad_out(grad_out, T, H, &check_cuda);
+  const at::ScalarType S = moe_compute_dtype(y);
   const at::Tensor yc = y.contiguous();
   const at::Tensor wc = weights.to(S).contiguous();
   const at::Tensor gc = grad_out.to(S).contiguous();
