@@ -220,23 +220,16 @@ bool gemm_backward(int64_t tokens) {
   return tokens >= kGemmBackwardMinTokens && path_mode() != PathMode::kCores;
 }
 
-// Tokens from which, in auto mode, a 16-bit forward that the 2:4 path cannot take (3:4, 3:8,
-// 4:16, ..., unaligned shapes, or no cuSPARSELt) expands W to dense on device (per call: no dense
-// copy is kept, the weight-memory saving stays) and runs cuBLAS on dense tensor cores: at prefill
-// sizes that is far faster than any CUDA-core kernel, and the expansion (one write of the dense
-// weight) is small next to the GEMM. A guess, to be tuned on a GPU.
-constexpr int64_t kDenseMinTokens = 256;
-
-// y [T, rows] in x's dtype through expand + at::linear, or undefined when the path does not apply.
+// The dense forward (W expanded on device per call, then cuBLAS) runs only when forced with
+// SPARSE_EXT_NM_CUDA_PATH=dense: it is the benchmark's yardstick for the sparse paths, never
+// chosen by auto mode, so an N:M layer never silently computes densely. Patterns the 2:4 path
+// cannot take (3:4, 3:8, 4:16, unaligned shapes) use the own tensor-core kernel instead.
+// y [T, rows] in x's dtype through expand + at::linear, or undefined when not forced.
 at::Tensor try_dense(const at::Tensor& rows, const at::Tensor& values, const at::Tensor& metadata,
                      const at::Tensor& bias, const NmCudaShape& s) {
-  const PathMode mode = path_mode();
+  if (path_mode() != PathMode::kDense || rows.scalar_type() != values.scalar_type())
+    return at::Tensor();
   const at::ScalarType dt = values.scalar_type();
-  if (rows.scalar_type() != dt || mode == PathMode::kCores || mode == PathMode::kCusparselt)
-    return at::Tensor();
-  if (mode == PathMode::kAuto &&
-      (!(dt == at::kHalf || dt == at::kBFloat16) || rows.size(0) < kDenseMinTokens))
-    return at::Tensor();
   const at::Tensor dense = expand_dense(s, values, metadata, "nm_linear");
   return bias.defined() ? at::linear(rows, dense, bias.to(dt)) : at::linear(rows, dense);
 }
