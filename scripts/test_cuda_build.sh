@@ -19,15 +19,21 @@ OUT=build/cuda-check
 mkdir -p "$OUT/standalone"
 ARCHS=(-gencode arch=compute_80,code=sm_80 -gencode arch=compute_90a,code=sm_90a)
 echo "test_cuda_build: nvcc $("$NVCC" --version | tail -1)"
-mapfile -t CU_FILES < <(find csrc/cuda -name '*.cu' | sort)
-for f in "${CU_FILES[@]}"; do
-  obj="$OUT/standalone/$(echo "$f" | tr '/' '_').o"
-  if [ ! -f "$obj" ] || [ "$f" -nt "$obj" ] || [ -n "$(find csrc/cuda -name '*.cuh' -newer "$obj" -o -name '*.h' -newer "$obj")" ]; then
+# One nvcc per file, $(nproc) at a time; a file is recompiled when it or any CUDA header changed.
+compile_standalone() {
+  local f=$1 obj="$OUT/standalone/$(echo "$1" | tr '/' '_').o"
+  if [ ! -f "$obj" ] || [ "$f" -nt "$obj" ] || \
+     [ -n "$(find csrc/cuda \( -name '*.cuh' -o -name '*.h' \) -newer "$obj")" ]; then
     "$NVCC" -std=c++17 -O3 --expt-relaxed-constexpr -Werror all-warnings -I csrc "${ARCHS[@]}" \
-      -c "$f" -o "$obj"
+      -c "$f" -o "$obj" || { echo "FAILED standalone: $f"; return 1; }
   fi
   echo "  compiled standalone: $f"
-done
+}
+export -f compile_standalone
+export NVCC OUT
+export ARCHS_STR="${ARCHS[*]}"
+find csrc/cuda -name '*.cu' | sort | xargs -P "$(nproc)" -I{} bash -c \
+  'ARCHS=($ARCHS_STR); compile_standalone "$@"' _ {}
 
 VENV=${SPARSE_EXT_CUDA_VENV:-$HOME/.cache/sparse_ext/venv-cuda}
 TORCH_CUDA_PIN=${SPARSE_EXT_CUDA_TORCH:-torch==2.14.1}
