@@ -8,6 +8,7 @@
 
 #include <functional>
 #include <initializer_list>
+#include <string>
 
 namespace sparse_ext {
 
@@ -39,6 +40,13 @@ inline void check_launch(cudaError_t status, const char* op) {
 // in-place edit of the structure (which bumps the version) is still caught.
 void validate_structure_once(const char* op, std::initializer_list<at::Tensor> structure,
                              const std::function<void()>& validate);
+
+// Records tensors that are well-formed by construction (an op's own output) as validated under
+// the key their consumer looks up, so the consumer skips the device check and its sync.
+inline void mark_structure_valid(const std::string& op,
+                                 std::initializer_list<at::Tensor> structure) {
+  validate_structure_once(op.c_str(), structure, [] {});
+}
 
 // Reads back a device int32 error code written by a validation kernel (0 = well-formed).
 int32_t read_error_code(const at::Tensor& code);

@@ -67,9 +67,6 @@ std::string expert_key(int64_t T) { return "moe_expert_mlp/T=" + std::to_string(
 std::string combine_key(const char* op, int64_t rows) {
   return std::string(op) + "/rows=" + std::to_string(rows);
 }
-void mark_valid(const std::string& key, std::initializer_list<at::Tensor> tensors) {
-  validate_structure_once(key.c_str(), tensors, [] {});
-}
 
 // ---- Routing -----------------------------------------------------------------------------------
 std::tuple<at::Tensor, at::Tensor> moe_route_cuda(const at::Tensor& logits, int64_t top_k,
@@ -116,7 +113,7 @@ std::tuple<at::Tensor, at::Tensor> moe_route_cuda(const at::Tensor& logits, int6
   const at::Tensor indices_out = indices.reshape(out_shape);
   // The indices are in [0, E) by construction: moe_permute with this E may skip its validation
   // (and its synchronization) for this exact tensor, until it is modified.
-  if (indices_out.dim() == 2) mark_valid(permute_key(p.experts), {indices_out});
+  if (indices_out.dim() == 2) mark_structure_valid(permute_key(p.experts), {indices_out});
   return {weights.reshape(out_shape), indices_out};
 }
 
@@ -159,9 +156,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_permute_cuda(const at::Tensor
                                offsets.data_ptr<int64_t>(), inverse.data_ptr<int64_t>(), stream),
                "moe_permute");
   // Well-formed by construction (the indices were validated): register them for the consumers.
-  mark_valid(expert_key(T), {row_token, offsets});
-  mark_valid(combine_key("moe_combine", P), {inverse});
-  mark_valid(combine_key("moe_combine_backward", P), {inverse});
+  mark_structure_valid(expert_key(T), {row_token, offsets});
+  mark_structure_valid(combine_key("moe_combine", P), {inverse});
+  mark_structure_valid(combine_key("moe_combine_backward", P), {inverse});
   return {row_token, offsets, inverse};
 }
 

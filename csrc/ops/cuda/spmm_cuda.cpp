@@ -254,8 +254,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spmm_transpose_structure_cuda(
   // validate it again (a host synchronization per step, which also breaks graph capture).
   const at::Tensor& indices_t = std::get<1>(result);
   if (indices_t.size(0) <= std::numeric_limits<int32_t>::max())
-    validate_structure_once(structure_key(in_features, out_features, 1).c_str(),
-                            {std::get<0>(result), indices_t}, [] {});
+    mark_structure_valid(structure_key(in_features, out_features, 1),
+                         {std::get<0>(result), indices_t});
   return result;
 }
 
