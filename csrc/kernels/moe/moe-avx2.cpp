@@ -108,12 +108,12 @@ inline void tile_1tok(const void* w, int64_t K, int64_t r, const float* x, float
   for (int m = 0; m < MR; ++m) y[m] = hsum(_mm256_add_ps(acc0[m], acc1[m])) + tail[m];
 }
 
-// Rows [r, r + MR) against all tokens. `pf` points at the next row block (prefetched while the
-// first token group streams this one) or is null at the end of the range.
 // One token, bf16 weights: a 256-bit load of 16 bf16 values widens to fp32 with two unpacks
 // against zero (no cross-lane shuffles); the unpacks leave the values in the order
 // [0..3, 8..11] and [4..7, 12..15], so x comes pre-permuted the same way (xp, see gemv_4x3).
-template <int MR>
+// kSplit: two accumulator sets per row (low and high halves) so short row blocks still have
+// 2*MR independent FMA chains; taller blocks (MR = 8) use one set.
+template <int MR, bool kSplit>
 inline void tile_1tok_bf16_unpack(const uint16_t* w, int64_t K, int64_t r, const float* xp,
                                   const float* x, float* y, const char* pf) {
   __m256 acc0[MR], acc1[MR];
@@ -128,40 +128,19 @@ inline void tile_1tok_bf16_unpack(const uint16_t* w, int64_t K, int64_t r, const
       const __m256i v =
           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (r + m) * K + c));
       acc0[m] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v)), x0, acc0[m]);
-      acc1[m] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, v)), x1, acc1[m]);
+      __m256& hi = kSplit ? acc1[m] : acc0[m];
+      hi = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, v)), x1, hi);
     }
   }
   float tail[MR] = {};
   for (int64_t c = K16; c < K; ++c)
     for (int m = 0; m < MR; ++m) tail[m] += bf16_to_float(w[(r + m) * K + c]) * x[c];
-  for (int m = 0; m < MR; ++m) y[m] = hsum(_mm256_add_ps(acc0[m], acc1[m])) + tail[m];
+  for (int m = 0; m < MR; ++m)
+    y[m] = hsum(kSplit ? _mm256_add_ps(acc0[m], acc1[m]) : acc0[m]) + tail[m];
 }
 
-// Same with one accumulator per row, for taller row blocks (MR = 8: 8 independent chains).
-template <int MR>
-inline void tile_1tok_bf16_unpack1(const uint16_t* w, int64_t K, int64_t r, const float* xp,
-                                   const float* x, float* y, const char* pf) {
-  __m256 acc[MR];
-  for (int m = 0; m < MR; ++m) acc[m] = _mm256_setzero_ps();
-  const __m256i zero = _mm256_setzero_si256();
-  const int64_t K16 = K / 16 * 16;
-  for (int64_t c = 0; c < K16; c += 16) {
-    const __m256 x0 = _mm256_loadu_ps(xp + c), x1 = _mm256_loadu_ps(xp + c + 8);
-    if (pf != nullptr && (c & 16) == 0)
-      for (int m = 0; m < MR; ++m) _mm_prefetch(pf + (m * K + c) * 2, _MM_HINT_T0);
-    for (int m = 0; m < MR; ++m) {
-      const __m256i v =
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (r + m) * K + c));
-      acc[m] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v)), x0, acc[m]);
-      acc[m] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, v)), x1, acc[m]);
-    }
-  }
-  float tail[MR] = {};
-  for (int64_t c = K16; c < K; ++c)
-    for (int m = 0; m < MR; ++m) tail[m] += bf16_to_float(w[(r + m) * K + c]) * x[c];
-  for (int m = 0; m < MR; ++m) y[m] = hsum(acc[m]) + tail[m];
-}
-
+// Rows [r, r + MR) against all tokens. `pf` points at the next row block (prefetched while the
+// first token group streams this one) or is null at the end of the range.
 template <MoeWeightType WT, int MR>
 inline void rows_all_tokens(const void* w, int64_t K, int64_t r, const float* x, int64_t ldx,
                             int64_t tokens, float* y, int64_t ldy, const char* pf) {
@@ -209,13 +188,14 @@ void gemv_4x3(const void* w, int64_t K, int64_t r0, int64_t r1, const float* x, 
       const uint16_t* wb = static_cast<const uint16_t*>(w);
       for (; r + 8 <= r1; r += 8) {
         const char* pf = r + 16 <= r1 ? base + (r + 8) * K * 2 : nullptr;
-        tile_1tok_bf16_unpack1<8>(wb, K, r, xp.data(), x, y + (r - r0), pf);
+        tile_1tok_bf16_unpack<8, false>(wb, K, r, xp.data(), x, y + (r - r0), pf);
       }
       for (; r + 4 <= r1; r += 4) {
         const char* pf = r + 8 <= r1 ? base + (r + 4) * K * 2 : nullptr;
-        tile_1tok_bf16_unpack<4>(wb, K, r, xp.data(), x, y + (r - r0), pf);
+        tile_1tok_bf16_unpack<4, true>(wb, K, r, xp.data(), x, y + (r - r0), pf);
       }
-      for (; r < r1; ++r) tile_1tok_bf16_unpack<1>(wb, K, r, xp.data(), x, y + (r - r0), nullptr);
+      for (; r < r1; ++r)
+        tile_1tok_bf16_unpack<1, true>(wb, K, r, xp.data(), x, y + (r - r0), nullptr);
       return;
     }
   }
