@@ -35,8 +35,8 @@ int64_t small_rows() {
   return value;
 }
 
-constexpr int64_t kTileF = 32;  // gate (and up) rows per phase-1 item
-constexpr int64_t kTileH = 32;  // down-projection rows per phase-2 item
+constexpr int64_t kTileF = 48;  // gate (and up) rows per phase-1 item (a multiple of the 3-row tile)
+constexpr int64_t kTileH = 48;  // down-projection rows per phase-2 item
 
 // ---- Routing -----------------------------------------------------------------------------------
 std::tuple<at::Tensor, at::Tensor> moe_route_cpu(const at::Tensor& logits, int64_t top_k,
