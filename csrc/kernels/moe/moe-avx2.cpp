@@ -89,7 +89,9 @@ inline void tile(const void* w, int64_t K, int64_t r, const float* x, int64_t ld
 }
 
 // One token (decode): two accumulator sets per row (K unrolled by 16) so 2*MR independent FMA
-// chains hide the FMA latency while the weight rows stream.
+// chains hide the FMA latency while the weight rows stream. The next row block (pf) is prefetched
+// into L2: measured 1.1x (fp32) and 1.2x (bf16) more bandwidth than the hardware prefetchers or
+// prefetches into L1 reach alone.
 template <MoeWeightType WT, int MR>
 inline void tile_1tok(const void* w, int64_t K, int64_t r, const float* x, float* y,
                       const char* pf) {
@@ -99,7 +101,7 @@ inline void tile_1tok(const void* w, int64_t K, int64_t r, const float* x, float
   for (; c + 16 <= K; c += 16) {
     const __m256 x0 = _mm256_loadu_ps(x + c), x1 = _mm256_loadu_ps(x + c + 8);
     if (pf != nullptr && (WT == MoeWeightType::kF32 || (c & 16) == 0))
-      for (int m = 0; m < MR; ++m) _mm_prefetch(pf + ((m * K + c) * kWBytes<WT>), _MM_HINT_T0);
+      for (int m = 0; m < MR; ++m) _mm_prefetch(pf + ((m * K + c) * kWBytes<WT>), _MM_HINT_T1);
     for (int m = 0; m < MR; ++m) {
       acc0[m] = _mm256_fmadd_ps(load8_weight<WT>(w, (r + m) * K + c), x0, acc0[m]);
       acc1[m] = _mm256_fmadd_ps(load8_weight<WT>(w, (r + m) * K + c + 8), x1, acc1[m]);
@@ -131,7 +133,7 @@ inline void tile_1tok_bf16_unpack(const uint16_t* w, int64_t K, int64_t r, const
   for (int64_t c = 0; c < K16; c += 16) {
     const __m256 x0 = _mm256_loadu_ps(xp + c), x1 = _mm256_loadu_ps(xp + c + 8);
     if (pf != nullptr && (c & 16) == 0)
-      for (int m = 0; m < MR; ++m) _mm_prefetch(pf + (m * K + c) * 2, _MM_HINT_T0);
+      for (int m = 0; m < MR; ++m) _mm_prefetch(pf + (m * K + c) * 2, _MM_HINT_T1);
     for (int m = 0; m < MR; ++m) {
       const __m256i v =
           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (r + m) * K + c));
@@ -202,10 +204,7 @@ void gemv_3x4(const void* w, int64_t K, int64_t r0, int64_t r1, const float* x, 
   }
   if (tokens == 1) {
     for (; r + 4 <= r1; r += 4) {
-      // bf16 prefetches the next row block in software; a single fp32 token streams as fast on
-      // the hardware prefetchers alone.
-      const bool prefetch = WT == MoeWeightType::kBF16 && r + 8 <= r1;
-      const char* pf = prefetch ? base + (r + 4) * K * kWBytes<WT> : nullptr;
+      const char* pf = r + 8 <= r1 ? base + (r + 4) * K * kWBytes<WT> : nullptr;
       tile_1tok<WT, 4>(w, K, r, x, y + (r - r0), pf);
     }
     for (; r < r1; ++r) tile_1tok<WT, 1>(w, K, r, x, y + (r - r0), nullptr);
