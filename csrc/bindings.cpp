@@ -55,14 +55,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     }
     return rows;
   });
-  // ---- MoE: the expert ukernel registry (isa, weight dtype, gemv name, silu name) ----
+  // ---- MoE: the expert ukernel registry (isa, weight dtype, gemv, silu and gemm names) ----
   m.def("moe_registry", [] {
-    std::vector<std::tuple<std::string, std::string, std::string, std::string>> rows;
+    std::vector<std::tuple<std::string, std::string, std::string, std::string, std::string>> rows;
     for (int i = 0; i < sparse_ext::moe_registry_size(); ++i) {
       const auto& e = sparse_ext::moe_registry_entry(i);
       rows.emplace_back(sparse_ext::isa_name(e.isa),
                         e.weight_type == sparse_ext::MoeWeightType::kF32 ? "float32" : "bfloat16",
-                        e.kernels->gemv_name, e.kernels->silu_name);
+                        e.kernels->gemv_name, e.kernels->silu_name, e.kernels->gemm_name);
     }
     return rows;
   });

@@ -2,11 +2,11 @@
 // CUDA glue), staging, thread split and kernel calls.
 // Schemas: csrc/registration.cpp (MoE block). Kernels: csrc/kernels/moe/moe.h.
 //
-// Expert MLP strategy: segments of at most small_rows() tokens (decode and small prefill) run the
-// GEMV ukernels,
-// parallel over (expert, output tile) items so every touched expert's weights stream once at
-// memory bandwidth; larger segments (prefill) run at::mm (MKL) per expert on rows gathered
-// straight into the segment buffer, with the activation fused between the two products.
+// Expert MLP strategy (fp32 compute): every touched expert runs in one parallel region of
+// (expert, output tile) items, the gated activation fused after each gate/up tile. Segments of
+// at most gemv_rows() tokens (decode, small prefill) run the GEMV ukernels, so every touched
+// expert's weights stream once at memory bandwidth; longer segments run the packed-panel GEMM
+// ukernel. fp64 runs at::mm per expert.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -23,20 +23,24 @@
 namespace sparse_ext {
 namespace {
 
-// Segments with at most this many rows use the GEMV ukernels; SPARSE_EXT_MOE_SMALL_ROWS overrides.
-// Measured (H 1024, F 2816, one core, CPU time): the 4x3 ukernels beat MKL per-expert GEMMs by
-// 1.3x at 64 rows and 1.2x at 128-142 rows, tie at ~256 and lose at ~512 rows.
-int64_t small_rows() {
+// Segments with at most this many rows use the GEMV ukernels, longer ones the GEMM ukernel;
+// SPARSE_EXT_MOE_GEMV_ROWS overrides. Measured (AVX2, H 1024, F 2816, one core, weights in cache):
+// the 3x4 GEMV tiles run at ~88 GFLOP/s from 16 tokens on, the 6x16 GEMM at 78 (16 tokens), 103
+// (64) and 113 (512); the GEMM also packs each weight row block once per call.
+int64_t gemv_rows() {
   static const int64_t value = [] {
-    const char* env = std::getenv("SPARSE_EXT_MOE_SMALL_ROWS");
-    const int64_t v = env != nullptr ? std::atoll(env) : int64_t{160};
-    return std::min<int64_t>(std::max<int64_t>(v, 0), 4096);
+    const char* env = std::getenv("SPARSE_EXT_MOE_GEMV_ROWS");
+    const int64_t v = env != nullptr ? std::atoll(env) : int64_t{32};
+    return std::max<int64_t>(v, 0);
   }();
   return value;
 }
 
-constexpr int64_t kTileF = 48;  // gate (and up) rows per phase-1 item (a multiple of the 3-row tile)
+// Output rows per item: a multiple of the GEMV's 3-row tile and the GEMM's 16-row panel.
+constexpr int64_t kTileF = 48;  // gate (and up) rows per phase-1 item
 constexpr int64_t kTileH = 48;  // down-projection rows per phase-2 item
+// Tokens per ukernel call: bounds the per-thread gate/up buffers (kChunk x kTileF floats each).
+constexpr int64_t kChunk = 256;
 
 // ---- Routing -----------------------------------------------------------------------------------
 std::tuple<at::Tensor, at::Tensor> moe_route_cpu(const at::Tensor& logits, int64_t top_k,
@@ -176,27 +180,22 @@ at::Tensor moe_expert_mlp_cpu(const at::Tensor& x, const at::Tensor& row_token_i
   const int64_t* o = offsets.data_ptr<int64_t>();
   const at::Tensor xs = gather_rows(xc, row_token, a.kept);  // expert-major segment buffer
 
-  const bool use_ukernels = S == at::kFloat;
-  const int64_t small = use_ukernels ? small_rows() : 0;
-  std::vector<int64_t> small_experts;
-  for (int64_t e = 0; e < a.E; ++e) {
-    const int64_t n = o[e + 1] - o[e];
-    if (n == 0) continue;
-    if (n <= small) {
-      small_experts.push_back(e);
-      continue;
+  std::vector<int64_t> touched;
+  for (int64_t e = 0; e < a.E; ++e)
+    if (o[e + 1] > o[e]) touched.push_back(e);
+  if (S != at::kFloat) {
+    // fp64: BLAS per expert on the gathered segment (the ukernels compute in fp32).
+    for (int64_t e : touched) {
+      const int64_t n = o[e + 1] - o[e];
+      const at::Tensor seg = xs.narrow(0, o[e], n);
+      const at::Tensor act_in = at::mm(seg, w1[e].to(S).t());
+      const at::Tensor h = aten_activation(a.act, a.gated, act_in, a.F);
+      at::Tensor out = y.narrow(0, o[e], n);
+      at::mm_out(out, h, w2[e].to(S).t());
     }
-    // Prefill: dense GEMMs at BLAS efficiency on the gathered segment.
-    const at::Tensor seg = xs.narrow(0, o[e], n);
-    const at::Tensor W1 = w1[e].to(S), W2 = w2[e].to(S);
-    const at::Tensor act_in = at::mm(seg, W1.t());
-    const at::Tensor h = aten_activation(a.act, a.gated, act_in, a.F);
-    at::Tensor out = y.narrow(0, o[e], n);
-    at::mm_out(out, h, W2.t());
+    return y;
   }
-  if (small_experts.empty()) return y;
 
-  // Decode: GEMV ukernels over (expert, tile) items.
   const MoeWeightType wt1 = w1.scalar_type() == at::kBFloat16 ? MoeWeightType::kBF16
                                                               : MoeWeightType::kF32;
   const MoeWeightType wt2 = w2.scalar_type() == at::kBFloat16 ? MoeWeightType::kBF16
@@ -205,6 +204,9 @@ at::Tensor moe_expert_mlp_cpu(const at::Tensor& x, const at::Tensor& row_token_i
   if (k1 == nullptr) k1 = moe_ukernels(Isa::kScalar, wt1);
   const MoeUkernels* k2 = moe_ukernels(active_isa(), wt2);
   if (k2 == nullptr) k2 = moe_ukernels(Isa::kScalar, wt2);
+  const int64_t long_rows = gemv_rows();
+  // The ukernel for a segment of n rows: GEMV for decode-size segments, GEMM beyond.
+  auto pick = [long_rows](const MoeUkernels* k, int64_t n) { return n <= long_rows ? k->gemv : k->gemm; };
   const int64_t H = a.H, F = a.F, F1 = a.F1;
   const char* w1p = static_cast<const char*>(w1.data_ptr());
   const char* w2p = static_cast<const char*>(w2.data_ptr());
@@ -214,6 +216,9 @@ at::Tensor moe_expert_mlp_cpu(const at::Tensor& x, const at::Tensor& row_token_i
   float* yp = y.data_ptr<float>();
   at::Tensor hbuf = at::empty({a.kept, F}, xs.options());
   float* hp = hbuf.data_ptr<float>();
+  int64_t max_rows = 0;
+  for (int64_t e : touched) max_rows = std::max(max_rows, o[e + 1] - o[e]);
+  const int64_t chunk = std::min(max_rows, kChunk);
 
   // One parallel region; threads take items from a shared counter (robust to a descheduled or
   // slower thread). Items [0, items1): phase 1, h[rows of e, f0:f1] = act(x Wg[f0:f1]^T) *
@@ -221,40 +226,48 @@ at::Tensor moe_expert_mlp_cpu(const at::Tensor& x, const at::Tensor& row_token_i
   // h W_down[h0:h1]^T, which starts once every phase-1 tile of expert e is done.
   const int64_t tiles_f = (F + kTileF - 1) / kTileF;
   const int64_t tiles_h = (H + kTileH - 1) / kTileH;
-  const int64_t num_small = static_cast<int64_t>(small_experts.size());
-  const int64_t items1 = num_small * tiles_f, items2 = num_small * tiles_h;
+  const int64_t num_touched = static_cast<int64_t>(touched.size());
+  const int64_t items1 = num_touched * tiles_f, items2 = num_touched * tiles_h;
   std::atomic<int64_t> next{0};
-  std::vector<std::atomic<int64_t>> done1(static_cast<size_t>(num_small));
+  std::vector<std::atomic<int64_t>> done1(static_cast<size_t>(num_touched));
   for (auto& d : done1) d.store(0);
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), items1 + items2);
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    std::vector<float> g(static_cast<size_t>(small * kTileF)), u(g.size());
+    std::vector<float> g(static_cast<size_t>(chunk * kTileF)), u(g.size());
     for (;;) {
       const int64_t item = next.fetch_add(1);
       if (item >= items1 + items2) break;
       if (item < items1) {
-        const int64_t s = item / tiles_f, e = small_experts[s];
+        const int64_t s = item / tiles_f, e = touched[s];
         const int64_t f0 = (item % tiles_f) * kTileF, f1 = std::min(F, f0 + kTileF);
         const int64_t n = o[e + 1] - o[e], tf = f1 - f0;
+        const MoeGemvUkernel mm = pick(k1, n);
         const void* we = w1p + e * w1_expert_bytes;
-        const float* xe = xsp + o[e] * H;
-        k1->gemv(we, H, f0, f1, xe, H, n, g.data(), tf);
-        if (a.gated) k1->gemv(we, H, F + f0, F + f1, xe, H, n, u.data(), tf);
-        for (int64_t r = 0; r < n; ++r) {
-          const float* gr = g.data() + r * tf;
-          const float* ur = a.gated ? u.data() + r * tf : nullptr;
-          float* hr = hp + (o[e] + r) * F + f0;
-          if (a.act == MoeActivation::kSilu) k1->silu(gr, ur, tf, hr);
-          else moe_activate<float>(a.act, gr, ur, tf, hr);
+        for (int64_t r0 = 0; r0 < n; r0 += kChunk) {
+          const int64_t nc = std::min(kChunk, n - r0);
+          const float* xe = xsp + (o[e] + r0) * H;
+          mm(we, H, f0, f1, xe, H, nc, g.data(), tf);
+          if (a.gated) mm(we, H, F + f0, F + f1, xe, H, nc, u.data(), tf);
+          for (int64_t r = 0; r < nc; ++r) {
+            const float* gr = g.data() + r * tf;
+            const float* ur = a.gated ? u.data() + r * tf : nullptr;
+            float* hr = hp + (o[e] + r0 + r) * F + f0;
+            if (a.act == MoeActivation::kSilu) k1->silu(gr, ur, tf, hr);
+            else moe_activate<float>(a.act, gr, ur, tf, hr);
+          }
         }
         done1[s].fetch_add(1, std::memory_order_release);
       } else {
-        const int64_t i2 = item - items1, s = i2 / tiles_h, e = small_experts[s];
+        const int64_t i2 = item - items1, s = i2 / tiles_h, e = touched[s];
         while (done1[s].load(std::memory_order_acquire) < tiles_f) std::this_thread::yield();
         const int64_t h0 = (i2 % tiles_h) * kTileH, h1 = std::min(H, h0 + kTileH);
         const int64_t n = o[e + 1] - o[e];
-        k2->gemv(w2p + e * w2_expert_bytes, F, h0, h1, hp + o[e] * F, F, n, yp + o[e] * H + h0,
-                 H);
+        const MoeGemvUkernel mm = pick(k2, n);
+        for (int64_t r0 = 0; r0 < n; r0 += kChunk) {
+          const int64_t nc = std::min(kChunk, n - r0);
+          mm(w2p + e * w2_expert_bytes, F, h0, h1, hp + (o[e] + r0) * F, F, nc,
+             yp + (o[e] + r0) * H + h0, H);
+        }
       }
     }
   });

@@ -15,7 +15,11 @@ using sparse_ext_test::Rng;
 
 namespace {
 
-void check_gemv(const MoeRegistryEntry& e, int64_t rows, int64_t K, int64_t tokens, Rng& rng) {
+// Checks e.kernels->gemv, or ->gemm when `gemm` (same contract).
+void check_gemv(const MoeRegistryEntry& e, bool gemm, int64_t rows, int64_t K, int64_t tokens,
+                Rng& rng) {
+  const MoeGemvUkernel kernel = gemm ? e.kernels->gemm : e.kernels->gemv;
+  const char* name = gemm ? e.kernels->gemm_name : e.kernels->gemv_name;
   std::vector<float> wf(static_cast<size_t>(rows * K));
   std::vector<uint16_t> wb(wf.size());
   for (size_t i = 0; i < wf.size(); ++i) {
@@ -37,15 +41,15 @@ void check_gemv(const MoeRegistryEntry& e, int64_t rows, int64_t K, int64_t toke
   std::vector<float> y(ref.size(), -7.f);
   // Two row ranges, as two work items would run them.
   const int64_t mid = rows / 2;
-  e.kernels->gemv(w, K, 0, mid, x.data(), ldx, tokens, y.data(), ldy);
-  e.kernels->gemv(w, K, mid, rows, x.data(), ldx, tokens, y.data() + mid, ldy);
+  kernel(w, K, 0, mid, x.data(), ldx, tokens, y.data(), ldy);
+  kernel(w, K, mid, rows, x.data(), ldx, tokens, y.data() + mid, ldy);
   double err = 0;
   for (int64_t n = 0; n < tokens; ++n)
     for (int64_t r = 0; r < rows; ++r)
       err = std::max(err, std::fabs(static_cast<double>(y[n * ldy + r]) - ref[n * ldy + r]) /
                               (1.0 + std::fabs(ref[n * ldy + r])));
   SE_EXPECT(err < 1e-5 * std::sqrt(static_cast<double>(K) + 1), "%s rows=%ld K=%ld tokens=%ld: error %g",
-            e.kernels->gemv_name, (long)rows, (long)K, (long)tokens, err);
+            name, (long)rows, (long)K, (long)tokens, err);
 }
 
 void check_silu(const MoeRegistryEntry& e, Rng& rng) {
@@ -190,12 +194,18 @@ int main() {
     if (!isa_supported(e.isa)) continue;
     sparse_ext_test::note_covered(isa_name(e.isa), e.kernels->gemv_name);
     sparse_ext_test::note_covered(isa_name(e.isa), e.kernels->silu_name);
+    sparse_ext_test::note_covered(isa_name(e.isa), e.kernels->gemm_name);
     const int64_t shapes[][3] = {{1, 1, 1},  {7, 33, 1},  {8, 64, 2},  {9, 100, 3},
                                  {13, 17, 5}, {32, 256, 8}, {5, 1024, 7}, {6, 40, 0},
                                  {40, 48, 1}, {37, 1040, 1}, {64, 20, 1}, {33, 64, 4},
                                  {50, 96, 6}, {49, 200, 11}, {48, 72, 12}, {10, 40, 9},
                                  {29, 136, 16}, {2, 24, 13}};
-    for (const auto& s : shapes) check_gemv(e, s[0], s[1], s[2], rng);
+    for (const auto& s : shapes)
+      for (bool gemm : {false, true}) check_gemv(e, gemm, s[0], s[1], s[2], rng);
+    // Long segments, panel remainders (rows % 16) and token-tile remainders (tokens % 6).
+    const int64_t long_shapes[][3] = {{48, 1024, 64}, {40, 100, 131}, {17, 33, 50}, {96, 9, 37}};
+    for (const auto& s : long_shapes)
+      for (bool gemm : {false, true}) check_gemv(e, gemm, s[0], s[1], s[2], rng);
     check_silu(e, rng);
   }
   check_route(rng);

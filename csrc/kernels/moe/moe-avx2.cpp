@@ -257,10 +257,14 @@ void swiglu_avx2(const float* g, const float* u, int64_t n, float* h) {
 
 const MoeUkernels kF32 = {"se_f32_moe_gemv_ukernel_3x4__avx2_fma",
                           gemv_3x4<MoeWeightType::kF32>, 3, 4,
-                          "se_f32_moe_swiglu_ukernel__avx2_fma", swiglu_avx2};
+                          "se_f32_moe_swiglu_ukernel__avx2_fma", swiglu_avx2,
+                          "se_f32_moe_gemm_ukernel_6x16__avx2_fma",
+                          moe_gemm_f32_6x16_avx2};
 const MoeUkernels kBF16 = {"se_bf16_moe_gemv_ukernel_3x4__avx2_fma",
                            gemv_3x4<MoeWeightType::kBF16>, 3, 4,
-                           "se_f32_moe_swiglu_ukernel__avx2_fma", swiglu_avx2};
+                           "se_f32_moe_swiglu_ukernel__avx2_fma", swiglu_avx2,
+                           "se_bf16_moe_gemm_ukernel_6x16__avx2_fma",
+                           moe_gemm_bf16_6x16_avx2};
 
 }  // namespace
 

@@ -125,12 +125,21 @@ struct MoeUkernels {
   int64_t nr;  // tokens per register tile
   const char* silu_name;  // se_f32_moe_swiglu_ukernel__<isa>
   MoeSiluUkernel silu;
+  // Same contract as gemv, for long segments (prefill): packs W's rows into panels once per call
+  // and runs a broadcast register tile. se_<dtype>_moe_gemm_ukernel_<tokens>x<rows>__<isa>.
+  const char* gemm_name;
+  MoeGemvUkernel gemm;
 };
 
 // The ukernels for an ISA and weight type, or nullptr when the ISA is not compiled in.
 const MoeUkernels* moe_ukernels(Isa isa, MoeWeightType wt);
 const MoeUkernels* moe_ukernels_scalar(MoeWeightType wt);
 const MoeUkernels* moe_ukernels_avx2(MoeWeightType wt);
+// The AVX2 GEMM entries (moe-gemm-avx2.cpp, x86-64 builds only), MoeGemvUkernel contract.
+void moe_gemm_f32_6x16_avx2(const void* w, int64_t K, int64_t r0, int64_t r1, const float* x,
+                            int64_t ldx, int64_t tokens, float* y, int64_t ldy);
+void moe_gemm_bf16_6x16_avx2(const void* w, int64_t K, int64_t r0, int64_t r1, const float* x,
+                             int64_t ldx, int64_t tokens, float* y, int64_t ldy);
 
 struct MoeRegistryEntry {
   Isa isa;
