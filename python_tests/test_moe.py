@@ -159,11 +159,11 @@ def test_permute_matches_stable_sort(device, T, E, k, capacity, index_dtype):
 
 
 # ---- expert MLP + combine ----------------------------------------------------------------------
-# Segments above 160 rows (skew to one expert with T=200) take the at::mm path, the rest the
-# GEMV ukernels; both appear in one call.
+# Segments above 48 rows (skewed to one expert) take the GEMM ukernel, the rest the GEMV ukernels;
+# both appear in one call. T=300 skewed: a 300-row segment runs as two token chunks (256 + 44).
 @pytest.mark.parametrize("T,E,k,skew", [(1, 8, 2, None), (5, 8, 2, None), (40, 6, 2, None),
                                         (70, 4, 2, 0), (200, 5, 2, 3), (3, 16, 2, None),
-                                        (20, 3, 3, None)])
+                                        (20, 3, 3, None), (300, 4, 2, 1)])
 @pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_experts_and_combine_vs_reference(device, isa, T, E, k, skew, wdtype):
     _cuda_only_isa(device, isa)
