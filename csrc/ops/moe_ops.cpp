@@ -206,7 +206,9 @@ at::Tensor moe_expert_mlp_cpu(const at::Tensor& x, const at::Tensor& row_token_i
   if (k2 == nullptr) k2 = moe_ukernels(Isa::kScalar, wt2);
   const int64_t long_rows = gemv_rows();
   // The ukernel for a segment of n rows: GEMV for decode-size segments, GEMM beyond.
-  auto pick = [long_rows](const MoeUkernels* k, int64_t n) { return n <= long_rows ? k->gemv : k->gemm; };
+  auto pick = [long_rows](const MoeUkernels* k, int64_t n) {
+    return n <= long_rows ? k->gemv : k->gemm;
+  };
   const int64_t H = a.H, F = a.F, F1 = a.F1;
   const char* w1p = static_cast<const char*>(w1.data_ptr());
   const char* w2p = static_cast<const char*>(w2.data_ptr());

@@ -4,11 +4,12 @@
 //   w  f32 | bf16 [rows, K]   x  float [tokens, ldx]   y  float [tokens, ldy]
 //
 // Why a second kernel: the GEMV tiles are dot products (one horizontal sum per row x token) that
-// re-read every token row for every 3-row block, which is right for a few tokens and loses to BLAS
-// past ~150. Here W's rows are packed 16 at a time into fp32 panels [K][16] (bf16 widened once,
-// while packing), and a 6-token x 16-row register tile broadcasts one x value per token and k
-// against two panel vectors: 12 FMAs per 2 loads + 6 broadcasts, no horizontal sums. A panel
-// (16 x K floats, 64 KB at K 1024) streams from L2, the 6 token rows (6 x K floats) stay in L1.
+// re-read every token row for every 3-row block, which is right for a few tokens and loses to this
+// kernel past ~48 (moe_ops.cpp, gemv_rows). Here W's rows are packed 16 at a time into fp32
+// panels [K][16] (bf16 widened once, while packing), and a 6-token x 16-row register tile
+// broadcasts one x value per token and k against two panel vectors: 12 FMAs per 2 loads + 6
+// broadcasts, no horizontal sums. A panel (16 x K floats, 64 KB at K 1024) streams from L2, the 6
+// token rows (6 x K floats) stay in L1.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -133,7 +134,8 @@ void gemm_6x16(const void* w, int64_t K, int64_t r0, int64_t r1, const float* x,
   if (r1 <= r0 || tokens <= 0) return;
   const int64_t rows = r1 - r0;
   const int64_t panels = (rows + kPanelRows - 1) / kPanelRows;
-  // Per-thread scratch, reused across calls: panels x [K][16] floats.
+  // Per-thread scratch, reused across calls and kept for the thread's lifetime: panels x [K][16]
+  // floats (540 KB for the glue's 48-row items at K 2816).
   thread_local std::vector<float> scratch;
   const size_t need = static_cast<size_t>(panels * K * kPanelRows);
   if (scratch.size() < need) scratch.resize(need);
