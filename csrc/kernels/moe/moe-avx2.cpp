@@ -149,24 +149,30 @@ inline void tile_1tok_bf16_unpack(const uint16_t* w, int64_t K, int64_t r, const
     y[m] = hsum(kSplit ? _mm256_add_ps(acc0[m], acc1[m]) : acc0[m]) + tail[m];
 }
 
-// Rows [r, r + MR) against tokens >= 2, in passes of up to kPassTokens tokens. `pf` points at the
-// next row block or is null at the end of the range; its rows are prefetched spread over the
-// passes (pass i takes rows m % passes == i) so memory keeps streaming while later passes compute
-// from L1.
+// Rows [r, r + MR) against tokens >= 2, in ceil(tokens / 4) passes of as equal a size as
+// possible (9 tokens: 3 + 3 + 3, not 4 + 4 + 1: a 1-token pass has only MR FMA chains and runs
+// latency-bound). `pf` points at the next row block or is null at the end of the range; its rows
+// are prefetched spread over the passes (pass i takes rows m % passes == i) so memory keeps
+// streaming while later passes compute from L1.
 constexpr int kPassTokens = 4;
 template <MoeWeightType WT, int MR>
 inline void rows_all_tokens(const void* w, int64_t K, int64_t r, const float* x, int64_t ldx,
                             int64_t tokens, float* y, int64_t ldy, const char* pf) {
-  const int passes = static_cast<int>((tokens + kPassTokens - 1) / kPassTokens);
+  const int64_t passes = (tokens + kPassTokens - 1) / kPassTokens;
+  const int64_t base = passes > 0 ? tokens / passes : 0, longer = tokens - base * passes;
   int64_t n = 0;
-  int pass = 0;
-  for (; n + kPassTokens <= tokens; n += kPassTokens, ++pass)
-    tile<WT, MR, kPassTokens>(w, K, r, x + n * ldx, ldx, y + n * ldy, ldy, pf, passes, pass);
-  switch (tokens - n) {
-    case 3: tile<WT, MR, 3>(w, K, r, x + n * ldx, ldx, y + n * ldy, ldy, pf, passes, pass); break;
-    case 2: tile<WT, MR, 2>(w, K, r, x + n * ldx, ldx, y + n * ldy, ldy, pf, passes, pass); break;
-    case 1: tile<WT, MR, 1>(w, K, r, x + n * ldx, ldx, y + n * ldy, ldy, pf, passes, pass); break;
-    default: break;
+  for (int64_t pass = 0; pass < passes; ++pass) {
+    const int64_t size = base + (pass < longer ? 1 : 0);
+    const float* xp = x + n * ldx;
+    float* yp = y + n * ldy;
+    const int mod = static_cast<int>(passes), rem = static_cast<int>(pass);
+    switch (size) {
+      case 4: tile<WT, MR, 4>(w, K, r, xp, ldx, yp, ldy, pf, mod, rem); break;
+      case 3: tile<WT, MR, 3>(w, K, r, xp, ldx, yp, ldy, pf, mod, rem); break;
+      case 2: tile<WT, MR, 2>(w, K, r, xp, ldx, yp, ldy, pf, mod, rem); break;
+      default: tile<WT, MR, 1>(w, K, r, xp, ldx, yp, ldy, pf, mod, rem); break;
+    }
+    n += size;
   }
 }
 
