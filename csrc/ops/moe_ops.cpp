@@ -6,7 +6,7 @@
 // (expert, output tile) items, the gated activation fused after each gate/up tile. Segments of
 // at most gemv_rows() tokens (decode, small prefill) run the GEMV ukernels, so every touched
 // expert's weights stream once at memory bandwidth; longer segments run the packed-panel GEMM
-// ukernel. fp64 runs at::mm per expert.
+// ukernel where the ISA has one (AVX2), else at::mm per expert. fp64 runs at::mm per expert.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -180,19 +180,19 @@ at::Tensor moe_expert_mlp_cpu(const at::Tensor& x, const at::Tensor& row_token_i
   const int64_t* o = offsets.data_ptr<int64_t>();
   const at::Tensor xs = gather_rows(xc, row_token, a.kept);  // expert-major segment buffer
 
-  std::vector<int64_t> touched;
-  for (int64_t e = 0; e < a.E; ++e)
-    if (o[e + 1] > o[e]) touched.push_back(e);
+  // BLAS per expert on the gathered segment: fp64 (the ukernels compute in fp32), and long
+  // segments where the ISA has no GEMM ukernel of its own (the scalar one is a reference loop).
+  auto blas_expert = [&](int64_t e) {
+    const int64_t n = o[e + 1] - o[e];
+    const at::Tensor seg = xs.narrow(0, o[e], n);
+    const at::Tensor act_in = at::mm(seg, w1[e].to(S).t());
+    const at::Tensor h = aten_activation(a.act, a.gated, act_in, a.F);
+    at::Tensor out = y.narrow(0, o[e], n);
+    at::mm_out(out, h, w2[e].to(S).t());
+  };
   if (S != at::kFloat) {
-    // fp64: BLAS per expert on the gathered segment (the ukernels compute in fp32).
-    for (int64_t e : touched) {
-      const int64_t n = o[e + 1] - o[e];
-      const at::Tensor seg = xs.narrow(0, o[e], n);
-      const at::Tensor act_in = at::mm(seg, w1[e].to(S).t());
-      const at::Tensor h = aten_activation(a.act, a.gated, act_in, a.F);
-      at::Tensor out = y.narrow(0, o[e], n);
-      at::mm_out(out, h, w2[e].to(S).t());
-    }
+    for (int64_t e = 0; e < a.E; ++e)
+      if (o[e + 1] > o[e]) blas_expert(e);
     return y;
   }
 
@@ -201,14 +201,23 @@ at::Tensor moe_expert_mlp_cpu(const at::Tensor& x, const at::Tensor& row_token_i
   const MoeWeightType wt2 = w2.scalar_type() == at::kBFloat16 ? MoeWeightType::kBF16
                                                               : MoeWeightType::kF32;
   const MoeUkernels* k1 = moe_ukernels(active_isa(), wt1);
-  if (k1 == nullptr) k1 = moe_ukernels(Isa::kScalar, wt1);
   const MoeUkernels* k2 = moe_ukernels(active_isa(), wt2);
+  const bool own_gemm = active_isa() != Isa::kScalar && k1 != nullptr && k2 != nullptr;
+  if (k1 == nullptr) k1 = moe_ukernels(Isa::kScalar, wt1);
   if (k2 == nullptr) k2 = moe_ukernels(Isa::kScalar, wt2);
   const int64_t long_rows = gemv_rows();
   // The ukernel for a segment of n rows: GEMV for decode-size segments, GEMM beyond.
   auto pick = [long_rows](const MoeUkernels* k, int64_t n) {
     return n <= long_rows ? k->gemv : k->gemm;
   };
+  std::vector<int64_t> touched;  // experts for the ukernels below
+  for (int64_t e = 0; e < a.E; ++e) {
+    const int64_t n = o[e + 1] - o[e];
+    if (n == 0) continue;
+    if (n > long_rows && !own_gemm) blas_expert(e);
+    else touched.push_back(e);
+  }
+  if (touched.empty()) return y;
   const int64_t H = a.H, F = a.F, F1 = a.F1;
   const char* w1p = static_cast<const char*>(w1.data_ptr());
   const char* w2p = static_cast<const char*>(w2.data_ptr());
@@ -218,9 +227,13 @@ at::Tensor moe_expert_mlp_cpu(const at::Tensor& x, const at::Tensor& row_token_i
   float* yp = y.data_ptr<float>();
   at::Tensor hbuf = at::empty({a.kept, F}, xs.options());
   float* hp = hbuf.data_ptr<float>();
-  int64_t max_rows = 0;
-  for (int64_t e : touched) max_rows = std::max(max_rows, o[e + 1] - o[e]);
-  const int64_t chunk = std::min(max_rows, kChunk);
+  // A segment runs in ceil(n / kChunk) equal token chunks (257 rows: 129 + 128, not 256 + 1).
+  auto chunk_rows = [](int64_t n) {
+    const int64_t chunks = (n + kChunk - 1) / kChunk;
+    return (n + chunks - 1) / chunks;
+  };
+  int64_t chunk = 0;
+  for (int64_t e : touched) chunk = std::max(chunk, chunk_rows(o[e + 1] - o[e]));
 
   // One parallel region; threads take items from a shared counter (robust to a descheduled or
   // slower thread). Items [0, items1): phase 1, h[rows of e, f0:f1] = act(x Wg[f0:f1]^T) *
@@ -245,8 +258,9 @@ at::Tensor moe_expert_mlp_cpu(const at::Tensor& x, const at::Tensor& row_token_i
         const int64_t n = o[e + 1] - o[e], tf = f1 - f0;
         const MoeGemvUkernel mm = pick(k1, n);
         const void* we = w1p + e * w1_expert_bytes;
-        for (int64_t r0 = 0; r0 < n; r0 += kChunk) {
-          const int64_t nc = std::min(kChunk, n - r0);
+        const int64_t step = chunk_rows(n);
+        for (int64_t r0 = 0; r0 < n; r0 += step) {
+          const int64_t nc = std::min(step, n - r0);
           const float* xe = xsp + (o[e] + r0) * H;
           mm(we, H, f0, f1, xe, H, nc, g.data(), tf);
           if (a.gated) mm(we, H, F + f0, F + f1, xe, H, nc, u.data(), tf);
@@ -265,8 +279,9 @@ at::Tensor moe_expert_mlp_cpu(const at::Tensor& x, const at::Tensor& row_token_i
         const int64_t h0 = (i2 % tiles_h) * kTileH, h1 = std::min(H, h0 + kTileH);
         const int64_t n = o[e + 1] - o[e];
         const MoeGemvUkernel mm = pick(k2, n);
-        for (int64_t r0 = 0; r0 < n; r0 += kChunk) {
-          const int64_t nc = std::min(kChunk, n - r0);
+        const int64_t step = chunk_rows(n);
+        for (int64_t r0 = 0; r0 < n; r0 += step) {
+          const int64_t nc = std::min(step, n - r0);
           mm(w2p + e * w2_expert_bytes, F, h0, h1, hp + (o[e] + r0) * F, F, nc,
              yp + (o[e] + r0) * H + h0, H);
         }
