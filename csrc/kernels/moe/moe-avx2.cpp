@@ -25,34 +25,10 @@
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 
-#include "../common/avx2-values.h"
+#include "moe-avx2-weights.h"  // load8_weight, load1_weight, kWBytes; common/avx2-values.h
 
 namespace sparse_ext {
 namespace {
-
-template <MoeWeightType WT>
-inline __m256 load8_weight(const void* w, int64_t i) {
-  if constexpr (WT == MoeWeightType::kF32) {
-    return _mm256_loadu_ps(static_cast<const float*>(w) + i);
-  } else {
-    const __m128i raw =
-        _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(w) + i));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-  }
-}
-
-template <MoeWeightType WT>
-inline float load1_weight(const void* w, int64_t i) {
-  if constexpr (WT == MoeWeightType::kF32) {
-    return static_cast<const float*>(w)[i];
-  } else {
-    return bf16_to_float(static_cast<const uint16_t*>(w)[i]);
-  }
-}
-
-template <MoeWeightType WT>
-constexpr int64_t kWBytes = WT == MoeWeightType::kF32 ? 4 : 2;
-
 
 // y[n * ldy + m] = W[r + m, :] . x[n * ldx, :] for m < MR, n < NR.
 // pf: the next row block; this pass prefetches its rows m with m % pf_mod == pf_rem into L2

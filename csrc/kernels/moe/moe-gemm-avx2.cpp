@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "../common/bf16.h"
+#include "../spmm/spmm.h"  // ValueType, for moe-avx2-weights.h (included under the pragma)
 #include "moe.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -27,32 +28,13 @@
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 
+#include "moe-avx2-weights.h"
+
 namespace sparse_ext {
 namespace {
 
 constexpr int kPanelRows = 16;  // W rows per packed panel (two 8-wide vectors)
 constexpr int kTileTokens = 6;  // tokens per register tile: 6 x 2 accumulators + 2 + 1 = 15 ymm
-
-// 8 consecutive weights of row `row` from column c, as fp32.
-template <MoeWeightType WT>
-inline __m256 load8(const void* w, int64_t K, int64_t row, int64_t c) {
-  if constexpr (WT == MoeWeightType::kF32) {
-    return _mm256_loadu_ps(static_cast<const float*>(w) + row * K + c);
-  } else {
-    const __m128i raw = _mm_loadu_si128(
-        reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(w) + row * K + c));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-  }
-}
-
-template <MoeWeightType WT>
-inline float load1(const void* w, int64_t K, int64_t row, int64_t c) {
-  if constexpr (WT == MoeWeightType::kF32) {
-    return static_cast<const float*>(w)[row * K + c];
-  } else {
-    return bf16_to_float(static_cast<const uint16_t*>(w)[row * K + c]);
-  }
-}
 
 // In-register transpose of 8 vectors (rows) into 8 vectors (columns).
 inline void transpose8(__m256 v[8]) {
@@ -84,14 +66,14 @@ void pack_panel(const void* w, int64_t K, int64_t r, int64_t rows, float* panel)
     if (hr == 8) {
       for (; c + 8 <= K; c += 8) {
         __m256 v[8];
-        for (int j = 0; j < 8; ++j) v[j] = load8<WT>(w, K, r + j0 + j, c);
+        for (int j = 0; j < 8; ++j) v[j] = load8_weight<WT>(w, (r + j0 + j) * K + c);
         transpose8(v);
         for (int q = 0; q < 8; ++q) _mm256_storeu_ps(panel + (c + q) * kPanelRows + j0, v[q]);
       }
     }
     for (; c < K; ++c)
       for (int64_t j = 0; j < 8; ++j)
-        panel[c * kPanelRows + j0 + j] = j < hr ? load1<WT>(w, K, r + j0 + j, c) : 0.f;
+        panel[c * kPanelRows + j0 + j] = j < hr ? load1_weight<WT>(w, (r + j0 + j) * K + c) : 0.f;
   }
 }
 

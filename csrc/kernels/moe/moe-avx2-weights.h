@@ -1,0 +1,37 @@
+// Expert weight loads (fp32 or bf16, keyed by MoeWeightType) for the MoE AVX2 kernel files,
+// moe-avx2.cpp and moe-gemm-avx2.cpp: the shared value loads of common/avx2-values.h under the MoE
+// weight type. Same rules as avx2-values.h: include it only inside an AVX2 file's
+// `#pragma GCC target("avx2,fma")` region, after all standard headers (anonymous namespace).
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "../common/avx2-values.h"
+#include "moe.h"
+
+namespace sparse_ext {
+namespace {
+
+template <MoeWeightType WT>
+constexpr ValueType kWeightValueType =
+    WT == MoeWeightType::kF32 ? ValueType::kF32 : ValueType::kBF16;
+
+// Bytes per stored weight.
+template <MoeWeightType WT>
+constexpr int64_t kWBytes = WT == MoeWeightType::kF32 ? 4 : 2;
+
+// 8 consecutive weights from index i, as fp32.
+template <MoeWeightType WT>
+inline __m256 load8_weight(const void* w, int64_t i) {
+  return load8_values<kWeightValueType<WT>>(w, i);
+}
+
+template <MoeWeightType WT>
+inline float load1_weight(const void* w, int64_t i) {
+  return load1_value<kWeightValueType<WT>>(w, i);
+}
+
+}  // namespace
+}  // namespace sparse_ext
