@@ -126,23 +126,20 @@ void gemm_6x16(const void* w, int64_t K, int64_t r0, int64_t r1, const float* x,
     pack_panel<WT>(w, K, r0 + p * kPanelRows, std::min<int64_t>(kPanelRows, rows - p * kPanelRows),
                    packed + p * K * kPanelRows);
   // Token tiles outer: a tile's 6 x rows stay in L1 across all panels (from L2).
-  int64_t n = 0;
-  for (; n + kTileTokens <= tokens; n += kTileTokens)
-    for (int64_t p = 0; p < panels; ++p)
-      panel_tile<kTileTokens>(packed + p * K * kPanelRows, K, x + n * ldx, ldx,
-                              y + n * ldy + p * kPanelRows, ldy,
-                              std::min<int64_t>(kPanelRows, rows - p * kPanelRows));
-  for (int64_t p = 0; p < panels && n < tokens; ++p) {
-    const float* panel = packed + p * K * kPanelRows;
-    const int64_t cols = std::min<int64_t>(kPanelRows, rows - p * kPanelRows);
-    float* yp = y + n * ldy + p * kPanelRows;
-    switch (tokens - n) {
-      case 5: panel_tile<5>(panel, K, x + n * ldx, ldx, yp, ldy, cols); break;
-      case 4: panel_tile<4>(panel, K, x + n * ldx, ldx, yp, ldy, cols); break;
-      case 3: panel_tile<3>(panel, K, x + n * ldx, ldx, yp, ldy, cols); break;
-      case 2: panel_tile<2>(panel, K, x + n * ldx, ldx, yp, ldy, cols); break;
-      case 1: panel_tile<1>(panel, K, x + n * ldx, ldx, yp, ldy, cols); break;
-      default: break;
+  for (int64_t n = 0; n < tokens; n += kTileTokens) {
+    const float* xn = x + n * ldx;
+    for (int64_t p = 0; p < panels; ++p) {
+      const float* panel = packed + p * K * kPanelRows;
+      const int64_t cols = std::min<int64_t>(kPanelRows, rows - p * kPanelRows);
+      float* yp = y + n * ldy + p * kPanelRows;
+      switch (std::min<int64_t>(kTileTokens, tokens - n)) {
+        case 6: panel_tile<6>(panel, K, xn, ldx, yp, ldy, cols); break;
+        case 5: panel_tile<5>(panel, K, xn, ldx, yp, ldy, cols); break;
+        case 4: panel_tile<4>(panel, K, xn, ldx, yp, ldy, cols); break;
+        case 3: panel_tile<3>(panel, K, xn, ldx, yp, ldy, cols); break;
+        case 2: panel_tile<2>(panel, K, xn, ldx, yp, ldy, cols); break;
+        default: panel_tile<1>(panel, K, xn, ldx, yp, ldy, cols); break;
+      }
     }
   }
 }
