@@ -148,15 +148,17 @@ def test_opcheck(device, k, s, p):
     x = torch.randn(2, 4, 7, 5).to(device).requires_grad_(True)
     values = csr.values.clone().requires_grad_(True)
     bias = torch.randn(8).to(device).requires_grad_(True)
-    args = (x, csr.offsets, csr.indices, values, bias, 8, [k, k], [s, s], [p, p], [1, 1], 2, 0.0, 6.0)
+    args = (x, csr.offsets, csr.indices, values, bias, 8, 4, [k, k], [s, s], [p, p], [1, 1], 2, 0.0,
+            6.0)
     torch.library.opcheck(torch.ops.sparse_ext.sparse_conv2d.default, args)
     y = torch.ops.sparse_ext.sparse_conv2d(*args)
     g = torch.randn_like(y)
     torch.library.opcheck(torch.ops.sparse_ext.sparse_conv2d_grad_input.default,
-                          (g, csr.offsets, csr.indices, csr.values, 4, [7, 5], [k, k], [s, s],
+                          (g, csr.offsets, csr.indices, csr.values, 8, 4, [7, 5], [k, k], [s, s],
                            [p, p], [1, 1], 2))
     torch.library.opcheck(torch.ops.sparse_ext.sparse_conv2d_grad_values.default,
-                          (g, x.detach(), csr.offsets, csr.indices, [k, k], [s, s], [p, p], [1, 1], 2))
+                          (g, x.detach(), csr.offsets, csr.indices, 8, 4, [k, k], [s, s], [p, p],
+                           [1, 1], 2))
 
 
 # ---- module ---------------------------------------------------------------------------------------
@@ -269,7 +271,8 @@ def test_malformed_metadata_and_arguments_raise(device):
              k=(3, 3), s=(1, 1), p=(1, 1), d=(1, 1), R=1, lo=-INF, hi=INF):
         x, offsets, indices, values = (t.to(device) for t in (x, offsets, indices, values))
         bias = None if bias is None else bias.to(device)
-        return op(x, offsets, indices, values, bias, co, list(k), list(s), list(p), list(d), R, lo, hi)
+        return op(x, offsets, indices, values, bias, co, x.shape[1] if x.dim() == 4 else 4, list(k),
+                  list(s), list(p), list(d), R, lo, hi)
 
     call()
     bad = csr.offsets.clone()
@@ -292,11 +295,11 @@ def test_malformed_metadata_and_arguments_raise(device):
         call(x=x[0])
     with pytest.raises(RuntimeError, match="offsets must have length"):
         call(x=torch.randn(1, 300, 6, 6))  # in_channels do not match the weight's columns
-    with pytest.raises(ValueError, match="channels"):
+    with pytest.raises(RuntimeError, match="x has 5 channels, this weight expects in_channels=4"):
         ops.sparse_conv2d(torch.randn(1, 5, 6, 6, device=device), csr.to(device), None, 3, 1, 1)
     with pytest.raises(RuntimeError, match="kernel_size"):
         op(x.to(device), csr.offsets.to(device), csr.indices.to(device), csr.values.to(device),
-           None, 8, [3], [1, 1], [1, 1], [1, 1], 1, -INF, INF)
+           None, 8, 4, [3], [1, 1], [1, 1], [1, 1], 1, -INF, INF)
     with pytest.raises(RuntimeError, match="stride"):
         call(s=(0, 1))
     with pytest.raises(RuntimeError, match="smaller than the dilated kernel"):
@@ -310,14 +313,14 @@ def test_malformed_metadata_and_arguments_raise(device):
     with pytest.raises(RuntimeError, match="grad_out must be"):
         torch.ops.sparse_ext.sparse_conv2d_grad_input(
             torch.randn(1, 8, 5, 5, device=device), csr.offsets.to(device), csr.indices.to(device),
-            csr.values.to(device), 4, [6, 6], [3, 3], [1, 1], [1, 1], [1, 1], 1)
+            csr.values.to(device), 8, 4, [6, 6], [3, 3], [1, 1], [1, 1], [1, 1], 1)
     if device.type == "cuda":
         with pytest.raises(RuntimeError, match="offsets must be on x's device"):
             op(x.to(device), csr.offsets, csr.indices.to(device), csr.values.to(device), None, 8,
-               [3, 3], [1, 1], [1, 1], [1, 1], 1, -INF, INF)
+               4, [3, 3], [1, 1], [1, 1], [1, 1], 1, -INF, INF)
         with pytest.raises(RuntimeError, match="x must be a CUDA tensor"):
             op(x, csr.offsets.to(device), csr.indices.to(device), csr.values.to(device), None, 8,
-               [3, 3], [1, 1], [1, 1], [1, 1], 1, -INF, INF)
+               4, [3, 3], [1, 1], [1, 1], [1, 1], 1, -INF, INF)
 
 
 @pytest.mark.parametrize("k,s,p,d", [(1, 1, 0, 1), (3, 1, 1, 1), (3, 2, 1, 1), (5, 1, 4, 2)])
@@ -344,13 +347,14 @@ def test_device_ops_match_cpu(device, k, s, p, d, R):
     g = torch.randn_like(y_cpu)
     args = ([k, k], [s, s], [p, p], [d, d], R)
     gi_cpu = torch.ops.sparse_ext.sparse_conv2d_grad_input(g, csr.offsets, csr.indices, csr.values,
-                                                           12, [13, 11], *args)
+                                                           16, 12, [13, 11], *args)
     gi_dev = torch.ops.sparse_ext.sparse_conv2d_grad_input(g.to(device), dev.offsets, dev.indices,
-                                                           dev.values, 12, [13, 11], *args)
+                                                           dev.values, 16, 12, [13, 11], *args)
     torch.testing.assert_close(gi_dev.cpu(), gi_cpu, atol=1e-4, rtol=1e-4)
-    gv_cpu = torch.ops.sparse_ext.sparse_conv2d_grad_values(g, x, csr.offsets, csr.indices, *args)
+    gv_cpu = torch.ops.sparse_ext.sparse_conv2d_grad_values(g, x, csr.offsets, csr.indices, 16, 12,
+                                                            *args)
     gv_dev = torch.ops.sparse_ext.sparse_conv2d_grad_values(g.to(device), x.to(device), dev.offsets,
-                                                            dev.indices, *args)
+                                                            dev.indices, 16, 12, *args)
     assert gv_dev.dtype == torch.float32
     torch.testing.assert_close(gv_dev.cpu(), gv_cpu, atol=1e-3, rtol=1e-4)
 

@@ -107,3 +107,26 @@ def test_page_code_blocks_run(page, monkeypatch):
         ran += 1
     if not ran and skipped:
         pytest.skip("; ".join(skipped))
+
+
+def _normalized(schema):
+    return re.sub(r"\s+", " ", schema).replace("( ", "(").strip()
+
+
+def test_ops_reference_lists_every_schema():
+    """docs/ops.md shows each registered schema exactly (whitespace aside), so a schema change
+    that the reference misses fails here."""
+    import torch
+
+    import sparse_ext  # noqa: F401  registers the library
+
+    text = _normalized((ROOT / "docs" / "ops.md").read_text(encoding="utf-8"))
+    names = sorted({n for n in torch._C._dispatch_get_all_op_names()
+                    if n.startswith("sparse_ext::")})
+    missing = []
+    for name in names:
+        op = getattr(torch.ops.sparse_ext, name.split("::")[1]).default
+        schema = _normalized(str(op._schema).split("::", 1)[1])
+        if schema not in text:
+            missing.append(schema)
+    assert not missing, "docs/ops.md lacks these schemas:\n" + "\n".join(missing)

@@ -65,10 +65,11 @@ W = spmm_weight()
 X = torch.randn(3, 20)
 
 
-def spmm(x=None, offsets=None, indices=None, values=None, bias=None, M=8, br=1, w=W):
+def spmm(x=None, offsets=None, indices=None, values=None, bias=None, M=8, br=1, w=W, K=None):
     return OPS.spmm(X if x is None else x, w.offsets if offsets is None else offsets,
                     w.indices if indices is None else indices,
-                    w.values if values is None else values, bias, M, br)
+                    w.values if values is None else values, bias, M,
+                    w.in_features if K is None else K, br)
 
 
 def _with(t, idx, v):
@@ -97,6 +98,12 @@ case("spmm/block_rows_3", lambda: spmm(br=3))
 case("spmm/block_rows_0", lambda: spmm(br=0))
 case("spmm/block_rows_negative", lambda: spmm(br=-1))
 case("spmm/x_wrong_in_features", lambda: spmm(x=torch.randn(3, 300)))
+# Widths inside the weight's last 256-column block: the structure alone cannot tell them apart.
+case("spmm/wrong_width_wider", lambda: spmm(x=torch.randn(3, 24)))
+case("spmm/wrong_width_narrower", lambda: spmm(x=torch.randn(3, 19)))
+case("spmm/wrong_width_batched", lambda: spmm(x=torch.randn(2, 3, 21)))
+case("spmm/in_features_2pow31", lambda: spmm(K=2**31))
+case("spmm/in_features_negative", lambda: spmm(K=-20))
 case("spmm/x_int", lambda: spmm(x=torch.ones(3, 20, dtype=torch.int32)))
 case("spmm/x_scalar", lambda: spmm(x=torch.tensor(1.0)))
 case("spmm/x_f64_values_f32", lambda: spmm(x=X.double()))
@@ -146,7 +153,8 @@ for _name, (_M, _K, _br, _dt, _T) in {
     _x[0, _K - 1] = NAN
     _x[-1, 0] = -INF
     case(f"spmm/nonfinite_{_name}",
-         (lambda w=_w, x=_x, M=_M, br=_br: OPS.spmm(x, w.offsets, w.indices, w.values, None, M, br)),
+         (lambda w=_w, x=_x, M=_M, br=_br: OPS.spmm(x, w.offsets, w.indices, w.values, None, M,
+                                                    w.in_features, br)),
          (lambda out, w=_w, x=_x: same(out, spmm_ref(x, w), atol=1e-3, rtol=1e-3)))
 
 # spmm_transpose_structure
@@ -160,6 +168,8 @@ case("spmm_t/in_features_negative",
      lambda: OPS.spmm_transpose_structure(W.offsets, W.indices, 8, -20, 1))
 case("spmm_t/in_features_2pow40",
      lambda: OPS.spmm_transpose_structure(W.offsets, W.indices, 8, 2**40, 1))
+case("spmm_t/wrong_width_offsets_for_other_in_features",  # offsets sized for 2 column blocks
+     lambda: OPS.spmm_transpose_structure(W.offsets, W.indices, 8, 300, 1))
 case("spmm_t/out_features_2pow31",
      lambda: OPS.spmm_transpose_structure(W.offsets, W.indices, 2**31, 20, 1))
 case("spmm_t/out0_in_2pow40",  # W^T is [2**40, 0]: no column blocks, so offsets has length 1
@@ -187,22 +197,27 @@ def sddmm_ref(g, x, csr):
     return full[stored]  # row-major order == storage order for block_rows = 1
 
 
-case("sddmm/token_mismatch", lambda: OPS.spmm_sddmm(torch.randn(4, 8), X, W.offsets, W.indices, 1))
+case("sddmm/token_mismatch", lambda: OPS.spmm_sddmm(torch.randn(4, 8), X, W.offsets, W.indices,
+                                                   8, 20, 1))
+case("sddmm/wrong_width_x", lambda: OPS.spmm_sddmm(G, torch.randn(3, 23), W.offsets, W.indices,
+                                                   8, 20, 1))
+case("sddmm/wrong_width_grad_out", lambda: OPS.spmm_sddmm(torch.randn(3, 7), X, W.offsets,
+                                                         W.indices, 8, 20, 1))
 case("sddmm/index_out_of_range",
-     lambda: OPS.spmm_sddmm(G, X, W.offsets, _with(W.indices, 0, 250), 1))
+     lambda: OPS.spmm_sddmm(G, X, W.offsets, _with(W.indices, 0, 250), 8, 20, 1))
 case("sddmm/offsets_int32_max",
-     lambda: OPS.spmm_sddmm(G, X, _with(W.offsets, -1, I32_MAX), W.indices, 1))
+     lambda: OPS.spmm_sddmm(G, X, _with(W.offsets, -1, I32_MAX), W.indices, 8, 20, 1))
 case("sddmm/offsets_not_monotone",
-     lambda: OPS.spmm_sddmm(G, X, _with(W.offsets, 2, int(W.offsets[-1])), W.indices, 1))
-case("sddmm/mixed_f64", lambda: OPS.spmm_sddmm(G.double(), X, W.offsets, W.indices, 1))
+     lambda: OPS.spmm_sddmm(G, X, _with(W.offsets, 2, int(W.offsets[-1])), W.indices, 8, 20, 1))
+case("sddmm/mixed_f64", lambda: OPS.spmm_sddmm(G.double(), X, W.offsets, W.indices, 8, 20, 1))
 case("sddmm/nan_inf", lambda: OPS.spmm_sddmm(_with(G, (0, 0), NAN), _with(X, (1, 1), INF),
-                                             W.offsets, W.indices, 1),
+                                             W.offsets, W.indices, 8, 20, 1),
      lambda out: same(out, sddmm_ref(_with(G, (0, 0), NAN), _with(X, (1, 1), INF), W)))
 case("sddmm/zero_tokens", lambda: OPS.spmm_sddmm(torch.randn(0, 8), torch.randn(0, 20), W.offsets,
-                                                 W.indices, 1),
+                                                 W.indices, 8, 20, 1),
      lambda out: same(out, torch.zeros(W.nnz)))
 case("sddmm/noncontig_views", lambda: OPS.spmm_sddmm(G.t().contiguous().t(), X[:1].expand(3, 20),
-                                                     W.offsets, W.indices, 1),
+                                                     W.offsets, W.indices, 8, 20, 1),
      lambda out: same(out, sddmm_ref(G, X[:1].expand(3, 20), W)))
 
 # ---- sparse conv ----------------------------------------------------------------------------------
@@ -211,11 +226,14 @@ CX = torch.randn(2, 2, 6, 5)
 
 
 def conv(x=None, offsets=None, indices=None, values=None, bias=None, co=4, k=(3, 3), s=(1, 1),
-         p=(1, 1), d=(1, 1), br=1, lo=-INF, hi=INF, w=CW):
-    return OPS.sparse_conv2d(CX if x is None else x, w.offsets if offsets is None else offsets,
+         p=(1, 1), d=(1, 1), br=1, lo=-INF, hi=INF, w=CW, ci=None):
+    x = CX if x is None else x
+    ci = w.in_features // (k[0] * k[1]) if ci is None and k[0] * k[1] > 0 else ci
+    return OPS.sparse_conv2d(x, w.offsets if offsets is None else offsets,
                              w.indices if indices is None else indices,
-                             w.values if values is None else values, bias, co, list(k), list(s),
-                             list(p), list(d), br, lo, hi)
+                             w.values if values is None else values, bias, co,
+                             2 if ci is None else ci, list(k), list(s), list(p), list(d), br, lo,
+                             hi)
 
 
 def conv_ref(x, csr, k=(3, 3), s=(1, 1), p=(1, 1), d=(1, 1), bias=None, lo=-INF, hi=INF,
@@ -246,12 +264,13 @@ case("conv/index_out_of_range", lambda: conv(indices=_with(CW.indices, 0, 200)))
 case("conv/offsets_int32_max", lambda: conv(offsets=_with(CW.offsets, -1, I32_MAX)))
 case("conv/offsets_not_monotone", lambda: conv(offsets=_with(CW.offsets, 1, int(CW.offsets[-1]))))
 case("conv/values_short", lambda: conv(values=CW.values[:-1].contiguous()))
-# The raw op takes in_channels from x: a weight with fewer columns than 3*3*3 whose structure is
-# valid for 27 columns is a weight whose third channel is unstored (so this is a correct result).
-_CX3 = torch.randn(2, 3, 6, 5)
-case("conv/channels_mismatch_valid_structure", lambda: conv(x=_CX3),
-     lambda out: same(out, conv_ref(_CX3, CW)))
+# x with 3 channels where the weight has 2: the structure (18 columns) would also be valid for 27
+# columns, so only in_channels tells the op that x is wrong.
+case("conv/wrong_width_one_more_channel", lambda: conv(x=torch.randn(2, 3, 6, 5)))
+case("conv/wrong_width_one_fewer_channel", lambda: conv(x=torch.randn(2, 1, 6, 5)))
 case("conv/channels_mismatch_too_many", lambda: conv(x=torch.randn(2, 40, 6, 5)))
+case("conv/in_channels_disagrees_with_structure", lambda: conv(x=torch.randn(2, 40, 6, 5), ci=40))
+case("conv/in_channels_2pow40", lambda: conv(ci=2**40))
 case("conv/x_3d", lambda: conv(x=torch.randn(2, 6, 5)))
 case("conv/stride_zero", lambda: conv(s=(0, 1)))
 case("conv/stride_negative", lambda: conv(s=(1, -1)))
@@ -259,7 +278,7 @@ case("conv/padding_negative", lambda: conv(p=(-1, 1)))
 case("conv/dilation_zero", lambda: conv(d=(0, 1)))
 case("conv/kernel_zero", lambda: conv(k=(0, 3)))
 case("conv/kernel_size_3_elems", lambda: OPS.sparse_conv2d(CX, CW.offsets, CW.indices, CW.values,
-                                                           None, 4, [3, 3, 3], [1, 1], [1, 1],
+                                                           None, 4, 2, [3, 3, 3], [1, 1], [1, 1],
                                                            [1, 1], 1, -INF, INF))
 case("conv/kernel_bigger_than_input", lambda: conv(p=(0, 0), k=(3, 3), d=(4, 4)))
 case("conv/padding_2pow40", lambda: conv(p=(2**40, 2**40)))
@@ -305,11 +324,11 @@ GO = torch.randn(2, 4, 6, 5)
 
 
 def conv_gi(g=None, offsets=None, indices=None, ci=2, size=(6, 5), k=(3, 3), s=(1, 1), p=(1, 1),
-            d=(1, 1)):
+            d=(1, 1), co=4):
     return OPS.sparse_conv2d_grad_input(GO if g is None else g,
                                         CW.offsets if offsets is None else offsets,
-                                        CW.indices if indices is None else indices, CW.values, ci,
-                                        list(size), list(k), list(s), list(p), list(d), 1)
+                                        CW.indices if indices is None else indices, CW.values, co,
+                                        ci, list(size), list(k), list(s), list(p), list(d), 1)
 
 
 def conv_gi_ref(g):
@@ -321,6 +340,8 @@ case("conv_gi/index_out_of_range", lambda: conv_gi(indices=_with(CW.indices, 0, 
 case("conv_gi/offsets_int32_max", lambda: conv_gi(offsets=_with(CW.offsets, -1, I32_MAX)))
 case("conv_gi/grad_out_wrong_spatial", lambda: conv_gi(g=torch.randn(2, 4, 5, 5)))
 case("conv_gi/in_channels_negative", lambda: conv_gi(ci=-2))
+case("conv_gi/wrong_width_grad_out", lambda: conv_gi(g=torch.randn(2, 5, 6, 5)))
+case("conv_gi/out_channels_2pow40", lambda: conv_gi(co=2**40))
 case("conv_gi/in_channels_wider", lambda: conv_gi(ci=3),  # third channel unstored: zero gradient
      lambda out: same(out, torch.cat([conv_gi_ref(GO), torch.zeros(2, 1, 6, 5)], 1)))
 case("conv_gi/in_channels_too_many", lambda: conv_gi(ci=40))
@@ -332,11 +353,12 @@ case("conv_gi/zero_batch", lambda: conv_gi(g=torch.randn(0, 4, 6, 5)),
      lambda out: same(out, torch.zeros(0, 2, 6, 5)))
 
 
-def conv_gv(g=None, x=None, offsets=None, indices=None, k=(3, 3), s=(1, 1), p=(1, 1)):
+def conv_gv(g=None, x=None, offsets=None, indices=None, k=(3, 3), s=(1, 1), p=(1, 1), co=4,
+            ci=2):
     return OPS.sparse_conv2d_grad_values(GO if g is None else g, CX if x is None else x,
                                          CW.offsets if offsets is None else offsets,
-                                         CW.indices if indices is None else indices, list(k),
-                                         list(s), list(p), [1, 1], 1)
+                                         CW.indices if indices is None else indices, co, ci,
+                                         list(k), list(s), list(p), [1, 1], 1)
 
 
 def conv_gv_ref(g, x):
@@ -346,6 +368,8 @@ def conv_gv_ref(g, x):
 
 case("conv_gv/index_out_of_range", lambda: conv_gv(indices=_with(CW.indices, 0, 200)))
 case("conv_gv/offsets_not_monotone", lambda: conv_gv(offsets=_with(CW.offsets, 1, 10**6)))
+case("conv_gv/wrong_width_x", lambda: conv_gv(x=torch.randn(2, 3, 6, 5)))
+case("conv_gv/wrong_width_grad_out", lambda: conv_gv(g=torch.randn(2, 3, 6, 5)))
 case("conv_gv/batch_mismatch", lambda: conv_gv(g=torch.randn(3, 4, 6, 5)))
 case("conv_gv/spatial_mismatch", lambda: conv_gv(g=torch.randn(2, 4, 6, 4)))
 case("conv_gv/mixed_f64", lambda: conv_gv(g=GO.double()))
@@ -359,9 +383,9 @@ NW = NMWeight.from_dense(torch.randn(8, 22), 2, 4)
 NX = torch.randn(3, 22)
 
 
-def nm(x=None, values=None, meta=None, bias=None, n=2, m=4):
+def nm(x=None, values=None, meta=None, bias=None, n=2, m=4, K=22):
     return OPS.nm_linear(NX if x is None else x, NW.values if values is None else values,
-                         NW.metadata if meta is None else meta, bias, n, m)
+                         NW.metadata if meta is None else meta, bias, K, n, m)
 
 
 def _nm_cols(w):
@@ -401,6 +425,10 @@ case("nm/values_wrong_rows", lambda: nm(values=NW.values[:-1].contiguous()))
 case("nm/meta_wrong_shape", lambda: nm(meta=NW.metadata[:, :-1].contiguous()))
 case("nm/meta_int32", lambda: nm(meta=NW.metadata.int()))
 case("nm/x_wrong_in_features", lambda: nm(x=torch.randn(3, 30)))
+# 21 and 23 columns need the same 6 groups of 4 as 22: only in_features tells them apart.
+case("nm/wrong_width_narrower_same_groups", lambda: nm(x=torch.randn(3, 21)))
+case("nm/wrong_width_wider_same_groups", lambda: nm(x=torch.randn(3, 23)))
+case("nm/in_features_2pow40", lambda: nm(K=2**40))
 case("nm/x_int", lambda: nm(x=torch.ones(3, 22, dtype=torch.int64)))
 case("nm/bias_wrong_len", lambda: nm(bias=torch.zeros(9)))
 case("nm/values_1d", lambda: nm(values=NW.values.reshape(-1)))
@@ -417,7 +445,7 @@ case("nm/values_nan", lambda: nm(values=_with(NW.values, (0, 0), NAN)),
                                                NW.shape, 2, 4))))
 case("nm/zero_tokens", lambda: nm(x=torch.randn(0, 22)), lambda out: same(out, torch.zeros(0, 8)))
 _NW0 = NMWeight.from_dense(torch.randn(0, 22), 2, 4)
-case("nm/zero_out_features", lambda: OPS.nm_linear(NX, _NW0.values, _NW0.metadata, None, 2, 4),
+case("nm/zero_out_features", lambda: OPS.nm_linear(NX, _NW0.values, _NW0.metadata, None, 22, 2, 4),
      lambda out: same(out, torch.zeros(3, 0)))
 case("nm/values_noncontig", lambda: nm(values=NW.values.t().contiguous().t()),
      lambda out: same(out, nm_ref(NX)))
@@ -437,7 +465,8 @@ for _name, (_n, _m, _K, _T, _dt) in {"gemv_1of16_k37": (1, 16, 37, 1, torch.floa
     _x = torch.randn(_T, _K).to(_dt if _dt == torch.float64 else torch.float32)
     _x[-1, _K - 1] = NAN
     case(f"nm/nonfinite_{_name}",
-         (lambda w=_w, x=_x, n=_n, m=_m: OPS.nm_linear(x, w.values, w.metadata, None, n, m)),
+         (lambda w=_w, x=_x, n=_n, m=_m: OPS.nm_linear(x, w.values, w.metadata, None,
+                                                       w.in_features, n, m)),
          (lambda out, w=_w, x=_x: same(out, nm_ref(x, w), atol=1e-3, rtol=1e-3)))
 
 _CW1 = spmm_weight(8, 6, br=4)
@@ -457,7 +486,7 @@ case("nm_gi/in_features_negative",
      lambda: OPS.nm_linear_grad_input(NG, NW.values, NW.metadata, -22, 2, 4))
 case("nm_gi/in_features_2pow40",
      lambda: OPS.nm_linear_grad_input(NG, NW.values, NW.metadata, 2**40, 2, 4))
-case("nm_gi/grad_wrong_width", lambda: OPS.nm_linear_grad_input(torch.randn(3, 7), NW.values,
+case("nm_gi/wrong_width_grad_out", lambda: OPS.nm_linear_grad_input(torch.randn(3, 7), NW.values,
                                                                 NW.metadata, 22, 2, 4))
 case("nm_gi/metadata_all_ones",
      lambda: OPS.nm_linear_grad_input(NG, NW.values, _META_FF, 22, 2, 4),
@@ -466,11 +495,17 @@ case("nm_gi/nan", lambda: OPS.nm_linear_grad_input(_with(NG, (0, 0), NAN), NW.va
                                                    22, 2, 4),
      lambda out: same(out[1:], NG[1:].double() @ NW.to_dense().double()))
 case("nm_gv/token_mismatch", lambda: OPS.nm_linear_grad_values(torch.randn(4, 8), NX, NW.metadata,
-                                                               2, 4))
-case("nm_gv/meta_wrong_shape", lambda: OPS.nm_linear_grad_values(NG, NX, NW.metadata[:-1], 2, 4))
-case("nm_gv/metadata_all_ones", lambda: OPS.nm_linear_grad_values(NG, NX, _META_FF, 2, 4),
+                                                               22, 2, 4))
+case("nm_gv/wrong_width_x", lambda: OPS.nm_linear_grad_values(NG, torch.randn(3, 23), NW.metadata,
+                                                              22, 2, 4))
+case("nm_gv/wrong_width_grad_out", lambda: OPS.nm_linear_grad_values(torch.randn(3, 9), NX,
+                                                                     NW.metadata, 22, 2, 4))
+case("nm_gv/meta_wrong_shape", lambda: OPS.nm_linear_grad_values(NG, NX, NW.metadata[:-1], 22, 2,
+                                                                 4))
+case("nm_gv/metadata_all_ones", lambda: OPS.nm_linear_grad_values(NG, NX, _META_FF, 22, 2, 4),
      lambda out: _check_nm_gv(out, _META_FF))
-case("nm_gv/expanded", lambda: OPS.nm_linear_grad_values(NG[:1].expand(3, 8), NX, NW.metadata, 2, 4),
+case("nm_gv/expanded", lambda: OPS.nm_linear_grad_values(NG[:1].expand(3, 8), NX, NW.metadata, 22,
+                                                         2, 4),
      lambda out: _check_nm_gv(out, NW.metadata, NG[:1].expand(3, 8)))
 
 
@@ -483,7 +518,7 @@ def _check_nm_gv(out, meta, g=NG):
 
 
 case("nm_validate/duplicate_indices", lambda: OPS.nm_validate(NW.values, _META_FF, 22, 2, 4))
-case("nm_validate/wrong_in_features", lambda: OPS.nm_validate(NW.values, NW.metadata, 40, 2, 4))
+case("nm_validate/wrong_width_in_features", lambda: OPS.nm_validate(NW.values, NW.metadata, 40, 2, 4))
 case("nm_validate/in_features_negative", lambda: OPS.nm_validate(NW.values, NW.metadata, -1, 2, 4))
 case("nm_validate/valid", lambda: OPS.nm_validate(NW.values, NW.metadata, 22, 2, 4),
      lambda out: None if bool(out) else (_ for _ in ()).throw(AssertionError("not true")))
@@ -521,7 +556,8 @@ case("route/groups_not_dividing", lambda: route(ng=3, tg=1))
 case("route/groups_zero", lambda: route(ng=0, tg=0))
 case("route/topk_groups_gt_groups", lambda: route(ng=2, tg=3))
 case("route/groups_negative", lambda: route(ng=-2, tg=1))
-case("route/bias_wrong_len", lambda: route(bias=torch.zeros(E + 1)))
+case("route/wrong_width_selection_bias", lambda: route(bias=torch.zeros(E + 1)))
+case("route/wrong_width_selection_bias_narrower", lambda: route(bias=torch.zeros(E - 1)))
 case("route/logits_scalar", lambda: OPS.moe_route(torch.tensor(1.0), 1, "softmax", True, None, 1, 1))
 case("route/logits_int", lambda: route(lg=torch.ones(T, E, dtype=torch.int32)))
 case("route/zero_experts", lambda: route(lg=torch.randn(T, 0), k=1))
@@ -553,7 +589,7 @@ case("permute/index_2pow40", lambda: OPS.moe_permute(_with(IDX, (0, 0), 2**40), 
 case("permute/index_int64_min", lambda: OPS.moe_permute(_with(IDX, (0, 0), -2**63), E, -1))
 case("permute/num_experts_zero", lambda: OPS.moe_permute(IDX, 0, -1))
 case("permute/num_experts_negative", lambda: OPS.moe_permute(IDX, -4, -1))
-case("permute/k_gt_E", lambda: OPS.moe_permute(IDX, 1, -1))
+case("permute/wrong_width_k_gt_E", lambda: OPS.moe_permute(IDX, 1, -1))
 case("permute/num_experts_2pow62", lambda: OPS.moe_permute(IDX, 2**62, -1))
 case("permute/indices_1d", lambda: OPS.moe_permute(IDX.reshape(-1), E, -1))
 case("permute/indices_float", lambda: OPS.moe_permute(IDX.float(), E, -1))
@@ -628,7 +664,8 @@ case("mlp/w1_wrong_shape", lambda: mlp(w1=W1[:, :-1].contiguous()))
 case("mlp/w2_wrong_experts", lambda: mlp(w2=W2[:-1].contiguous()))
 case("mlp/w_dtype_mix", lambda: mlp(w1=W1.double()))
 case("mlp/activation_bogus", lambda: mlp(act="bogus"))
-case("mlp/x_hidden_mismatch", lambda: mlp(x=torch.randn(T, H + 1)))
+case("mlp/wrong_width_x_hidden", lambda: mlp(x=torch.randn(T, H + 1)))
+case("mlp/wrong_width_x_hidden_narrower", lambda: mlp(x=torch.randn(T, H - 1)))
 case("mlp/x_nan_inf", lambda: mlp(x=_with(_with(MX, (0, 0), NAN), (1, 1), INF)),
      lambda out: same(out, mlp_ref(_with(_with(MX, (0, 0), NAN), (1, 1), INF))))
 case("mlp/offsets_partial_rows", lambda: mlp(offs=_with(OFFS, E, int(OFFS[E]) - 2)),
@@ -643,6 +680,10 @@ case("mlp/noncontig_weights", lambda: mlp(w1=W1.transpose(1, 2).contiguous().tra
 GY = torch.randn(T * K, H)
 case("mlp_bwd/grad_wrong_shape", lambda: OPS.moe_expert_mlp_backward(
     GY[:-1], MX, ROW_TOKEN, OFFS, W1, W2, "silu", True))
+case("mlp_bwd/wrong_width_grad_hidden", lambda: OPS.moe_expert_mlp_backward(
+    torch.randn(T * K, H + 1), MX, ROW_TOKEN, OFFS, W1, W2, "silu", True))
+case("mlp_bwd/wrong_width_x_hidden", lambda: OPS.moe_expert_mlp_backward(
+    GY, torch.randn(T, H + 1), ROW_TOKEN, OFFS, W1, W2, "silu", True))
 case("mlp_bwd/row_token_oob", lambda: OPS.moe_expert_mlp_backward(
     GY, MX, _with(ROW_TOKEN, 0, 99), OFFS, W1, W2, "silu", True))
 case("mlp_bwd/offsets_int64_max", lambda: OPS.moe_expert_mlp_backward(
@@ -674,7 +715,7 @@ TW = torch.rand(T, K)
 case("combine/inverse_negative", lambda: OPS.moe_combine(EY, TW, _with(_INV, (0, 0), -1)))
 case("combine/inverse_oob", lambda: OPS.moe_combine(EY, TW, _with(_INV, (0, 0), T * K)))
 case("combine/inverse_2pow40", lambda: OPS.moe_combine(EY, TW, _with(_INV, (0, 0), 2**40)))
-case("combine/shape_mismatch", lambda: OPS.moe_combine(EY, TW[:, :1], _INV))
+case("combine/wrong_width_topk", lambda: OPS.moe_combine(EY, TW[:, :1], _INV))
 case("combine/weights_1d", lambda: OPS.moe_combine(EY, TW.reshape(-1), _INV.reshape(-1)))
 case("combine/inverse_float", lambda: OPS.moe_combine(EY, TW, _INV.float()))
 case("combine/expert_out_1d", lambda: OPS.moe_combine(EY.reshape(-1), TW, _INV))
@@ -697,6 +738,8 @@ case("combine/zero_tokens", lambda: OPS.moe_combine(EY, torch.zeros(0, K),
 GC = torch.randn(T, H)
 case("combine_bwd/inverse_oob", lambda: OPS.moe_combine_backward(GC, EY, TW, _with(_INV, (0, 0), 99)))
 case("combine_bwd/grad_wrong_shape", lambda: OPS.moe_combine_backward(GC[:-1], EY, TW, _INV))
+case("combine_bwd/wrong_width_grad_hidden",
+     lambda: OPS.moe_combine_backward(torch.randn(T, H + 1), EY, TW, _INV))
 case("combine_bwd/inverse_negative",
      lambda: OPS.moe_combine_backward(GC, EY, TW, _with(_INV, (2, 1), -2**62)))
 
@@ -848,10 +891,25 @@ def results():
     return run_all(sorted(CASES))
 
 
+def _registered_ops():
+    """Every schema of the library (``dir(torch.ops.sparse_ext)`` lists only ops touched so far)."""
+    return {n.split("::")[1].split(".")[0] for n in torch._C._dispatch_get_all_op_names()
+            if n.startswith("sparse_ext::")}
+
+
 def test_every_op_has_hostile_cases():
-    ops = {n for n in dir(OPS) if not n.startswith("_") and hasattr(getattr(OPS, n), "default")}
     covered = {OP_PREFIX[name.split("/")[0]] for name in CASES} - {None}
-    assert ops <= covered, f"ops with no hostile case: {sorted(ops - covered)}"
+    assert _registered_ops() <= covered, (
+        f"ops with no hostile case: {sorted(_registered_ops() - covered)}")
+
+
+def test_every_op_has_a_wrong_width_case():
+    """Each op gets an argument whose width disagrees with the weight (or with the other tensors):
+    a case named ``<op>/wrong_width...`` that must raise."""
+    covered = {OP_PREFIX[name.split("/")[0]] for name in CASES
+               if name.split("/")[1].startswith("wrong_width") and CASES[name][0] == "must_raise"}
+    missing = _registered_ops() - covered
+    assert not missing, f"ops with no must-raise wrong_width case: {sorted(missing)}"
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -876,15 +934,15 @@ def test_meta_tensor_mixed_with_cpu_raises(family):
     if family == "spmm":
         w = CSRWeight.from_dense(torch.randn(8, 16) * (torch.rand(8, 16) > 0.5))
         call = lambda: ops.spmm(torch.randn(2, 16), w.offsets.to("meta"), w.indices, w.values,
-                                None, 8, 1)
+                                None, 8, 16, 1)
     elif family == "nm":
         w = NMWeight.from_dense(torch.randn(8, 16), 2, 4)
         call = lambda: ops.nm_linear(torch.randn(2, 16), w.values, w.metadata.to("meta"), None,
-                                     2, 4)
+                                     16, 2, 4)
     elif family == "conv":
         w = CSRWeight.from_dense(torch.randn(4, 3) * (torch.rand(4, 3) > 0.3))
         call = lambda: ops.sparse_conv2d(torch.randn(1, 3, 5, 5), w.offsets, w.indices,
-                                         w.values.to("meta"), None, 4, [1, 1], [1, 1], [0, 0],
+                                         w.values.to("meta"), None, 4, 3, [1, 1], [1, 1], [0, 0],
                                          [1, 1], 1, float("-inf"), float("inf"))
     else:
         call = lambda: ops.moe_combine(torch.randn(4, 8), torch.rand(2, 2),

@@ -95,7 +95,7 @@ def test_bad_pattern(bad_n, bad_m):
         NMWeight.from_dense(torch.randn(4, 8), bad_n, bad_m)
     with pytest.raises((RuntimeError, ValueError), match="must"):
         _lib.nm_linear(torch.randn(2, 8), torch.randn(4, 4), torch.zeros(4, 1, dtype=torch.uint8),
-                       None, bad_n, bad_m)
+                       None, 8, bad_n, bad_m)
 
 
 def test_nbytes_2_4():
@@ -172,7 +172,7 @@ def test_deterministic_across_threads(tokens):
             torch.set_num_threads(threads)
             outs.append((se.ops.nm_linear(x, nm),
                          _lib.nm_linear_grad_input(dy, nm.values, nm.metadata, 256, 2, 4),
-                         _lib.nm_linear_grad_values(dy, x, nm.metadata, 2, 4)))
+                         _lib.nm_linear_grad_values(dy, x, nm.metadata, 256, 2, 4)))
     finally:
         torch.set_num_threads(previous)
     for other in outs[1:]:
@@ -191,7 +191,7 @@ def test_backward_ops(isa, device, n, m, tokens):
     dense = nm.to_dense()
     dx = _lib.nm_linear_grad_input(dy, nm.values, nm.metadata, 37, n, m)
     assert_close_to_reference(dx, dy.double() @ dense.double())
-    dv = _lib.nm_linear_grad_values(dy, x, nm.metadata, n, m)
+    dv = _lib.nm_linear_grad_values(dy, x, nm.metadata, 37, n, m)
     cols = nm.columns()
     full = torch.zeros(20, nm.groups * m, dtype=torch.float64, device=device)
     full[:, :37] = dy.double().t() @ x.double()
@@ -203,11 +203,11 @@ def test_opcheck(device):
     x = torch.randn(3, 21, device=device)
     bias = torch.randn(12, device=device)
     dy = torch.randn(3, 12, device=device)
-    torch.library.opcheck(_lib.nm_linear, (x, nm.values, nm.metadata, bias, 2, 4))
+    torch.library.opcheck(_lib.nm_linear, (x, nm.values, nm.metadata, bias, 21, 2, 4))
     torch.library.opcheck(_lib.nm_linear, (x.requires_grad_(), nm.values.requires_grad_(),
-                                           nm.metadata, bias.requires_grad_(), 2, 4))
+                                           nm.metadata, bias.requires_grad_(), 21, 2, 4))
     torch.library.opcheck(_lib.nm_linear_grad_input, (dy, nm.values.detach(), nm.metadata, 21, 2, 4))
-    torch.library.opcheck(_lib.nm_linear_grad_values, (dy, x.detach(), nm.metadata, 2, 4))
+    torch.library.opcheck(_lib.nm_linear_grad_values, (dy, x.detach(), nm.metadata, 21, 2, 4))
     torch.library.opcheck(_lib.nm_validate, (nm.values.detach(), nm.metadata, 21, 2, 4))
 
 
@@ -217,7 +217,7 @@ def test_gradcheck_float64(device, n, m):
     x = torch.randn(2, 3, 19, dtype=torch.float64, device=device, requires_grad=True)
     values = nm.values.clone().requires_grad_()
     bias = torch.randn(6, dtype=torch.float64, device=device, requires_grad=True)
-    fn = lambda x_, v_, b_: _lib.nm_linear(x_, v_, nm.metadata, b_, n, m)  # noqa: E731
+    fn = lambda x_, v_, b_: _lib.nm_linear(x_, v_, nm.metadata, b_, 19, n, m)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, values, bias))
 
 
@@ -226,7 +226,7 @@ def test_autograd_float32_matches_dense(device):
     x = torch.randn(5, 40, device=device, requires_grad=True)
     values = nm.values.clone().requires_grad_()
     bias = torch.randn(16, device=device, requires_grad=True)
-    y = _lib.nm_linear(x, values, nm.metadata, bias, 2, 4)
+    y = _lib.nm_linear(x, values, nm.metadata, bias, 40, 2, 4)
     g = torch.randn_like(y)
     y.backward(g)
     dense = nm.to_dense().requires_grad_()
@@ -245,26 +245,29 @@ def test_bad_metadata_and_lengths(device):
     x = torch.randn(3, 32, device=device)
     v, meta = nm.values, nm.metadata
     with pytest.raises(RuntimeError, match=r"metadata must have shape \[8, 4\]"):
-        _lib.nm_linear(x, v, meta[:, :3].contiguous(), None, 2, 4)
+        _lib.nm_linear(x, v, meta[:, :3].contiguous(), None, 32, 2, 4)
     with pytest.raises(RuntimeError, match=r"values must have shape \[8, 16\]"):
-        _lib.nm_linear(x, v[:, :15].contiguous(), meta, None, 2, 4)
+        _lib.nm_linear(x, v[:, :15].contiguous(), meta, None, 32, 2, 4)
+    with pytest.raises(RuntimeError, match="x has 40 features, this weight expects in_features=32"):
+        _lib.nm_linear(torch.randn(3, 40, device=device), v, meta, None, 32, 2, 4)
     with pytest.raises(RuntimeError, match=r"in_features 40 .* got \[8, 4\]"):
-        _lib.nm_linear(torch.randn(3, 40, device=device), v, meta, None, 2, 4)  # in_features disagrees
+        _lib.nm_linear(torch.randn(3, 40, device=device), v, meta, None, 40, 2, 4)
     with pytest.raises(RuntimeError, match="metadata must have dtype"):
-        _lib.nm_linear(x, v, meta.int(), None, 2, 4)
+        _lib.nm_linear(x, v, meta.int(), None, 32, 2, 4)
     with pytest.raises(RuntimeError, match="values must have dtype"):
         # float16 values are accepted on CUDA; an integer dtype is wrong everywhere
-        _lib.nm_linear(x, v.half() if device.type == "cpu" else v.int(), meta, None, 2, 4)
+        _lib.nm_linear(x, v.half() if device.type == "cpu" else v.int(), meta, None, 32, 2, 4)
     with pytest.raises(RuntimeError, match="x must have dtype"):
-        _lib.nm_linear(x.int(), v, meta, None, 2, 4)
+        _lib.nm_linear(x.int(), v, meta, None, 32, 2, 4)
     with pytest.raises(RuntimeError, match="bias must have length 8"):
-        _lib.nm_linear(x, v, meta, torch.randn(7, device=device), 2, 4)
+        _lib.nm_linear(x, v, meta, torch.randn(7, device=device), 32, 2, 4)
     with pytest.raises(RuntimeError, match="float64 needs both"):
-        _lib.nm_linear(x.double(), v, meta, None, 2, 4)
+        _lib.nm_linear(x.double(), v, meta, None, 32, 2, 4)
     with pytest.raises(RuntimeError, match="metadata must be contiguous"):
-        _lib.nm_linear(x, v, torch.zeros(4, 8, dtype=torch.uint8, device=device).t(), None, 2, 4)
+        _lib.nm_linear(x, v, torch.zeros(4, 8, dtype=torch.uint8, device=device).t(), None, 32,
+                       2, 4)
     with pytest.raises(RuntimeError, match="same number of tokens"):
-        _lib.nm_linear_grad_values(torch.randn(2, 8, device=device), x, meta, 2, 4)
+        _lib.nm_linear_grad_values(torch.randn(2, 8, device=device), x, meta, 32, 2, 4)
 
 
 def test_from_indices_rejects_bad_metadata():
@@ -293,11 +296,11 @@ def test_validate_catches_noncanonical_packed_metadata(device):
         _lib.nm_validate(broken.values, broken.metadata, 16, 2, 4)
     # the kernel never reads out of bounds whatever the bits say: random metadata runs safely
     junk = torch.randint(0, 256, nm.metadata.shape, dtype=torch.uint8).to(device)
-    y = _lib.nm_linear(torch.randn(3, 16, device=device), nm.values, junk, None, 2, 4)
+    y = _lib.nm_linear(torch.randn(3, 16, device=device), nm.values, junk, None, 16, 2, 4)
     assert torch.isfinite(y).all()
     dx = _lib.nm_linear_grad_input(torch.randn(3, 4, device=device), nm.values, junk, 16, 2, 4)
     dv = _lib.nm_linear_grad_values(torch.randn(3, 4, device=device),
-                                    torch.randn(3, 16, device=device), junk, 2, 4)
+                                    torch.randn(3, 16, device=device), junk, 16, 2, 4)
     assert torch.isfinite(dx).all() and torch.isfinite(dv).all()
     with pytest.raises(ValueError, match="metadata must have shape"):
         NMWeight(nm.values, nm.metadata[:, :1], nm.shape, 2, 4).validate()
@@ -397,18 +400,19 @@ def test_cuda_wrong_device():
     nm = _nm(8, 32, 2, 4, device="cuda")
     x = torch.randn(3, 32, device="cuda")
     with pytest.raises(RuntimeError, match="values must be on x's device"):
-        _lib.nm_linear(x, nm.values.cpu(), nm.metadata, None, 2, 4)
+        _lib.nm_linear(x, nm.values.cpu(), nm.metadata, None, 32, 2, 4)
     with pytest.raises(RuntimeError, match="metadata must be on x's device"):
-        _lib.nm_linear(x, nm.values, nm.metadata.cpu(), None, 2, 4)
+        _lib.nm_linear(x, nm.values, nm.metadata.cpu(), None, 32, 2, 4)
     with pytest.raises(RuntimeError, match="bias must be on x's device"):
-        _lib.nm_linear(x, nm.values, nm.metadata, torch.randn(8), 2, 4)
+        _lib.nm_linear(x, nm.values, nm.metadata, torch.randn(8), 32, 2, 4)
     with pytest.raises(RuntimeError, match="x must be a CUDA tensor"):
-        _lib.nm_linear(x.cpu(), nm.values, nm.metadata, None, 2, 4)
+        _lib.nm_linear(x.cpu(), nm.values, nm.metadata, None, 32, 2, 4)
     with pytest.raises(RuntimeError, match="values must be on grad_out's device"):
         _lib.nm_linear_grad_input(torch.randn(3, 8, device="cuda"), nm.values.cpu(), nm.metadata,
                                   32, 2, 4)
     with pytest.raises(RuntimeError, match="x must be"):
-        _lib.nm_linear_grad_values(torch.randn(3, 8, device="cuda"), x.cpu(), nm.metadata, 2, 4)
+        _lib.nm_linear_grad_values(torch.randn(3, 8, device="cuda"), x.cpu(), nm.metadata, 32,
+                                   2, 4)
     with pytest.raises(RuntimeError, match="metadata must be on values's device"):
         _lib.nm_validate(nm.values, nm.metadata.cpu(), 32, 2, 4)
 
@@ -444,9 +448,9 @@ def test_cuda_compressed_cache_sees_inplace_edits(monkeypatch):
     # any metadata bits give a valid 2:4 matrix (slots naming one column are summed): the 2:4
     # path agrees with the cores on random metadata too
     junk = torch.randint(0, 256, nm.metadata.shape, dtype=torch.uint8).cuda()
-    y_junk = _lib.nm_linear(x, nm.values, junk, None, 2, 4)
+    y_junk = _lib.nm_linear(x, nm.values, junk, None, x.shape[-1], 2, 4)
     monkeypatch.setenv("SPARSE_EXT_NM_CUDA_PATH", "cores")
-    y_cores = _lib.nm_linear(x, nm.values, junk, None, 2, 4)
+    y_cores = _lib.nm_linear(x, nm.values, junk, None, x.shape[-1], 2, 4)
     assert torch.isfinite(y_junk).all()
     scale = y_cores.float().abs().max().item()
     assert (y_junk.float() - y_cores.float()).abs().max().item() <= 1e-2 * max(1.0, scale)
@@ -471,7 +475,7 @@ def test_cuda_backward_paths_agree(monkeypatch, n, m, dtype):
     for path in ("cores", "auto"):
         monkeypatch.setenv("SPARSE_EXT_NM_CUDA_PATH", path)
         dx = _lib.nm_linear_grad_input(dy, nm.values, nm.metadata, 100, n, m)
-        dv = _lib.nm_linear_grad_values(dy, x, nm.metadata, n, m)
+        dv = _lib.nm_linear_grad_values(dy, x, nm.metadata, 100, n, m)
         assert dx.dtype == dtype and dv.dtype == (torch.float64 if dtype == torch.float64
                                                   else torch.float32)
         if dtype == torch.bfloat16:
@@ -490,7 +494,7 @@ def test_cuda_deterministic(tokens):
     dy = torch.randn(tokens, 300, device="cuda")
     runs = [(se.ops.nm_linear(x, nm),
              _lib.nm_linear_grad_input(dy, nm.values, nm.metadata, 256, 2, 4),
-             _lib.nm_linear_grad_values(dy, x, nm.metadata, 2, 4)) for _ in range(3)]
+             _lib.nm_linear_grad_values(dy, x, nm.metadata, 256, 2, 4)) for _ in range(3)]
     for other in runs[1:]:
         for a, b in zip(runs[0], other):
             assert torch.equal(a, b)

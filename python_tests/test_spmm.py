@@ -145,7 +145,8 @@ def test_gradcheck_float64(device, block_rows):
     x = torch.randn(2, 3, 300, dtype=torch.float64, device=device, requires_grad=True)
 
     def fn(x, values, bias):
-        return torch.ops.sparse_ext.spmm(x, csr.offsets, csr.indices, values, bias, 8, block_rows)
+        return torch.ops.sparse_ext.spmm(x, csr.offsets, csr.indices, values, bias, 8, 300,
+                                         block_rows)
 
     assert torch.autograd.gradcheck(fn, (x, values, bias))
 
@@ -191,9 +192,10 @@ def _op_samples():
         for x in (torch.randn(5, 300), torch.randn(1, 300), torch.randn(2, 3, 300),
                   torch.randn(20, 300)):
             yield "spmm", (x, c.offsets, c.indices, c.values.clone().requires_grad_(),
-                           torch.randn(16, requires_grad=True), 16, R)
+                           torch.randn(16, requires_grad=True), 16, 300, R)
         yield "spmm_transpose_structure", (c.offsets, c.indices, 16, 300, R)
-        yield "spmm_sddmm", (torch.randn(4, 16), torch.randn(4, 300), c.offsets, c.indices, R)
+        yield "spmm_sddmm", (torch.randn(4, 16), torch.randn(4, 300), c.offsets, c.indices, 16,
+                             300, R)
 
 
 def _to_device(args, device):
@@ -265,7 +267,8 @@ def test_magnitude_and_random_masks():
 def _raw(**over):
     csr = se.CSRWeight.from_dense(torch.randn(8, 300), torch.rand(8, 300) < 0.5)
     args = dict(x=torch.randn(3, 300), offsets=csr.offsets.clone(), indices=csr.indices.clone(),
-                values=csr.values.clone(), bias=None, out_features=8, block_rows=1)
+                values=csr.values.clone(), bias=None, out_features=8, in_features=300,
+                block_rows=1)
     args.update(over)
     return args
 
@@ -282,7 +285,8 @@ def _raw(**over):
     ("x_dtype", "x must have dtype"),
     ("bias_len", "bias must have length"),
     ("block_rows", "block_rows must be"),
-    ("out_features_neg", "out_features must be non-negative"),
+    ("out_features_neg", "out_features must be in \\[0, 2\\^31 - 1\\]"),
+    ("x_width", "x has 299 features, this weight expects in_features=300"),
     ("x_scalar", "at least one dimension"),
     ("mixed_f64", "float64 needs both"),
 ])
@@ -315,6 +319,8 @@ def test_bad_input_raises(device, case, match):
         a["block_rows"] = 3
     elif case == "out_features_neg":
         a["out_features"] = -8
+    elif case == "x_width":
+        a["x"] = a["x"][:, :-1]
     elif case == "x_scalar":
         a["x"] = torch.tensor(1.0)
     elif case == "mixed_f64":
@@ -366,8 +372,9 @@ def test_device_ops_match_cpu(device, R, tokens):
                          torch.ops.sparse_ext.spmm_transpose_structure(csr.offsets, csr.indices, M, K, R)):
         assert torch.equal(got.cpu(), want)
     dy = torch.randn(tokens, M)
-    dv_cpu = torch.ops.sparse_ext.spmm_sddmm(dy, x, csr.offsets, csr.indices, R)
-    dv_dev = torch.ops.sparse_ext.spmm_sddmm(dy.to(device), x.to(device), dev.offsets, dev.indices, R)
+    dv_cpu = torch.ops.sparse_ext.spmm_sddmm(dy, x, csr.offsets, csr.indices, M, K, R)
+    dv_dev = torch.ops.sparse_ext.spmm_sddmm(dy.to(device), x.to(device), dev.offsets, dev.indices,
+                                             M, K, R)
     assert dv_dev.dtype == torch.float32
     assert max_abs_err(dv_dev.cpu(), dv_cpu) < 1e-3
 

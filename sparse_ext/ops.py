@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from . import _C  # noqa: F401  registers the library before the registrations below
-from .formats import K_BLOCK, CSRWeight
+from .formats import K_BLOCK, CSRWeight, NMWeight
 
 _lib = torch.ops.sparse_ext
 
@@ -38,16 +38,35 @@ def _register_fake(op_name):
     return register
 
 
+def _check_width(t, name, dim, expected, unit, weight_dim):
+    """The kernels' width check (csrc/ops/common.h check_width), same wording, for fake tensors."""
+    torch._check(t.shape[dim] == expected, lambda: (
+        f"{name} has {t.shape[dim]} {unit}, this weight expects {weight_dim}={expected} "
+        f"({name} shape {list(t.shape)})"))
+
+
+def _check_weight_dim(value, name):
+    torch._check(0 <= value <= _MAX_WEIGHT_DIM,
+                 lambda: f"{name} must be in [0, 2^31 - 1], got {value}")
+
+
+_MAX_WEIGHT_DIM = 2**31 - 1
+_MAX_EXPERTS = 2**20  # kMoeMaxExperts in csrc/ops/moe_args.h
+
+
 # ---- SpMM --------------------------------------------------------------------------------------
 def spmm(x: torch.Tensor, weight: CSRWeight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x @ W^T + bias`` for ``x [..., in_features]`` and a ``CSRWeight`` W."""
     return _lib.spmm(x, weight.offsets, weight.indices, weight.values, bias,
-                     weight.out_features, weight.block_rows)
+                     weight.out_features, weight.in_features, weight.block_rows)
 
 
 @_register_fake("sparse_ext::spmm")
-def _spmm_fake(x, offsets, indices, values, bias, out_features, block_rows):
+def _spmm_fake(x, offsets, indices, values, bias, out_features, in_features, block_rows):
     torch._check(x.dim() >= 1, lambda: "x must have at least one dimension")
+    _check_weight_dim(out_features, "out_features")
+    _check_weight_dim(in_features, "in_features")
+    _check_width(x, "x", -1, in_features, "features", "in_features")
     return x.new_empty((*x.shape[:-1], out_features))
 
 
@@ -60,38 +79,41 @@ def _spmm_transpose_structure_fake(offsets, indices, out_features, in_features, 
 
 
 @_register_fake("sparse_ext::spmm_sddmm")
-def _spmm_sddmm_fake(grad_out, x, offsets, indices, block_rows):
+def _spmm_sddmm_fake(grad_out, x, offsets, indices, out_features, in_features, block_rows):
+    _check_width(grad_out, "grad_out", -1, out_features, "features", "out_features")
+    _check_width(x, "x", -1, in_features, "features", "in_features")
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     return x.new_empty(indices.shape[0] * block_rows, dtype=dtype)
 
 
 def _spmm_setup_context(ctx, inputs, output):
-    x, offsets, indices, values, bias, out_features, block_rows = inputs
+    x, offsets, indices, values, bias, out_features, in_features, block_rows = inputs
     ctx.save_for_backward(x, offsets, indices, values)
     ctx.out_features = out_features
+    ctx.in_features = in_features
     ctx.block_rows = block_rows
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _spmm_backward(ctx, grad):
     x, offsets, indices, values = ctx.saved_tensors
-    M, K, R = ctx.out_features, x.shape[-1], ctx.block_rows
+    M, K, R = ctx.out_features, ctx.in_features, ctx.block_rows
     grad_x = grad_values = grad_bias = None
     if ctx.needs_input_grad[0]:
         offsets_t, indices_t, perm = _lib.spmm_transpose_structure(offsets, indices, M, K, R)
-        grad_x = _lib.spmm(grad.to(x.dtype), offsets_t, indices_t, values[perm], None, K, 1)
+        grad_x = _lib.spmm(grad.to(x.dtype), offsets_t, indices_t, values[perm], None, K, M, 1)
     if ctx.needs_input_grad[3]:
-        grad_values = _lib.spmm_sddmm(grad, x, offsets, indices, R).to(values.dtype)
+        grad_values = _lib.spmm_sddmm(grad, x, offsets, indices, M, K, R).to(values.dtype)
     if ctx.needs_input_grad[4]:
         grad_bias = grad.reshape(-1, M).sum(0).to(ctx.bias_dtype)
-    return grad_x, None, None, grad_values, grad_bias, None, None
+    return grad_x, None, None, grad_values, grad_bias, None, None, None
 
 
 torch.library.register_autograd("sparse_ext::spmm", _spmm_backward,
                                 setup_context=_spmm_setup_context)
 
 
-# ---- sparse conv (issue 4) ---------------------------------------------------------------------
+# ---- sparse conv --------------------------------------------------------------------------------
 # Schemas in csrc/registration.cpp; kernels in csrc/kernels/conv. W is a CSRWeight of shape
 # [out_channels, in_channels * kh * kw] (nn.Conv2d's weight.reshape(out_channels, -1)).
 _INF = float("inf")
@@ -134,46 +156,54 @@ def sparse_conv2d(x: torch.Tensor, weight: CSRWeight, bias: Optional[torch.Tenso
     CSRWeight W [out_channels, in_channels * kh * kw]; groups = 1, zero padding."""
     lo, hi = activation_bounds(activation)
     kernel_size = _pair(kernel_size, "kernel_size")
-    if x.dim() == 4 and x.shape[1] * kernel_size[0] * kernel_size[1] != weight.in_features:
-        raise ValueError(f"x has {x.shape[1]} channels but the weight expects "
-                         f"{weight.in_features} / ({kernel_size[0]}*{kernel_size[1]}) input channels")
+    taps = kernel_size[0] * kernel_size[1]
+    if taps < 1 or weight.in_features % taps:
+        raise ValueError(f"a weight with {weight.in_features} columns cannot hold a "
+                         f"{kernel_size[0]}x{kernel_size[1]} kernel (in_channels * kh * kw columns)")
     return _lib.sparse_conv2d(x, weight.offsets, weight.indices, weight.values, bias,
-                              weight.out_features, kernel_size,
+                              weight.out_features, weight.in_features // taps, kernel_size,
                               _pair(stride, "stride"), _pair(padding, "padding"),
                               _pair(dilation, "dilation"), weight.block_rows, lo, hi)
 
 
-def sparse_conv2d_op(x, offsets, indices, values, bias, out_channels, kernel_size, stride, padding,
-                     dilation, block_rows, out_min, out_max):
+def sparse_conv2d_op(x, offsets, indices, values, bias, out_channels, in_channels, kernel_size,
+                     stride, padding, dilation, block_rows, out_min, out_max):
     """The raw op with every argument explicit (lists for the pairs); modules cache them."""
-    return _lib.sparse_conv2d(x, offsets, indices, values, bias, out_channels, kernel_size, stride,
-                              padding, dilation, block_rows, out_min, out_max)
+    return _lib.sparse_conv2d(x, offsets, indices, values, bias, out_channels, in_channels,
+                              kernel_size, stride, padding, dilation, block_rows, out_min, out_max)
 
 
 @_register_fake("sparse_ext::sparse_conv2d")
-def _sparse_conv2d_fake(x, offsets, indices, values, bias, out_channels, kernel_size, stride,
-                        padding, dilation, block_rows, out_min, out_max):
+def _sparse_conv2d_fake(x, offsets, indices, values, bias, out_channels, in_channels, kernel_size,
+                        stride, padding, dilation, block_rows, out_min, out_max):
     torch._check(x.dim() == 4, lambda: "x must be 4-D [batch, channels, height, width]")
+    _check_weight_dim(out_channels, "out_channels")
+    _check_weight_dim(in_channels, "in_channels")
+    _check_width(x, "x", 1, in_channels, "channels", "in_channels")
     oh, ow = conv_output_size(x.shape[2:], kernel_size, stride, padding, dilation)
     return x.new_empty((x.shape[0], out_channels, oh, ow))  # always NCHW-contiguous
 
 
 @_register_fake("sparse_ext::sparse_conv2d_grad_input")
-def _sparse_conv2d_grad_input_fake(grad_out, offsets, indices, values, in_channels, input_size,
-                                   kernel_size, stride, padding, dilation, block_rows):
+def _sparse_conv2d_grad_input_fake(grad_out, offsets, indices, values, out_channels, in_channels,
+                                   input_size, kernel_size, stride, padding, dilation, block_rows):
+    _check_width(grad_out, "grad_out", 1, out_channels, "channels", "out_channels")
+    _check_weight_dim(in_channels, "in_channels")
     return grad_out.new_empty((grad_out.shape[0], in_channels, input_size[0], input_size[1]))
 
 
 @_register_fake("sparse_ext::sparse_conv2d_grad_values")
-def _sparse_conv2d_grad_values_fake(grad_out, x, offsets, indices, kernel_size, stride, padding,
-                                    dilation, block_rows):
+def _sparse_conv2d_grad_values_fake(grad_out, x, offsets, indices, out_channels, in_channels,
+                                    kernel_size, stride, padding, dilation, block_rows):
+    _check_width(grad_out, "grad_out", 1, out_channels, "channels", "out_channels")
+    _check_width(x, "x", 1, in_channels, "channels", "in_channels")
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     return x.new_empty(indices.shape[0] * block_rows, dtype=dtype)
 
 
 def _sparse_conv2d_setup_context(ctx, inputs, output):
-    (x, offsets, indices, values, bias, out_channels, kernel_size, stride, padding, dilation,
-     block_rows, out_min, out_max) = inputs
+    (x, offsets, indices, values, bias, out_channels, in_channels, kernel_size, stride, padding,
+     dilation, block_rows, out_min, out_max) = inputs
     ctx.clamped = out_min != -_INF or out_max != _INF
     ctx.save_for_backward(x, offsets, indices, values, output if ctx.clamped else None)
     ctx.geometry = (list(kernel_size), list(stride), list(padding), list(dilation))
@@ -195,47 +225,52 @@ def _sparse_conv2d_backward(ctx, grad):
         if pointwise:  # W^T is another 1x1 sparse conv (the SpMM family's transposed structure)
             offsets_t, indices_t, perm = _lib.spmm_transpose_structure(offsets, indices, M, C, R)
             grad_x = _lib.sparse_conv2d(grad.to(x.dtype), offsets_t, indices_t, values[perm], None,
-                                        C, [1, 1], [1, 1], [0, 0], [1, 1], 1, -_INF, _INF)
+                                        C, M, [1, 1], [1, 1], [0, 0], [1, 1], 1, -_INF, _INF)
         else:
-            grad_x = _lib.sparse_conv2d_grad_input(grad.to(x.dtype), offsets, indices, values, C,
-                                                   list(x.shape[2:]), kernel_size, stride,
+            grad_x = _lib.sparse_conv2d_grad_input(grad.to(x.dtype), offsets, indices, values, M,
+                                                   C, list(x.shape[2:]), kernel_size, stride,
                                                    padding, dilation, R)
     if ctx.needs_input_grad[3]:
-        grad_values = _lib.sparse_conv2d_grad_values(grad.to(x.dtype), x, offsets, indices,
+        grad_values = _lib.sparse_conv2d_grad_values(grad.to(x.dtype), x, offsets, indices, M, C,
                                                      kernel_size, stride, padding, dilation,
                                                      R).to(values.dtype)
     if ctx.needs_input_grad[4]:
         grad_bias = grad.sum((0, 2, 3)).to(ctx.bias_dtype)
     return (grad_x, None, None, grad_values, grad_bias, None, None, None, None, None, None, None,
-            None)
+            None, None)
 
 
 torch.library.register_autograd("sparse_ext::sparse_conv2d", _sparse_conv2d_backward,
                                 setup_context=_sparse_conv2d_setup_context)
-# ---- end sparse conv ----
-# ---- N:M semi-structured (issue 3) ------------------------------------------------------------
-from .formats import NMWeight  # noqa: E402
 
 
+# ---- N:M semi-structured ------------------------------------------------------------------------
 def nm_linear(x: torch.Tensor, weight: NMWeight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x @ W^T + bias`` for ``x [..., in_features]`` and an ``NMWeight`` W."""
-    return _lib.nm_linear(x, weight.values, weight.metadata, bias, weight.n, weight.m)
+    return _lib.nm_linear(x, weight.values, weight.metadata, bias, weight.in_features, weight.n,
+                          weight.m)
 
 
 @_register_fake("sparse_ext::nm_linear")
-def _nm_linear_fake(x, values, metadata, bias, n, m):
+def _nm_linear_fake(x, values, metadata, bias, in_features, n, m):
     torch._check(x.dim() >= 1, lambda: "x must have at least one dimension")
     torch._check(values.dim() == 2, lambda: "values must be 2-D")
+    _check_weight_dim(in_features, "in_features")
+    _check_width(x, "x", -1, in_features, "features", "in_features")
     return x.new_empty((*x.shape[:-1], values.shape[0]))
 
 
 @_register_fake("sparse_ext::nm_linear_grad_input")
 def _nm_linear_grad_input_fake(grad_out, values, metadata, in_features, n, m):
+    _check_weight_dim(in_features, "in_features")
+    _check_width(grad_out, "grad_out", -1, values.shape[0], "features", "out_features")
     return grad_out.new_empty((*grad_out.shape[:-1], in_features))
 
 
 @_register_fake("sparse_ext::nm_linear_grad_values")
-def _nm_linear_grad_values_fake(grad_out, x, metadata, n, m):
+def _nm_linear_grad_values_fake(grad_out, x, metadata, in_features, n, m):
+    _check_width(grad_out, "grad_out", -1, metadata.shape[0], "features", "out_features")
+    _check_width(x, "x", -1, in_features, "features", "in_features")
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     return x.new_empty((grad_out.shape[-1], -(-x.shape[-1] // m) * n), dtype=dtype)
 
@@ -246,29 +281,30 @@ def _nm_validate_fake(values, metadata, in_features, n, m):
 
 
 def _nm_linear_setup_context(ctx, inputs, output):
-    x, values, metadata, bias, n, m = inputs
+    x, values, metadata, bias, in_features, n, m = inputs
     ctx.save_for_backward(x, values, metadata)
-    ctx.n, ctx.m = n, m
+    ctx.in_features, ctx.n, ctx.m = in_features, n, m
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _nm_linear_backward(ctx, grad):
     x, values, metadata = ctx.saved_tensors
-    n, m = ctx.n, ctx.m
+    K, n, m = ctx.in_features, ctx.n, ctx.m
     grad_x = grad_values = grad_bias = None
     if ctx.needs_input_grad[0]:
         g = grad.to(torch.float64) if values.dtype == torch.float64 else grad
-        grad_x = _lib.nm_linear_grad_input(g, values, metadata, x.shape[-1], n, m).to(x.dtype)
+        grad_x = _lib.nm_linear_grad_input(g, values, metadata, K, n, m).to(x.dtype)
     if ctx.needs_input_grad[1]:
-        grad_values = _lib.nm_linear_grad_values(grad, x, metadata, n, m).to(values.dtype)
+        grad_values = _lib.nm_linear_grad_values(grad, x, metadata, K, n, m).to(values.dtype)
     if ctx.needs_input_grad[3]:
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
-    return grad_x, grad_values, None, grad_bias, None, None
+    return grad_x, grad_values, None, grad_bias, None, None, None
 
 
 torch.library.register_autograd("sparse_ext::nm_linear", _nm_linear_backward,
                                 setup_context=_nm_linear_setup_context)
-# ---- end N:M ----
+
+
 # ---- MoE (csrc/kernels/moe, docs/moe.md) --------------------------------------------------------
 def moe_route(router_logits: torch.Tensor, top_k: int, scoring: str = "softmax",
               renormalize: bool = True, selection_bias: Optional[torch.Tensor] = None,
@@ -319,6 +355,8 @@ def _moe_route_fake(router_logits, top_k, scoring, renormalize, selection_bias, 
 @_register_fake("sparse_ext::moe_permute")
 def _moe_permute_fake(topk_indices, num_experts, capacity):
     torch._check(topk_indices.dim() == 2, lambda: "topk_indices must be 2-D [tokens, top_k]")
+    torch._check(1 <= num_experts <= _MAX_EXPERTS, lambda: (
+        f"num_experts must be in [1, {_MAX_EXPERTS}], got {num_experts}"))
     T, k = topk_indices.shape
     return (topk_indices.new_empty(T * k, dtype=torch.int64),
             topk_indices.new_empty(num_experts + 1, dtype=torch.int64),
@@ -416,4 +454,3 @@ def _moe_combine_backward(ctx, grad):
 
 torch.library.register_autograd("sparse_ext::moe_combine", _moe_combine_backward,
                                 setup_context=_moe_combine_setup_context)
-# ---- end MoE ----

@@ -34,6 +34,26 @@ inline void check_1d(const at::Tensor& t, const char* name, int64_t expected_len
               t.size(0));
 }
 
+// The weight's width along dimension `dim` of an activation, in nn.Linear's terms:
+// "x has 1024 features, this weight expects in_features=1000". `unit` is "features" or
+// "channels"; `weight_dim` names the weight's side ("in_features", "out_channels", ...).
+inline void check_width(const at::Tensor& t, const char* name, int64_t dim, int64_t expected,
+                        const char* unit, const char* weight_dim) {
+  TORCH_CHECK(t.size(dim) == expected, name, " has ", t.size(dim), " ", unit,
+              ", this weight expects ", weight_dim, "=", expected, " (", name, " shape ",
+              t.sizes(), ")");
+}
+
+// Sizes the weight's dimensions may take: the kernels index rows and columns with 32-bit
+// integers, and a bound checked before anything is allocated keeps an absurd size argument from
+// turning into a multi-GB allocation.
+constexpr int64_t kMaxWeightDim = (int64_t(1) << 31) - 1;
+
+inline void check_weight_dim(int64_t value, const char* name) {
+  TORCH_CHECK(value >= 0 && value <= kMaxWeightDim, name, " must be in [0, 2^31 - 1], got ",
+              value);
+}
+
 // grad_out [..., out] and x [..., in] of a values-gradient op must hold the same number of tokens.
 inline void check_same_tokens(const at::Tensor& grad_out, const at::Tensor& x) {
   const int64_t out = grad_out.size(-1), in = x.size(-1);

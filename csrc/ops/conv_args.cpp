@@ -61,6 +61,12 @@ void check_conv_images(const at::Tensor& x, const char* name, ConvDeviceCheck ch
               x.sizes());
 }
 
+void check_conv_channels(const at::Tensor& t, const char* name, int64_t expected,
+                         const char* weight_dim) {
+  check_weight_dim(expected, weight_dim);
+  check_width(t, name, 1, expected, "channels", weight_dim);
+}
+
 void check_conv_bias(const at::Tensor& bias, int64_t out_channels, ConvDeviceCheck check_device,
                      std::initializer_list<at::ScalarType> dtypes) {
   check_device(bias, "bias");

@@ -42,6 +42,11 @@ inline bool conv_is_pointwise(const ConvShape& s) {
 void check_conv_images(const at::Tensor& x, const char* name, ConvDeviceCheck check_device,
                        std::initializer_list<at::ScalarType> dtypes);
 
+// Images t [batch, channels, ...] whose channels must match the weight's `weight_dim`
+// (in_channels for x, out_channels for grad_out), itself within the weight-size bound.
+void check_conv_channels(const at::Tensor& t, const char* name, int64_t expected,
+                         const char* weight_dim);
+
 // bias [out_channels], on the glue's device, in one of `dtypes`.
 void check_conv_bias(const at::Tensor& bias, int64_t out_channels, ConvDeviceCheck check_device,
                      std::initializer_list<at::ScalarType> dtypes);

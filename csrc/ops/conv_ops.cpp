@@ -62,10 +62,13 @@ int64_t stream_bytes() {
 at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& offsets,
                              const at::Tensor& indices, const at::Tensor& values,
                              const c10::optional<at::Tensor>& bias, int64_t out_channels,
+                             int64_t in_channels,
                              at::IntArrayRef kernel_size, at::IntArrayRef stride,
                              at::IntArrayRef padding, at::IntArrayRef dilation, int64_t block_rows,
                              double out_min, double out_max) {
   check_images(x, "x");
+  check_weight_dim(out_channels, "out_channels");
+  check_conv_channels(x, "x", in_channels, "in_channels");
   const ConvArgs args = conv_args(kernel_size, stride, padding, dilation);
   check_conv_clamp(out_min, out_max);
   const int64_t B = x.size(0), C = x.size(1);
@@ -165,11 +168,13 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& offsets,
 
 at::Tensor sparse_conv2d_grad_input_cpu(const at::Tensor& grad_out, const at::Tensor& offsets,
                                         const at::Tensor& indices, const at::Tensor& values,
-                                        int64_t in_channels, at::IntArrayRef input_size,
+                                        int64_t out_channels, int64_t in_channels, at::IntArrayRef input_size,
                                         at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                         at::IntArrayRef padding, at::IntArrayRef dilation,
                                         int64_t block_rows) {
   check_images(grad_out, "grad_out");
+  check_conv_channels(grad_out, "grad_out", out_channels, "out_channels");
+  check_weight_dim(in_channels, "in_channels");
   const ConvArgs args = conv_args(kernel_size, stride, padding, dilation);
   const auto hw = conv_input_size(input_size, in_channels);
   const int64_t B = grad_out.size(0), M = grad_out.size(1);
@@ -200,11 +205,14 @@ at::Tensor sparse_conv2d_grad_input_cpu(const at::Tensor& grad_out, const at::Te
 
 at::Tensor sparse_conv2d_grad_values_cpu(const at::Tensor& grad_out, const at::Tensor& x,
                                          const at::Tensor& offsets, const at::Tensor& indices,
+                                         int64_t out_channels, int64_t in_channels,
                                          at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                          at::IntArrayRef padding, at::IntArrayRef dilation,
                                          int64_t block_rows) {
   check_images(grad_out, "grad_out");
   check_images(x, "x");
+  check_conv_channels(grad_out, "grad_out", out_channels, "out_channels");
+  check_conv_channels(x, "x", in_channels, "in_channels");
   const ConvArgs args = conv_args(kernel_size, stride, padding, dilation);
   const int64_t B = x.size(0), C = x.size(1), M = grad_out.size(1);
   check_conv_same_batch(grad_out, x);

@@ -48,7 +48,8 @@ std::pair<int64_t, int64_t> checked_moe_permute_args(const at::Tensor& topk_indi
   check_dtype(topk_indices, "topk_indices", {at::kLong, at::kInt});
   TORCH_CHECK(topk_indices.dim() == 2, "topk_indices must be 2-D [tokens, top_k], got shape ",
               topk_indices.sizes());
-  TORCH_CHECK(num_experts >= 1, "num_experts must be >= 1, got ", num_experts);
+  TORCH_CHECK(num_experts >= 1 && num_experts <= kMoeMaxExperts, "num_experts must be in [1, ",
+              kMoeMaxExperts, "], got ", num_experts);
   const int64_t T = topk_indices.size(0), k = topk_indices.size(1);
   TORCH_CHECK(k >= 1 && k <= num_experts, "top_k (topk_indices.size(1)) must be in [1, ",
               num_experts, "], got ", k);

@@ -32,7 +32,13 @@ MoeRouteParams checked_moe_route_args(const at::Tensor& logits, int64_t top_k,
 // moe_route's output shape: router_logits' shape with the last dimension top_k.
 std::vector<int64_t> moe_route_out_shape(const at::Tensor& logits, int64_t top_k);
 
-// moe_permute: topk_indices (device, dtype, 2-D), num_experts and top_k. Returns {tokens, top_k}.
+// The most experts an op accepts: num_experts of moe_permute sizes its offsets output before any
+// index is read, so it is bounded first (2^20 experts, 8 MiB of offsets; published models use up
+// to a few hundred, fine-grained expert layers up to about a million).
+constexpr int64_t kMoeMaxExperts = int64_t(1) << 20;
+
+// moe_permute: topk_indices (device, dtype, 2-D), num_experts in [1, kMoeMaxExperts] and top_k.
+// Returns {tokens, top_k}.
 std::pair<int64_t, int64_t> checked_moe_permute_args(const at::Tensor& topk_indices,
                                                      int64_t num_experts,
                                                      MoeCheckDevice check_device);

@@ -78,9 +78,12 @@ NmWeight checked_nm_weight_args(const at::Tensor& first, const char* first_name,
 
 NmOpArgs checked_nm_linear_args(const at::Tensor& x, const at::Tensor& values,
                                 const at::Tensor& metadata, const c10::optional<at::Tensor>& bias,
-                                int64_t n, int64_t m, const NmDeviceChecks& dev) {
+                                int64_t in_features, int64_t n, int64_t m,
+                                const NmDeviceChecks& dev) {
   check_activations(x, "x", dev);
-  const int64_t K = x.size(-1);
+  check_weight_dim(in_features, "in_features");
+  check_width(x, "x", -1, in_features, "features", "in_features");
+  const int64_t K = in_features;
   check_values_2d(values);
   const int64_t out_features = values.size(0);
   const NmWeight w =
@@ -100,6 +103,9 @@ NmOpArgs checked_nm_grad_input_args(const at::Tensor& grad_out, const at::Tensor
                                     const at::Tensor& metadata, int64_t in_features, int64_t n,
                                     int64_t m, const NmDeviceChecks& dev) {
   check_activations(grad_out, "grad_out", dev);
+  check_weight_dim(in_features, "in_features");
+  check_values_2d(values);
+  check_width(grad_out, "grad_out", -1, values.size(0), "features", "out_features");
   const int64_t M_out = grad_out.size(-1);
   const NmWeight w = checked_nm_weight_args(grad_out, "grad_out", &values, metadata, M_out,
                                             in_features, n, m, dev);
@@ -110,12 +116,17 @@ NmOpArgs checked_nm_grad_input_args(const at::Tensor& grad_out, const at::Tensor
 }
 
 NmWeight checked_nm_grad_values_args(const at::Tensor& grad_out, const at::Tensor& x,
-                                     const at::Tensor& metadata, int64_t n, int64_t m,
-                                     const NmDeviceChecks& dev) {
+                                     const at::Tensor& metadata, int64_t in_features, int64_t n,
+                                     int64_t m, const NmDeviceChecks& dev) {
   check_activations(grad_out, "grad_out", dev);
   check_activations(x, "x", dev);
   dev.operand(grad_out, "grad_out", x, "x");
-  const int64_t K = x.size(-1), M_out = grad_out.size(-1);
+  check_weight_dim(in_features, "in_features");
+  TORCH_CHECK(metadata.dim() == 2, "metadata must be 2-D [out_features, bytes per row], got shape ",
+              metadata.sizes());
+  check_width(grad_out, "grad_out", -1, metadata.size(0), "features", "out_features");
+  check_width(x, "x", -1, in_features, "features", "in_features");
+  const int64_t K = in_features, M_out = grad_out.size(-1);
   check_same_tokens(grad_out, x);
   const NmWeight w = checked_nm_weight_args(grad_out, "grad_out", nullptr, metadata, M_out, K, n,
                                             m, dev);
@@ -130,6 +141,7 @@ NmWeight checked_nm_validate_args(const at::Tensor& values, const at::Tensor& me
                                   int64_t in_features, int64_t n, int64_t m,
                                   const NmDeviceChecks& dev) {
   check_values_2d(values);
+  check_weight_dim(in_features, "in_features");
   return checked_nm_weight_args(values, "values", &values, metadata, values.size(0), in_features,
                                 n, m, dev);
 }

@@ -41,23 +41,25 @@ struct NmOpArgs {
   std::vector<int64_t> out_shape;
 };
 
-// nm_linear(x [..., K], values [out_features, kept], metadata, bias [out_features] or none):
-// x, the weight (cols = K), bias, and float64 on both x and values or on neither.
+// nm_linear(x [..., in_features], values [out_features, kept], metadata, bias [out_features] or
+// none): x's width, the weight, bias, and float64 on both x and values or on neither.
 NmOpArgs checked_nm_linear_args(const at::Tensor& x, const at::Tensor& values,
                                 const at::Tensor& metadata, const c10::optional<at::Tensor>& bias,
-                                int64_t n, int64_t m, const NmDeviceChecks& dev);
+                                int64_t in_features, int64_t n, int64_t m,
+                                const NmDeviceChecks& dev);
 
-// nm_linear_grad_input(grad_out [..., out_features], values, metadata, in_features): grad_out,
-// the weight, and float64 on both grad_out and values or on neither.
+// nm_linear_grad_input(grad_out [..., out_features], values, metadata, in_features): grad_out's
+// width (values' rows), the weight, and float64 on both grad_out and values or on neither.
 NmOpArgs checked_nm_grad_input_args(const at::Tensor& grad_out, const at::Tensor& values,
                                     const at::Tensor& metadata, int64_t in_features, int64_t n,
                                     int64_t m, const NmDeviceChecks& dev);
 
-// nm_linear_grad_values(grad_out [..., out_features], x [..., K], metadata): both activations with
-// the same number of tokens, the structure (w.values null), and float64 on both or on neither.
+// nm_linear_grad_values(grad_out [..., out_features], x [..., in_features], metadata): both
+// widths (out_features = metadata's rows), the same number of tokens, the structure (w.values
+// null), and float64 on both or on neither.
 NmWeight checked_nm_grad_values_args(const at::Tensor& grad_out, const at::Tensor& x,
-                                     const at::Tensor& metadata, int64_t n, int64_t m,
-                                     const NmDeviceChecks& dev);
+                                     const at::Tensor& metadata, int64_t in_features, int64_t n,
+                                     int64_t m, const NmDeviceChecks& dev);
 
 // nm_validate(values [out_features, kept], metadata, in_features): the weight (not the canonical
 // form, which each glue checks on its device).

@@ -134,8 +134,9 @@ std::vector<int64_t> even_split(int64_t items) {
 
 
 at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& metadata,
-                         const c10::optional<at::Tensor>& bias, int64_t n, int64_t m) {
-  const NmOpArgs args = checked_nm_linear_args(x, values, metadata, bias, n, m, kCpu);
+                         const c10::optional<at::Tensor>& bias, int64_t in_features, int64_t n,
+                         int64_t m) {
+  const NmOpArgs args = checked_nm_linear_args(x, values, metadata, bias, in_features, n, m, kCpu);
   const NmWeight w = check_shape(args.w);
   const std::vector<int64_t>& out_shape = args.out_shape;
   const int64_t K = w.cols, out_features = w.rows;
@@ -219,8 +220,10 @@ at::Tensor nm_linear_grad_input_cpu(const at::Tensor& grad_out, const at::Tensor
 }
 
 at::Tensor nm_linear_grad_values_cpu(const at::Tensor& grad_out, const at::Tensor& x,
-                                     const at::Tensor& metadata, int64_t n, int64_t m) {
-  NmWeight w = check_shape(checked_nm_grad_values_args(grad_out, x, metadata, n, m, kCpu));
+                                     const at::Tensor& metadata, int64_t in_features, int64_t n,
+                                     int64_t m) {
+  NmWeight w =
+      check_shape(checked_nm_grad_values_args(grad_out, x, metadata, in_features, n, m, kCpu));
   const int64_t K = w.cols, M_out = w.rows;
   if (x.scalar_type() == at::kDouble || grad_out.scalar_type() == at::kDouble) {
     at::Tensor dv = at::empty({M_out, w.kept()}, x.options());

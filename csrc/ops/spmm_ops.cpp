@@ -111,9 +111,12 @@ void check_activations(const at::Tensor& x, const char* name) {
 
 at::Tensor spmm_cpu(const at::Tensor& x, const at::Tensor& offsets, const at::Tensor& indices,
                     const at::Tensor& values, const c10::optional<at::Tensor>& bias,
-                    int64_t out_features, int64_t block_rows) {
+                    int64_t out_features, int64_t in_features, int64_t block_rows) {
   check_activations(x, "x");
-  const int64_t K = x.size(-1);
+  check_weight_dim(out_features, "out_features");
+  check_weight_dim(in_features, "in_features");
+  check_width(x, "x", -1, in_features, "features", "in_features");
+  const int64_t K = in_features;
   const SpmmWeight w = make_weight(offsets, indices, &values, out_features, K, block_rows);
   at::Tensor bias_f;
   if (bias.has_value()) {
@@ -166,7 +169,8 @@ at::Tensor spmm_cpu(const at::Tensor& x, const at::Tensor& offsets, const at::Te
 std::tuple<at::Tensor, at::Tensor, at::Tensor> spmm_transpose_structure_cpu(
     const at::Tensor& offsets, const at::Tensor& indices, int64_t out_features,
     int64_t in_features, int64_t block_rows) {
-  TORCH_CHECK(in_features >= 0, "in_features must be non-negative, got ", in_features);
+  check_weight_dim(out_features, "out_features");
+  check_weight_dim(in_features, "in_features");
   const SpmmWeight w = make_weight(offsets, indices, nullptr, out_features, in_features, block_rows);
   const int64_t m_blocks = (out_features + kSpmmKBlock - 1) / kSpmmKBlock;
   at::Tensor offsets_t = at::empty({in_features * m_blocks + 1}, offsets.options());
@@ -179,10 +183,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spmm_transpose_structure_cpu(
 
 at::Tensor spmm_sddmm_cpu(const at::Tensor& grad_out, const at::Tensor& x,
                           const at::Tensor& offsets, const at::Tensor& indices,
-                          int64_t block_rows) {
+                          int64_t out_features, int64_t in_features, int64_t block_rows) {
   check_activations(grad_out, "grad_out");
   check_activations(x, "x");
-  const int64_t K = x.size(-1), M = grad_out.size(-1);
+  check_weight_dim(out_features, "out_features");
+  check_weight_dim(in_features, "in_features");
+  check_width(grad_out, "grad_out", -1, out_features, "features", "out_features");
+  check_width(x, "x", -1, in_features, "features", "in_features");
+  const int64_t K = in_features, M = out_features;
   check_same_tokens(grad_out, x);
   SpmmWeight w = make_weight(offsets, indices, nullptr, M, K, block_rows);
   if (x.scalar_type() == at::kDouble || grad_out.scalar_type() == at::kDouble) {

@@ -94,6 +94,40 @@ std::vector<float> dense_conv(const Built& b, const ConvShape& s, const std::vec
   return y;
 }
 
+bool is_pointwise(const ConvShape& s) {
+  return s.kernel_h == 1 && s.kernel_w == 1 && s.stride_h == 1 && s.stride_w == 1 && s.pad_h == 0 &&
+         s.pad_w == 0;
+}
+
+// Runs the entry's 1x1 or kxk ukernel on one image as the op would (kxk through the phase split),
+// over split group, pixel and row ranges as threads would cut them. Returns the ukernel's name, or
+// nullptr when the entry has no kernel for the shape (y untouched).
+const char* run_ukernel(const ConvRegistryEntry& e, const SpmmWeight& w, const ConvShape& s,
+                        const std::vector<float>& x, const ConvEpilogue& ep, std::vector<float>& y) {
+  const int64_t G = s.out_channels / e.block_rows, P = s.out_h * s.out_w;
+  if (is_pointwise(s)) {
+    // Two group ranges and two pixel ranges.
+    const int64_t pm = P / 2 / 8 * 8;
+    for (auto [g0, g1] : {std::pair<int64_t, int64_t>{0, G / 2}, {G / 2, G}}) {
+      e.kernels->conv1x1(w, x.data(), P, 0, pm, g0, g1, ep, y.data(), P);
+      e.kernels->conv1x1(w, x.data(), P, pm, P, g0, g1, ep, y.data(), P);
+    }
+    return e.kernels->conv1x1_name;
+  }
+  if (e.kernels->kxk == nullptr) return nullptr;
+  std::vector<ConvTap> taps(static_cast<size_t>(w.nnz));
+  conv_build_taps(w, s, taps.data());
+  const int64_t hq = conv_phase_h(s), wq = conv_phase_w(s);
+  std::vector<float> xq(static_cast<size_t>(s.in_channels * s.stride_h * s.stride_w * hq * wq));
+  conv_phase_split(x.data(), s, xq.data());
+  const ConvPlanes in{xq.data(), hq, wq, s.out_h, s.out_w};
+  const int64_t om = s.out_h / 2;
+  e.kernels->kxk(w, taps.data(), in, 0, om, 0, G / 2, ep, y.data());
+  e.kernels->kxk(w, taps.data(), in, om, s.out_h, 0, G / 2, ep, y.data());
+  e.kernels->kxk(w, taps.data(), in, 0, s.out_h, G / 2, G, ep, y.data());
+  return e.kernels->kxk_name;
+}
+
 void check_case(const ConvRegistryEntry& e, const ConvShape& s, double density, float lo, float hi,
                 Rng& rng) {
   const int64_t R = e.block_rows;
@@ -108,33 +142,10 @@ void check_case(const ConvRegistryEntry& e, const ConvShape& s, double density, 
   for (auto& v : bias) v = rng.uniform();
   const std::vector<float> ref = dense_conv(b, s, x, bias, lo, hi);
   const ConvEpilogue ep{bias.data(), lo, hi};
-  const int64_t G = s.out_channels / R, P = s.out_h * s.out_w;
+  const int64_t G = s.out_channels / R;
   std::vector<float> y(ref.size(), -7.f);
-  const bool is1x1 = s.kernel_h == 1 && s.kernel_w == 1 && s.stride_h == 1 && s.stride_w == 1 &&
-                     s.pad_h == 0 && s.pad_w == 0;
-  const char* name = "";
-  if (is1x1) {
-    name = e.kernels->conv1x1_name;
-    // Two group ranges and two pixel ranges, as threads would split them.
-    const int64_t pm = P / 2 / 8 * 8;
-    for (auto [g0, g1] : {std::pair<int64_t, int64_t>{0, G / 2}, {G / 2, G}}) {
-      e.kernels->conv1x1(b.w, x.data(), P, 0, pm, g0, g1, ep, y.data(), P);
-      e.kernels->conv1x1(b.w, x.data(), P, pm, P, g0, g1, ep, y.data(), P);
-    }
-  } else {
-    if (e.kernels->kxk == nullptr) return;
-    name = e.kernels->kxk_name;
-    std::vector<ConvTap> taps(static_cast<size_t>(b.w.nnz));
-    conv_build_taps(b.w, s, taps.data());
-    const int64_t hq = conv_phase_h(s), wq = conv_phase_w(s);
-    std::vector<float> xq(static_cast<size_t>(s.in_channels * s.stride_h * s.stride_w * hq * wq));
-    conv_phase_split(x.data(), s, xq.data());
-    const ConvPlanes in{xq.data(), hq, wq, s.out_h, s.out_w};
-    const int64_t om = s.out_h / 2;
-    e.kernels->kxk(b.w, taps.data(), in, 0, om, 0, G / 2, ep, y.data());
-    e.kernels->kxk(b.w, taps.data(), in, om, s.out_h, 0, G / 2, ep, y.data());
-    e.kernels->kxk(b.w, taps.data(), in, 0, s.out_h, G / 2, G, ep, y.data());
-  }
+  const char* name = run_ukernel(e, b.w, s, x, ep, y);
+  if (name == nullptr) return;
   const double err = sparse_ext_test::max_rel_error(y.data(), ref.data(), y.size());
   SE_EXPECT(err < 1e-4 * std::max(1.0, std::sqrt(static_cast<double>(s.in_channels * KK))),
             "%s/%s ci=%ld co=%ld %ldx%ld k=%ld s=%ld p=%ld d=%ld density=%.2f: error %g",
@@ -152,6 +163,95 @@ void check_case(const ConvRegistryEntry& e, const ConvShape& s, double density, 
     std::vector<float> yf(yd.begin(), yd.end());
     const double derr = sparse_ext_test::max_rel_error(yf.data(), ref.data(), yf.size());
     SE_EXPECT(derr < 1e-5, "conv_direct_ref<double>: error %g", derr);
+  }
+}
+
+// 0 NaN, 1 +inf, 2 -inf, 3 finite.
+int fp_class(float v) { return std::isnan(v) ? 0 : std::isinf(v) ? (v > 0 ? 1 : 2) : 3; }
+
+// Non-finite values follow the sparse product: padding is not an input, so it never takes part in
+// a product (an inf weight next to the padding must not make inf * 0 = NaN), and a NaN/inf weight
+// or pixel reaches exactly the outputs whose receptive field holds that in-bounds pixel through a
+// stored entry. Each case pokes one weight or one (border) pixel and requires NaN / +inf / -inf at
+// the same outputs as conv_direct_ref<float> (which skips padded positions) and the finite outputs
+// to agree with it. No clamp, so the non-finite values reach the output as they are.
+void check_nonfinite(const ConvRegistryEntry& e, const ConvShape& s, Rng& rng) {
+  const int64_t R = e.block_rows;
+  if (s.out_channels % R) return;
+  if (!is_pointwise(s) && e.kernels->kxk == nullptr) return;
+  const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
+  const int64_t KK = s.kernel_h * s.kernel_w, K = s.in_channels * KK, KB = (K + kSpmmKBlock - 1) / kSpmmKBlock;
+  const int64_t G = s.out_channels / R, H = s.in_h, W = s.in_w, C = s.in_channels;
+  Built b = build(s.out_channels, K, R, 0.6, rng);
+  std::vector<float> x(static_cast<size_t>(C * H * W)), bias(static_cast<size_t>(s.out_channels));
+  for (auto& v : x) v = rng.uniform();
+  for (auto& v : bias) v = rng.uniform();
+  const ConvEpilogue ep{bias.data(), -inf, inf};
+
+  struct Poke {
+    bool weight;    // values[index] (else x[index])
+    int64_t index;
+    float value;
+    std::string what;
+  };
+  std::vector<Poke> pokes;
+  // +inf in the first stored entry of each kernel column (the left and right ones meet the
+  // padding) and of the top and bottom kernel rows, in a channel r that varies with the entry.
+  std::vector<int64_t> cols(static_cast<size_t>(b.w.nnz));
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t kb = 0; kb < KB; ++kb)
+      for (int32_t j = b.offsets[g * KB + kb]; j < b.offsets[g * KB + kb + 1]; ++j)
+        cols[j] = kb * kSpmmKBlock + b.indices[j];
+  auto poke_weight = [&](const char* what, auto pred) {
+    for (int64_t j = 0; j < b.w.nnz; ++j)
+      if (pred(cols[j] / s.kernel_w % s.kernel_h, cols[j] % s.kernel_w)) {
+        pokes.push_back({true, j * R + j % R, inf, std::string("+inf weight ") + what});
+        return;
+      }
+  };
+  for (int64_t kw = 0; kw < s.kernel_w; ++kw)
+    poke_weight(("kw=" + std::to_string(kw)).c_str(), [&](int64_t, int64_t c) { return c == kw; });
+  poke_weight("kh=0", [&](int64_t r, int64_t) { return r == 0; });
+  poke_weight("kh=last", [&](int64_t r, int64_t) { return r == s.kernel_h - 1; });
+  // One NaN / inf pixel on the border (corners, edge middles) and one inside.
+  auto pixel = [&](int64_t c, int64_t iy, int64_t ix) { return (c * H + iy) * W + ix; };
+  pokes.push_back({false, pixel(0, 0, 0), nan, "NaN pixel top-left"});
+  pokes.push_back({false, pixel(C - 1, H - 1, W - 1), nan, "NaN pixel bottom-right"});
+  pokes.push_back({false, pixel(0, H / 2, 0), nan, "NaN pixel left edge"});
+  pokes.push_back({false, pixel(C - 1, H / 2, W - 1), nan, "NaN pixel right edge"});
+  pokes.push_back({false, pixel(0, 0, W / 2), inf, "+inf pixel top edge"});
+  pokes.push_back({false, pixel(C / 2, H - 1, W / 2), -inf, "-inf pixel bottom edge"});
+  pokes.push_back({false, pixel(C / 2, H / 2, W / 2), inf, "+inf pixel inside"});
+
+  for (const Poke& pk : pokes) {
+    float& slot = pk.weight ? b.values[static_cast<size_t>(pk.index)] : x[static_cast<size_t>(pk.index)];
+    const float saved = slot;
+    slot = pk.value;
+    std::vector<float> ref(static_cast<size_t>(s.out_channels * s.out_h * s.out_w));
+    conv_direct_ref<float>(b.w, s, x.data(), bias.data(), -inf, inf, 0, G, ref.data());
+    std::vector<float> y(ref.size(), -7.f);
+    const char* name = run_ukernel(e, b.w, s, x, ep, y);
+    slot = saved;
+    int64_t wrong = 0, first = -1, nonfinite = 0;
+    double err = 0.0;
+    for (size_t i = 0; i < y.size(); ++i) {
+      nonfinite += fp_class(ref[i]) != 3;
+      if (fp_class(y[i]) != fp_class(ref[i])) {
+        if (wrong++ == 0) first = static_cast<int64_t>(i);
+      } else if (fp_class(y[i]) == 3) {
+        err = std::max(err, sparse_ext_test::max_rel_error(&y[i], &ref[i], 1));
+      }
+    }
+    const int64_t P = s.out_h * s.out_w;
+    SE_EXPECT(wrong == 0, "%s/%s %ldx%ld k=%ld s=%ld p=%ld d=%ld, %s: %ld outputs differ in "
+              "NaN/inf/finite (ref %ld non-finite); first at co=%ld oy=%ld ox=%ld: %g, ref %g",
+              isa_name(e.isa), name, (long)H, (long)W, (long)s.kernel_h, (long)s.stride_h,
+              (long)s.pad_h, (long)s.dil_h, pk.what.c_str(), (long)wrong, (long)nonfinite,
+              (long)(first / P), (long)(first % P / s.out_w), (long)(first % s.out_w),
+              first >= 0 ? y[first] : 0.f, first >= 0 ? ref[first] : 0.f);
+    SE_EXPECT(err < 1e-4 * std::max(1.0, std::sqrt(static_cast<double>(K))),
+              "%s/%s %ldx%ld k=%ld, %s: finite outputs off by %g", isa_name(e.isa), name, (long)H,
+              (long)W, (long)s.kernel_h, pk.what.c_str(), err);
   }
 }
 
@@ -193,6 +293,16 @@ int main() {
         check_case(e, make_shape(c[0], c[1], c[2] + 4, c[3] + 4, c[4], c[5], c[6], 2), density, 0.f,
                    inf, rng);
       }
+    // Non-finite weights and pixels next to the padding: {C_in, C_out, H, W, k, stride, pad,
+    // dilation}. Widths cover one partial tile, several tiles and a partial last tile; the strided
+    // sizes are multiples of the stride.
+    const int64_t nf_cases[][8] = {{3, 8, 7, 5, 3, 1, 1, 1},   {3, 16, 9, 40, 3, 1, 1, 1},
+                                   {2, 8, 6, 17, 3, 1, 1, 1},  {3, 8, 9, 12, 5, 1, 1, 1},
+                                   {2, 8, 8, 37, 5, 1, 2, 1},  {3, 8, 10, 36, 3, 2, 1, 1},
+                                   {3, 8, 9, 21, 3, 1, 1, 2},  {4, 8, 1, 1, 3, 1, 1, 1},
+                                   {8, 16, 1, 57, 1, 1, 0, 1}};
+    for (const auto& c : nf_cases)
+      check_nonfinite(e, make_shape(c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]), rng);
   }
 #if defined(__aarch64__) && defined(SPARSE_EXT_HAVE_NEON_KERNELS)
   sparse_ext_test::expect_covered("neon");

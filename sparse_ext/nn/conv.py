@@ -136,7 +136,8 @@ class SparseConv2d(nn.Module):
                              f"[{self.in_channels}, H, W]), got {tuple(x.shape)}")
         lo, hi = ops.activation_bounds(self.activation)
         y = ops.sparse_conv2d_op(x, self.offsets, self.indices, self.values, self.bias,
-                                 self.out_channels, list(self.kernel_size), list(self.stride),
+                                 self.out_channels, self.in_channels, list(self.kernel_size),
+                                 list(self.stride),
                                  list(self.padding), list(self.dilation), self.block_rows, lo, hi)
         return y.squeeze(0) if unbatched else y
 

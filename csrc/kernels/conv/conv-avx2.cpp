@@ -149,26 +149,40 @@ void conv1x1_avx2(const SpmmWeight& w, const float* x, int64_t ldx, int64_t p0, 
 }
 
 // ---- kxk direct convolution ------------------------------------------------------------------
-// One tap into a tile of ROWS output rows [oy, oy + nrows) x up to 8*NV columns [ox0, ox0 + width):
-// the column clipping (lo, hi) depends only on the tap's dx, so it is computed once and shared by
-// the rows; full vector loads when the shifted window lies inside the plane row, masked loads
-// (lanes clipped to the plane and to the tile) at the edges; rows outside the plane are skipped.
-// Accumulators: acc[(row * R + r) * NV + v].
-template <int R, int NV, int ROWS>
-inline void kxk_tap(const float* values, int64_t j, const ConvTap& t, const ConvPlanes& in,
-                    int64_t oy, int64_t nrows, int64_t ox0, int64_t width, __m256* acc) {
-  const int64_t xs = ox0 + t.dx;
-  const int64_t lo = std::max<int64_t>(0, -xs), hi = std::min<int64_t>(width, in.wq - xs);
-  if (hi <= lo) return;
-  const bool full = lo == 0 && hi == 8 * NV;
-  __m256i masks[NV];
-  if (!full) {
+// How a tap's shifted window [xs, xs + 8*NV) meets its plane row, for a tile of `width` columns:
+//   kFull  every lane inside the row: plain loads.
+//   kTail  the lanes inside the tile are inside the row; lanes past the width are masked loads of
+//          zero, so w * 0 there may be NaN (w = inf), but those lanes are never stored.
+//   kPad   some lanes of the tile fall on the zero padding. Padding is not an input (sparse-product
+//          semantics, as in the scalar kernel's clipping): w * 0 must not reach the output, since
+//          inf * 0 = NaN. The accumulator keeps its old value in those lanes (blend). Only edge
+//          taps whose R values are not all finite take this path: a finite w * 0 adds a zero, so
+//          kTail's plain FMAs give the same result without the blends.
+enum class Cols { kFull, kTail, kPad };
+
+// Whether all R values of an entry are finite (exponent bits not all ones).
+template <int R>
+inline bool values_finite(const float* v) {
+  uint32_t any_special = 0;
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) masks[v] = lane_mask(v, lo, hi);
+  for (int r = 0; r < R; ++r) {
+    uint32_t bits;
+    std::memcpy(&bits, v + r, sizeof(bits));
+    any_special |= static_cast<uint32_t>((bits & 0x7f800000u) == 0x7f800000u);
   }
+  return any_special == 0;
+}
+
+// The rows of one tap: acc[(row * R + r) * NV + v] += w[r] * plane[iy][xs + 8v ..] for the rows
+// iy = oy + row + t.dy inside the plane (rows outside it are padding and are skipped). The weights
+// are broadcast here, after the dispatch, so that they are not live across it (with R = 8 they
+// and the accumulators fill all 16 ymm registers).
+template <int R, int NV, int ROWS, Cols C>
+inline void kxk_tap_rows(const float* w, const __m256i* masks, const ConvTap& t,
+                         const ConvPlanes& in, int64_t oy, int64_t nrows, int64_t xs, __m256* acc) {
   __m256 wv[R];
 #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) wv[r] = _mm256_broadcast_ss(values + j * R + r);
+  for (int r = 0; r < R; ++r) wv[r] = _mm256_broadcast_ss(w + r);
 #pragma GCC unroll 4
   for (int row = 0; row < ROWS; ++row) {
     const int64_t iy = oy + row + t.dy;
@@ -180,14 +194,38 @@ inline void kxk_tap(const float* values, int64_t j, const ConvTap& t, const Conv
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) {
       const float* a = reinterpret_cast<const float*>(xr + 32 * v);
-      xv[v] = full ? _mm256_loadu_ps(a) : _mm256_maskload_ps(a, masks[v]);
+      xv[v] = C == Cols::kFull ? _mm256_loadu_ps(a) : _mm256_maskload_ps(a, masks[v]);
     }
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v)
-        acc[(row * R + r) * NV + v] = _mm256_fmadd_ps(wv[r], xv[v], acc[(row * R + r) * NV + v]);
+      for (int v = 0; v < NV; ++v) {
+        __m256& a = acc[(row * R + r) * NV + v];
+        const __m256 f = _mm256_fmadd_ps(wv[r], xv[v], a);
+        a = C == Cols::kPad ? _mm256_blendv_ps(a, f, _mm256_castsi256_ps(masks[v])) : f;
+      }
   }
+}
+
+// One tap into a tile of ROWS output rows [oy, oy + nrows) x up to 8*NV columns [ox0, ox0 + width):
+// the column clipping (lo, hi) depends only on the tap's dx, so it is computed once and shared by
+// the rows; lanes [lo, hi) of the tile are inside the plane row (see Cols for the others).
+// Accumulators: acc[(row * R + r) * NV + v].
+template <int R, int NV, int ROWS>
+inline void kxk_tap(const float* values, int64_t j, const ConvTap& t, const ConvPlanes& in,
+                    int64_t oy, int64_t nrows, int64_t ox0, int64_t width, __m256* acc) {
+  const int64_t xs = ox0 + t.dx;
+  const int64_t lo = std::max<int64_t>(0, -xs), hi = std::min<int64_t>(width, in.wq - xs);
+  if (hi <= lo) return;
+  const float* w = values + j * R;
+  __m256i masks[NV];
+  if (lo == 0 && hi == 8 * NV)
+    return kxk_tap_rows<R, NV, ROWS, Cols::kFull>(w, masks, t, in, oy, nrows, xs, acc);
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) masks[v] = lane_mask(v, lo, hi);
+  if ((lo == 0 && hi == width) || values_finite<R>(w))
+    return kxk_tap_rows<R, NV, ROWS, Cols::kTail>(w, masks, t, in, oy, nrows, xs, acc);
+  kxk_tap_rows<R, NV, ROWS, Cols::kPad>(w, masks, t, in, oy, nrows, xs, acc);
 }
 
 // Buffers at entry: taps ConvTap [nnz]; in.xq float [planes, hq, wq]; y float [C_out, out_h*out_w];
@@ -235,7 +273,7 @@ void kxk_avx2(const SpmmWeight& w, const ConvTap* taps, const ConvPlanes& in, in
           if (width == MR) {
             store_tile<R, NV>(ra, ep, g * R, y + (oy + row) * OW + ox0, P, false, _mm256_setzero_si256());
           } else {
-            // Partial tile: lanes past the width (masked to zero input, bias only) are dropped.
+            // Partial tile: lanes past the width (zero loads, possibly inf * 0) are dropped.
             alignas(32) float tmp[R * MR];
             store_tile<R, NV>(ra, ep, 0, tmp, MR, false, _mm256_setzero_si256());
             for (int r = 0; r < R; ++r)

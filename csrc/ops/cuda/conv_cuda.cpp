@@ -46,10 +46,13 @@ at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDoub
 at::Tensor sparse_conv2d_cuda(const at::Tensor& x, const at::Tensor& offsets,
                               const at::Tensor& indices, const at::Tensor& values,
                               const c10::optional<at::Tensor>& bias, int64_t out_channels,
+                              int64_t in_channels,
                               at::IntArrayRef kernel_size, at::IntArrayRef stride,
                               at::IntArrayRef padding, at::IntArrayRef dilation,
                               int64_t block_rows, double out_min, double out_max) {
   check_images(x, "x");
+  check_weight_dim(out_channels, "out_channels");
+  check_conv_channels(x, "x", in_channels, "in_channels");
   const ConvArgs args = conv_args(kernel_size, stride, padding, dilation);
   check_conv_clamp(out_min, out_max);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -101,11 +104,13 @@ at::Tensor sparse_conv2d_cuda(const at::Tensor& x, const at::Tensor& offsets,
 
 at::Tensor sparse_conv2d_grad_input_cuda(const at::Tensor& grad_out, const at::Tensor& offsets,
                                          const at::Tensor& indices, const at::Tensor& values,
-                                         int64_t in_channels, at::IntArrayRef input_size,
+                                         int64_t out_channels, int64_t in_channels, at::IntArrayRef input_size,
                                          at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                          at::IntArrayRef padding, at::IntArrayRef dilation,
                                          int64_t block_rows) {
   check_images(grad_out, "grad_out");
+  check_conv_channels(grad_out, "grad_out", out_channels, "out_channels");
+  check_weight_dim(in_channels, "in_channels");
   const ConvArgs args = conv_args(kernel_size, stride, padding, dilation);
   const auto hw = conv_input_size(input_size, in_channels);
   const c10::cuda::CUDAGuard guard(grad_out.device());
@@ -139,11 +144,14 @@ at::Tensor sparse_conv2d_grad_input_cuda(const at::Tensor& grad_out, const at::T
 
 at::Tensor sparse_conv2d_grad_values_cuda(const at::Tensor& grad_out, const at::Tensor& x,
                                           const at::Tensor& offsets, const at::Tensor& indices,
+                                          int64_t out_channels, int64_t in_channels,
                                           at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                           at::IntArrayRef padding, at::IntArrayRef dilation,
                                           int64_t block_rows) {
   check_images(grad_out, "grad_out");
   check_images(x, "x");
+  check_conv_channels(grad_out, "grad_out", out_channels, "out_channels");
+  check_conv_channels(x, "x", in_channels, "in_channels");
   const ConvArgs args = conv_args(kernel_size, stride, padding, dilation);
   const c10::cuda::CUDAGuard guard(x.device());
   check_same_cuda_device(x, "x", {{&grad_out, "grad_out"}, {&offsets, "offsets"},

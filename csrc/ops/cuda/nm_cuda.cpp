@@ -236,8 +236,9 @@ at::Tensor try_dense(const at::Tensor& rows, const at::Tensor& values, const at:
 
 // ---- ops --------------------------------------------------------------------------------------
 at::Tensor nm_linear_cuda(const at::Tensor& x, const at::Tensor& values, const at::Tensor& metadata,
-                          const c10::optional<at::Tensor>& bias, int64_t n, int64_t m) {
-  const NmOpArgs args = checked_nm_linear_args(x, values, metadata, bias, n, m, kCuda);
+                          const c10::optional<at::Tensor>& bias, int64_t in_features, int64_t n,
+                          int64_t m) {
+  const NmOpArgs args = checked_nm_linear_args(x, values, metadata, bias, in_features, n, m, kCuda);
   const NmCudaShape s = shape_of(args.w);
   const std::vector<int64_t>& out_shape = args.out_shape;
   const int64_t K = s.cols, out_features = s.rows;
@@ -298,9 +299,10 @@ at::Tensor nm_linear_grad_input_cuda(const at::Tensor& grad_out, const at::Tenso
 }
 
 at::Tensor nm_linear_grad_values_cuda(const at::Tensor& grad_out, const at::Tensor& x,
-                                      const at::Tensor& metadata, int64_t n, int64_t m) {
+                                      const at::Tensor& metadata, int64_t in_features, int64_t n,
+                                      int64_t m) {
   const NmCudaShape s =
-      shape_of(checked_nm_grad_values_args(grad_out, x, metadata, n, m, kCuda));
+      shape_of(checked_nm_grad_values_args(grad_out, x, metadata, in_features, n, m, kCuda));
   const int64_t K = s.cols, M_out = s.rows;
   const bool f64 = x.scalar_type() == at::kDouble || grad_out.scalar_type() == at::kDouble;
   const c10::cuda::CUDAGuard guard(grad_out.device());

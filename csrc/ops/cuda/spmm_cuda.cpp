@@ -180,10 +180,13 @@ namespace {
 
 at::Tensor spmm_cuda(const at::Tensor& x, const at::Tensor& offsets, const at::Tensor& indices,
                      const at::Tensor& values, const c10::optional<at::Tensor>& bias,
-                     int64_t out_features, int64_t block_rows) {
+                     int64_t out_features, int64_t in_features, int64_t block_rows) {
   check_activations(x, "x");
+  check_weight_dim(out_features, "out_features");
+  check_weight_dim(in_features, "in_features");
+  check_width(x, "x", -1, in_features, "features", "in_features");
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t K = x.size(-1);
+  const int64_t K = in_features;
   const at::Tensor* bias_p = bias.has_value() ? &*bias : nullptr;
   check_same_cuda_device(x, "x", {{&offsets, "offsets"}, {&indices, "indices"},
                                   {&values, "values"}, {bias_p, "bias"}});
@@ -242,7 +245,8 @@ at::Tensor spmm_cuda(const at::Tensor& x, const at::Tensor& offsets, const at::T
 std::tuple<at::Tensor, at::Tensor, at::Tensor> spmm_transpose_structure_cuda(
     const at::Tensor& offsets, const at::Tensor& indices, int64_t out_features,
     int64_t in_features, int64_t block_rows) {
-  TORCH_CHECK(in_features >= 0, "in_features must be non-negative, got ", in_features);
+  check_weight_dim(out_features, "out_features");
+  check_weight_dim(in_features, "in_features");
   check_cuda(offsets, "offsets");
   const c10::cuda::CUDAGuard guard(offsets.device());
   checked_spmm_weight_cuda(offsets, indices, nullptr, out_features, in_features, block_rows,
@@ -261,9 +265,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spmm_transpose_structure_cuda(
 
 at::Tensor spmm_sddmm_cuda(const at::Tensor& grad_out, const at::Tensor& x,
                            const at::Tensor& offsets, const at::Tensor& indices,
-                           int64_t block_rows) {
+                           int64_t out_features, int64_t in_features, int64_t block_rows) {
   check_activations(grad_out, "grad_out");
   check_activations(x, "x");
+  check_weight_dim(out_features, "out_features");
+  check_weight_dim(in_features, "in_features");
+  check_width(grad_out, "grad_out", -1, out_features, "features", "out_features");
+  check_width(x, "x", -1, in_features, "features", "in_features");
   const c10::cuda::CUDAGuard guard(x.device());
   check_same_cuda_device(x, "x", {{&grad_out, "grad_out"}, {&offsets, "offsets"},
                                   {&indices, "indices"}});
