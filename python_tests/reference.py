@@ -75,3 +75,32 @@ def moe_experts_reference(x, topk_weights, topk_indices, w1, w2, activation="sil
             h = act(h[:F_]) * h[F_:] if gated else act(h)
             out[t] += wd[t, j] * (w2[e].double() @ h)
     return out
+
+
+def sparse_product_reference(x, dense_weight, stored, bias=None):
+    """``x @ W^T + bias`` in float64 summing over the *stored* positions only (``stored`` bool
+    [out, in]): the semantics of a sparse product (``torch.sparse.mm``), where a NaN or inf in
+    input column j reaches only the outputs whose row stores column j."""
+    prod = x.double().unsqueeze(-2) * dense_weight.double()          # [..., out, in]
+    y = torch.where(stored, prod, torch.zeros((), dtype=torch.float64)).sum(-1)
+    return y if bias is None else y + bias.double()
+
+
+def sparse_conv_reference(x, dense_weight, stored, stride, padding, dilation, bias=None):
+    """A convolution in float64 over the stored taps that fall inside the image: zero padding
+    never enters a product, so an infinite weight next to the border stays finite there."""
+    import torch.nn.functional as F
+
+    B, C, H, W = x.shape
+    out_c, _, kh, kw = dense_weight.shape
+    unfold = dict(kernel_size=(kh, kw), dilation=dilation, padding=padding, stride=stride)
+    cols = F.unfold(x.double(), **unfold)                                          # [B, CKK, L]
+    inside = F.unfold(torch.ones_like(x, dtype=torch.float64), **unfold).bool()
+    prod = dense_weight.double().reshape(out_c, -1)[None, :, :, None] * cols[:, None]
+    keep = stored.reshape(out_c, -1)[None, :, :, None] & inside[:, None]
+    y = torch.where(keep, prod, torch.zeros((), dtype=torch.float64)).sum(2)
+    if bias is not None:
+        y = y + bias.double()[None, :, None]
+    oh = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return y.reshape(B, out_c, oh, ow)

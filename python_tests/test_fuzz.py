@@ -38,6 +38,15 @@ def _batch(batch_shape, generator, dtype, K):
     return torch.randn(shape, generator=generator).to(dtype)
 
 
+def _tile_multiple(pattern, rows, cols):
+    """The drawn sizes rounded up to whole tiles of a block pattern "RxC" (which must tile the
+    weight); other patterns take any size."""
+    if "x" not in pattern:
+        return rows, cols
+    r, c = (int(v) for v in pattern.split("x"))
+    return -(-rows // r) * r, -(-cols // c) * c
+
+
 @FUZZ
 @given(M=st.integers(1, 40), K=st.integers(1, 300), batch=st.lists(st.integers(0, 5), max_size=2),
        sparsity=st.sampled_from([0.0, 0.5, 0.9, 0.99, 1.0]),
@@ -45,6 +54,7 @@ def _batch(batch_shape, generator, dtype, K):
        bias=st.booleans(), dtype=DTYPES, isa=ISAS, seed=SEEDS,
        noncontig=st.booleans())
 def test_sparse_linear_csr(M, K, batch, sparsity, pattern, bias, dtype, isa, seed, noncontig):
+    M, K = _tile_multiple(pattern, M, K)
     g = torch.Generator().manual_seed(seed)
     lin = torch.nn.Linear(K, M, bias=bias)
     with torch.no_grad():
@@ -98,6 +108,7 @@ def test_sparse_linear_nm(M, K, batch, nm, bias, dtype, isa, seed):
 def test_sparse_conv2d(cin, cout, k, stride, padding, dilation, hw, batch, sparsity, pattern,
                        activation, bias, dtype, isa, seed, unbatched, channels_last):
     H, W = hw
+    cout, _ = _tile_multiple(pattern, cout, 1)
     if H + 2 * padding < dilation * (k - 1) + 1 or W + 2 * padding < dilation * (k - 1) + 1:
         return  # no output position: not a valid convolution
     g = torch.Generator().manual_seed(seed)
@@ -177,6 +188,7 @@ def _stored_dense(fmt, values):
        pattern=st.sampled_from(["unstructured", "4x1", "8x1", "2:4", "1:8", "3:16"]),
        sparsity=st.sampled_from([0.5, 0.9]), isa=ISAS, seed=SEEDS)
 def test_sparse_linear_gradients(M, K, tokens, pattern, sparsity, isa, seed):
+    M, K = _tile_multiple(pattern, M, K)
     g = torch.Generator().manual_seed(seed)
     lin = torch.nn.Linear(K, M)
     with torch.no_grad():
@@ -206,6 +218,7 @@ def test_sparse_linear_gradients(M, K, tokens, pattern, sparsity, isa, seed):
        batch=st.integers(1, 2), pattern=st.sampled_from(["unstructured", "4x1"]), isa=ISAS,
        seed=SEEDS)
 def test_sparse_conv2d_gradients(cin, cout, k, stride, padding, hw, batch, pattern, isa, seed):
+    cout, _ = _tile_multiple(pattern, cout, 1)
     g = torch.Generator().manual_seed(seed)
     conv = torch.nn.Conv2d(cin, cout, k, stride, padding)
     with torch.no_grad():

@@ -72,7 +72,7 @@ def test_from_dense_mask_and_rejection():
     bad[3, 0:3] = True
     with pytest.raises(ValueError, match=r"breaks the 2:4 pattern: row 3, group 0"):
         NMWeight.from_dense(w, 2, 4, mask=bad)
-    with pytest.raises(ValueError, match="mask must be a tensor of shape"):
+    with pytest.raises(ValueError, match="mask must have shape"):
         NMWeight.from_dense(w, 2, 4, mask=mask[:, :5])
 
 

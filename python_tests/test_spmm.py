@@ -45,18 +45,19 @@ def test_matches_dense_reference(isa, device, out_f, in_f, lead, sparsity):
     assert_close_to_reference(y, linear_reference(x, dense, sl.bias))
 
 
-@pytest.mark.parametrize("pattern", ["2x1", "4x1", "8x1", "4x4", "1x4", "3x1"])
+@pytest.mark.parametrize("pattern", ["2x1", "4x1", "8x1", "4x4", "1x4", "3x1", "6x1"])
 @pytest.mark.parametrize("tokens", [1, 5, 40, 8, 9, 300])
 def test_block_patterns(isa, device, pattern, tokens):
     _one_isa_on_cuda(isa, device)
-    sl = _make(64, 300, 0.8, pattern, device=device)
-    x = torch.randn(tokens, 300).to(device)
+    M, K = 48, 300  # every block of the list tiles it
+    sl = _make(M, K, 0.8, pattern, device=device)
+    x = torch.randn(tokens, K).to(device)
     dense = sl.weight_format().to_dense()
     R, C = (int(v) for v in pattern.split("x"))
-    assert sl.block_rows == (R if R in (2, 4, 8) else 1)
-    # The kept pattern really is made of R x C tiles.
-    tiles = (dense != 0).reshape(64 // R if 64 % R == 0 else 1, -1) if R == 1 else None
-    del tiles
+    assert sl.block_rows == next(b for b in (8, 4, 2, 1) if R % b == 0)
+    # The kept pattern really is made of whole R x C tiles.
+    tiles = (dense != 0).reshape(M // R, R, K // C, C).cpu()
+    assert torch.equal(tiles.any(3).any(1), tiles.all(3).all(1))
     with torch.no_grad():
         assert_close_to_reference(sl(x), linear_reference(x, dense, sl.bias))
 

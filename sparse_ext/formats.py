@@ -8,6 +8,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from .prune import check_mask
+
 K_BLOCK = 256
 _VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 
@@ -48,12 +50,8 @@ class CSRWeight:
         if M % block_rows:
             raise ValueError(f"out_features ({M}) must be a multiple of block_rows ({block_rows})")
         weight = weight.detach()
-        if mask is None:
-            mask = weight != 0
-        if not isinstance(mask, torch.Tensor) or mask.shape != weight.shape:
-            raise ValueError(f"mask must be a tensor of shape {tuple(weight.shape)}, got "
-                             f"{getattr(mask, 'shape', type(mask).__name__)}")
-        mask = mask.to(device=weight.device, dtype=torch.bool)
+        mask = weight != 0 if mask is None else check_mask(mask, weight.shape)
+        mask = mask.to(device=weight.device)
         R, G = block_rows, M // block_rows
         KB = max(1, -(-K // K_BLOCK)) if K > 0 else 0
         Kp = KB * K_BLOCK
@@ -124,27 +122,49 @@ class CSRWeight:
         return dense
 
     def validate(self) -> "CSRWeight":
-        """Checks the structure with the same rules as the kernels; raises ValueError if broken."""
+        """Checks the structure with the same rules as the kernels; raises ValueError naming the
+        tensor that is wrong (``offsets``, ``indices``, ``values``) and what was expected."""
         M, K = self.shape
         R = self.block_rows
+        if M < 0 or K < 0:
+            raise ValueError(f"shape must be non-negative, got {self.shape}")
         if R not in (1, 2, 4, 8) or M % R:
             raise ValueError(f"block_rows {R} must be 1, 2, 4 or 8 and divide out_features {M}")
-        if self.offsets.dtype != torch.int32 or self.indices.dtype != torch.uint8:
-            raise ValueError("offsets must be int32 and indices uint8")
-        if self.values.dtype not in _VALUE_DTYPES:
-            raise ValueError(f"values must be float32, bfloat16 or float64, got {self.values.dtype}")
+        for name, t, dtype in (("offsets", self.offsets, torch.int32),
+                               ("indices", self.indices, torch.uint8)):
+            if not isinstance(t, torch.Tensor) or t.dtype != dtype:
+                raise ValueError(f"{name} must be a {dtype} tensor, got "
+                                 f"{getattr(t, 'dtype', type(t).__name__)}")
+        if not isinstance(self.values, torch.Tensor) or self.values.dtype not in _VALUE_DTYPES:
+            raise ValueError(f"values must be float32, bfloat16 or float64, got "
+                             f"{getattr(self.values, 'dtype', type(self.values).__name__)}")
         G, KB = M // R, self.k_blocks
-        if self.offsets.shape != (G * KB + 1,):
-            raise ValueError(f"offsets must have length {G * KB + 1}, got {tuple(self.offsets.shape)}")
+        if tuple(self.offsets.shape) != (G * KB + 1,):
+            raise ValueError(f"offsets must have shape ({G * KB + 1},) for a {M}x{K} weight with "
+                             f"block_rows {R}, got {tuple(self.offsets.shape)}")
+        if self.indices.dim() != 1:
+            raise ValueError(f"indices must be 1-D, got shape {tuple(self.indices.shape)}")
         nnz = self.indices.numel()
-        if self.values.shape != (nnz * R,):
-            raise ValueError(f"values must have length {nnz * R}, got {tuple(self.values.shape)}")
+        if tuple(self.values.shape) != (nnz * R,):
+            raise ValueError(f"values must have shape ({nnz * R},) (len(indices) * block_rows), "
+                             f"got {tuple(self.values.shape)}")
         off = self.offsets.long()
-        if off[0] != 0 or off[-1] != nnz or bool((off[1:] < off[:-1]).any()):
-            raise ValueError("offsets must start at 0, never decrease and end at len(indices)")
-        _, col = self.row_and_col()
-        if nnz and int(col.max()) >= K:
-            raise ValueError(f"column index {int(col.max())} out of range for in_features {K}")
+        if int(off[0]) != 0:
+            raise ValueError(f"offsets[0] must be 0, got {int(off[0])}")
+        drops = (off[1:] < off[:-1]).nonzero()
+        if drops.numel():
+            i = int(drops[0, 0]) + 1
+            raise ValueError(f"offsets must not decrease, but offsets[{i}] = {int(off[i])} < "
+                             f"offsets[{i - 1}] = {int(off[i - 1])}")
+        if int(off[-1]) != nnz:
+            raise ValueError(f"offsets[-1] must equal len(indices) = {nnz}, got {int(off[-1])}")
+        row, col = self.row_and_col()
+        bad = (col >= K).nonzero()
+        if bad.numel():
+            j = int(bad[0, 0])
+            raise ValueError(f"indices[{j}] = {int(self.indices[j])} puts an entry of row "
+                             f"{int(row[j])} at column {int(col[j])}, out of range for "
+                             f"in_features {K}")
         return self
 
     # ---- movement -----------------------------------------------------------------------------
@@ -162,7 +182,7 @@ class CSRWeight:
                 f"density={self.density:.3f}, dtype={self.values.dtype}, nbytes={self.nbytes})")
 
 
-# ---- N:M semi-structured (issue 3) ------------------------------------------------------------
+# ---- N:M semi-structured ------------------------------------------------------------------------
 # Layout of csrc/kernels/nm/nm.h. Padding rule: when in_features % M != 0 the last group is padded
 # with virtual zero columns in_features .. G*M - 1 (G = ceil(in_features / M)); slots may point at
 # them and then hold zero values; they never contribute (activations are zero-padded).
@@ -263,11 +283,9 @@ class NMWeight:
             score = torch.where(valid, score + 1.0, torch.zeros_like(score))
             keep = None
         else:
-            if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (M, K):
-                raise ValueError(f"mask must be a tensor of shape {(M, K)}, got "
-                                 f"{getattr(mask, 'shape', type(mask).__name__)}")
+            check_mask(mask, (M, K))
             mp = torch.zeros(M, G * m, dtype=torch.bool, device=weight.device)
-            mp[:, :K] = mask.to(device=weight.device, dtype=torch.bool)
+            mp[:, :K] = mask.to(device=weight.device)
             keep = mp.reshape(M, G, m)
             counts = keep.sum(-1)
             bad = (counts > n).nonzero()
@@ -400,6 +418,16 @@ class NMWeight:
                                                  self.metadata.cpu().contiguous(), K, self.n, self.m)
         except RuntimeError as e:
             raise ValueError(str(e).split("\n")[0]) from None
+        if K % self.m:
+            # Slots in the last group may name the virtual zero columns past in_features only
+            # with a zero value (what from_dense stores): a nonzero one is a weight outside W.
+            cols = self.columns().to(self.values.device)
+            bad = ((cols >= K) & (self.values != 0)).nonzero()
+            if bad.numel():
+                r, slot = (int(v) for v in bad[0])
+                raise ValueError(f"metadata: row {r}, slot {slot} names column "
+                                 f"{int(cols[r, slot])} past in_features {K} with a nonzero "
+                                 f"value ({bad.shape[0]} such slots)")
         return self
 
     # ---- movement -----------------------------------------------------------------------------
@@ -411,4 +439,3 @@ class NMWeight:
         return (f"NMWeight(shape={self.shape}, pattern='{self.n}:{self.m}', "
                 f"dtype={self.values.dtype}, nbytes={self.nbytes} "
                 f"({self.nbytes / max(self.dense_nbytes(), 1):.3f}x dense))")
-# ---- end N:M ----

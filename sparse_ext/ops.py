@@ -40,9 +40,11 @@ def _register_fake(op_name):
 
 def _check_width(t, name, dim, expected, unit, weight_dim):
     """The kernels' width check (csrc/ops/common.h check_width), same wording, for fake tensors."""
+    # On failure the message shows sizes, not symbols (a compiled graph traces x's width as a
+    # symbol once it has seen two widths); int() only runs once the check has failed.
     torch._check(t.shape[dim] == expected, lambda: (
-        f"{name} has {t.shape[dim]} {unit}, this weight expects {weight_dim}={expected} "
-        f"({name} shape {list(t.shape)})"))
+        f"{name} has {int(t.shape[dim])} {unit}, this weight expects {weight_dim}={expected} "
+        f"({name} shape {[int(s) for s in t.shape]})"))
 
 
 def _check_weight_dim(value, name):

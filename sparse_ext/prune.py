@@ -34,6 +34,53 @@ def parse_pattern(pattern: str) -> Tuple[str, Tuple[int, int]]:
         f"got {pattern!r}")
 
 
+def check_mask(mask, shape, name: str = "mask") -> torch.Tensor:
+    """A caller's mask: a bool tensor of ``shape`` (True = keep). Any other dtype is refused, not
+    guessed at: a float mask of scores or probabilities has no one obvious threshold, and
+    ``mask.bool()`` would keep every nonzero score."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a bool tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor (True = keep), got {mask.dtype}: threshold "
+                        f"it explicitly, e.g. {name}=scores > t, or {name}=m.bool() for 0/1 values")
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(mask.shape)}")
+    return mask
+
+
+def block_storage_rows(pattern: str, shape: Tuple[int, int]) -> int:
+    """Rows stored as one group (the kernels' block_rows) for a weight ``shape`` [out, in] with
+    ``pattern``; raises when a block pattern does not tile the shape, so that a module never
+    reports a pattern it does not hold."""
+    kind, (rows, cols) = parse_pattern(pattern)
+    if kind != "block":
+        return 1
+    out, inp = int(shape[0]), int(shape[1])
+    if out % rows or inp % cols:
+        raise ValueError(f"pattern {pattern!r} needs whole {rows}x{cols} tiles, but the weight is "
+                         f"[{out}, {inp}] ({out} rows % {rows} = {out % rows}, {inp} columns "
+                         f"% {cols} = {inp % cols}); use a block that divides it or "
+                         f"'unstructured'")
+    return next(b for b in (8, 4, 2, 1) if rows % b == 0)
+
+
+def check_block_mask(mask: torch.Tensor, pattern: str) -> None:
+    """Raises unless the 2-D ``mask`` keeps whole tiles of a block ``pattern`` (after
+    :func:`block_storage_rows` has checked that the tiles divide it)."""
+    kind, (rows, cols) = parse_pattern(pattern)
+    if kind != "block" or rows * cols == 1:
+        return
+    out, inp = mask.shape
+    tiles = mask.reshape(out // rows, rows, inp // cols, cols)
+    partial = (tiles.any(3).any(1) != tiles.all(3).all(1)).nonzero()
+    if partial.numel():
+        r, c = (int(v) for v in partial[0])
+        raise ValueError(f"mask is not made of whole {rows}x{cols} tiles as pattern {pattern!r} "
+                         f"says: the tile at rows {r * rows}..{r * rows + rows - 1}, columns "
+                         f"{c * cols}..{c * cols + cols - 1} is partly kept ({partial.shape[0]} "
+                         f"such tiles); pass pattern='unstructured' for an arbitrary mask")
+
+
 def _check_sparsity(sparsity: float) -> float:
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
         raise TypeError(f"sparsity must be a number in [0, 1], got {type(sparsity).__name__}")
@@ -103,7 +150,7 @@ def build_mask(weight: torch.Tensor, sparsity: float, pattern: str = "unstructur
     raise ValueError(f"build_mask handles unstructured and block patterns, got {pattern!r}")
 
 
-# ---- N:M semi-structured (issue 3) ------------------------------------------------------------
+# ---- N:M semi-structured ------------------------------------------------------------------------
 def nm_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Keeps the ``n`` largest magnitudes in every group of ``m`` consecutive entries along the last
     dimension of any weight (flattened to [out, -1], e.g. conv kernels); a partial last group keeps
@@ -131,4 +178,3 @@ def parse_nm(pattern: str) -> Tuple[int, int]:
     if m not in (4, 8, 16) or not 1 <= n < m:
         raise ValueError(f"N:M pattern {pattern!r} needs M in 4, 8, 16 and 1 <= N < M")
     return n, m
-# ---- end N:M ----

@@ -32,6 +32,7 @@ import fnmatch
 import functools
 import inspect
 import re
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -54,7 +55,7 @@ class LayerReport:
     kind: str                          # "Linear" or "Conv2d"
     shape: Tuple[int, ...]             # the weight's shape
     pattern: str
-    status: str                        # "sparse" or "skipped"
+    status: str                        # "sparse", "skipped" or "already sparse"
     reason: str = ""                   # why skipped ("" when swapped)
     sparsity: Optional[float] = None   # fraction of zero weights reached (None when skipped)
     dense_bytes: int = 0               # dense weight bytes (bias not counted)
@@ -103,7 +104,12 @@ class SparsifyReport:
 
     @property
     def skipped(self) -> List[LayerReport]:
-        return [r for r in self.layers if r.status != "sparse"]
+        return [r for r in self.layers if r.status == "skipped"]
+
+    @property
+    def already_sparse(self) -> List[LayerReport]:
+        """Layers that were sparse_ext modules before the call (left as they are)."""
+        return [r for r in self.layers if r.status == "already sparse"]
 
     @property
     def dense_bytes(self) -> int:
@@ -130,7 +136,7 @@ class SparsifyReport:
                    "ratio", "note"]
         rows = []
         for r in self.layers:
-            sparse = r.status == "sparse"
+            sparse = r.status != "skipped"
             rows.append([
                 r.name or "<root>", r.kind, "x".join(str(s) for s in r.shape),
                 r.pattern if sparse else "-",
@@ -138,16 +144,20 @@ class SparsifyReport:
                 f"{r.dense_bytes / 1024:.1f}",
                 f"{r.sparse_bytes / 1024:.1f}" if sparse else "-",
                 f"{r.ratio:.3f}" if sparse and r.ratio is not None else "-",
-                "" if sparse else f"skipped: {r.reason}",
+                r.reason if sparse else f"skipped: {r.reason}",
             ])
         if self.sparsified:
             ratio = self.sparse_bytes / self.dense_bytes if self.dense_bytes else 0.0
-            rows.append([f"total ({len(self.sparsified)} sparse, {len(self.skipped)} skipped)",
+            rows.append([f"total ({len(self.sparsified)} sparse, {len(self.skipped)} skipped"
+                         + (f", {len(self.already_sparse)} already sparse)" if self.already_sparse
+                            else ")"),
                          "", "", "global" if self.global_pruning else "per-layer",
                          f"{self.sparsity:.3f}", f"{self.dense_bytes / 1024:.1f}",
                          f"{self.sparse_bytes / 1024:.1f}", f"{ratio:.3f}", ""])
         else:
-            rows.append([f"total (0 sparse, {len(self.skipped)} skipped)"] + [""] * 8)
+            rows.append([f"total (0 sparse, {len(self.skipped)} skipped"
+                         + (f", {len(self.already_sparse)} already sparse)" if self.already_sparse
+                            else ")")] + [""] * 8)
         widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
         right = {4, 5, 6, 7}
 
@@ -515,6 +525,9 @@ def sparsify(model: nn.Module, sparsity: Union[None, float, Mapping[str, float]]
                 if m is not mod:
                     owned.setdefault(id(m), owner)
     for name, mod in model.named_modules():
+        if isinstance(mod, _sparse_types()):
+            report.layers.append(_already_sparse_row(name, mod))
+            continue
         kind = _kind(mod)
         if kind is None:
             continue
@@ -555,6 +568,12 @@ def sparsify(model: nn.Module, sparsity: Union[None, float, Mapping[str, float]]
         report.layers.append(row)
         candidates.append((name, mod, kind, forced, row, target))
 
+    if includes and not any(_matches(r.name, includes) for r in report.layers):
+        layers = [r.name for r in report.layers if r.status == "skipped"]
+        warnings.warn(f"sparsify: include={include!r} matches no Linear or Conv2d layer of the "
+                      f"model, so nothing is sparsified; its layers are "
+                      f"{layers[:8] + (['...'] if len(layers) > 8 else [])}", stacklevel=2)
+
     # Convert every candidate; with global pruning, a layer that refuses its mask (a grouped
     # conv, say) leaves the set and the threshold is recomputed over the rest, so the overall
     # sparsity holds for the layers actually swapped.
@@ -594,6 +613,17 @@ def sparsify(model: nn.Module, sparsity: Union[None, float, Mapping[str, float]]
         else:
             _set_module(model, name, new)
     return (replaced_root if replaced_root is not None else model), report
+
+
+def _already_sparse_row(name: str, mod: nn.Module) -> LayerReport:
+    """A report row for a layer that is a sparse_ext module already."""
+    dense = mod.dense_weight() if hasattr(mod, "dense_weight") else mod.weight_format().to_dense()
+    kind = "Conv2d" if hasattr(mod, "kernel_size") else "Linear"
+    return LayerReport(name=name, kind=kind, shape=tuple(dense.shape), pattern=mod.pattern,
+                       status="already sparse", reason="already sparse (left as it is)",
+                       sparsity=_zero_fraction(mod),
+                       dense_bytes=dense.numel() * dense.element_size(),
+                       sparse_bytes=_sparse_nbytes(mod))
 
 
 def densify(model: nn.Module) -> nn.Module:

@@ -27,7 +27,8 @@ SpmmWeight make_weight(const at::Tensor& offsets, const at::Tensor& indices,
 }
 
 void check_images(const at::Tensor& x, const char* name) {
-  check_conv_images(x, name, &check_cpu, {at::kFloat, at::kBFloat16, at::kDouble});
+  // float16 images are computed in float32 like bfloat16 ones (docs/reliability.md, dtypes).
+  check_conv_images(x, name, &check_cpu, {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble});
 }
 
 const ConvUkernels& ukernels_for(int64_t block_rows) {
@@ -77,7 +78,8 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& offsets,
   const ConvShape s = make_conv_shape(args, C, x.size(2), x.size(3), out_channels);
   at::Tensor bias_t;
   if (bias.has_value())
-    check_conv_bias(*bias, out_channels, &check_cpu, {at::kFloat, at::kBFloat16, at::kDouble});
+    check_conv_bias(*bias, out_channels, &check_cpu,
+                    {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble});
   const bool f64 = check_conv_f64(x, values);
   const int64_t P = s.out_h * s.out_w, in_plane = s.in_h * s.in_w;
   if (f64) {
@@ -125,6 +127,19 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& offsets,
           k.conv1x1(w, xp + b * C * P, P, p0, p1, 0, w.groups(), ep, yp + b * out_channels * P, P);
       });
     }
+    return y.to(x.scalar_type());
+  }
+  // A stride that does not divide the input leaves zero fill at the end of the phase planes, which
+  // the kxk kernels cannot tell from pixels: a non-finite weight would meet it (inf * 0 = NaN)
+  // where the convolution has no input. Such weights take the reference loop, which clips every
+  // tap to the image (padding never enters a product, as on every other path).
+  const bool ragged = s.in_h % s.stride_h != 0 || s.in_w % s.stride_w != 0;
+  if (ragged && !at::isfinite(vf).all().item<bool>()) {
+    parallel_ranges(split_groups(w, 8 * block_rows), [&](int64_t g0, int64_t g1) {
+      for (int64_t b = 0; b < B; ++b)
+        conv_direct_ref<float>(w, s, xp + b * C * in_plane, ep.bias, ep.out_min, ep.out_max, g0,
+                               g1, yp + b * out_channels * P);
+    });
     return y.to(x.scalar_type());
   }
   // kxk: phase planes (the input itself for stride 1), taps, then direct sparse convolution.

@@ -11,12 +11,18 @@ void check_pattern(int64_t n, int64_t m) {
   TORCH_CHECK(n >= 1 && n < m, "n must satisfy 1 <= n < m (", m, "), got n = ", n);
 }
 
-// float32, bfloat16 (float16 on CUDA) or float64, listed in that order in the message.
+// Stored values: float32, bfloat16 (float16 where the glue's kernels take it: CUDA) or float64.
 void check_floating(const at::Tensor& t, const char* name, const NmDeviceChecks& dev) {
   if (dev.float16)
     check_dtype(t, name, {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble});
   else
     check_dtype(t, name, {at::kFloat, at::kBFloat16, at::kDouble});
+}
+
+// Activations and bias: any of the four on every device (the CPU computes float16 in float32,
+// like bfloat16; docs/reliability.md, dtypes).
+void check_activation_dtype(const at::Tensor& t, const char* name) {
+  check_dtype(t, name, {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble});
 }
 
 void check_values_2d(const at::Tensor& values) {
@@ -26,7 +32,7 @@ void check_values_2d(const at::Tensor& values) {
 
 void check_activations(const at::Tensor& x, const char* name, const NmDeviceChecks& dev) {
   dev.activation(x, name);
-  check_floating(x, name, dev);
+  check_activation_dtype(x, name);
   TORCH_CHECK(x.dim() >= 1, name, " must have at least one dimension, got a scalar");
 }
 
@@ -90,7 +96,7 @@ NmOpArgs checked_nm_linear_args(const at::Tensor& x, const at::Tensor& values,
       checked_nm_weight_args(x, "x", &values, metadata, out_features, K, n, m, dev);
   if (bias.has_value()) {
     dev.operand(x, "x", *bias, "bias");
-    check_floating(*bias, "bias", dev);
+    check_activation_dtype(*bias, "bias");
     check_1d(*bias, "bias", out_features);
   }
   TORCH_CHECK((x.scalar_type() == at::kDouble) == (values.scalar_type() == at::kDouble),

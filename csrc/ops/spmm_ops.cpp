@@ -105,7 +105,8 @@ at::Tensor transposed_padded(const at::Tensor& rows, int64_t padded_k, int64_t l
 
 void check_activations(const at::Tensor& x, const char* name) {
   check_cpu(x, name);
-  check_dtype(x, name, {at::kFloat, at::kBFloat16, at::kDouble});
+  // float16 activations are computed in float32 like bfloat16 ones (docs/reliability.md, dtypes).
+  check_dtype(x, name, {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble});
   TORCH_CHECK(x.dim() >= 1, name, " must have at least one dimension, got a scalar");
 }
 
@@ -121,7 +122,7 @@ at::Tensor spmm_cpu(const at::Tensor& x, const at::Tensor& offsets, const at::Te
   at::Tensor bias_f;
   if (bias.has_value()) {
     check_cpu(*bias, "bias");
-    check_dtype(*bias, "bias", {at::kFloat, at::kBFloat16, at::kDouble});
+    check_dtype(*bias, "bias", {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble});
     check_1d(*bias, "bias", out_features);
     bias_f = bias->to(at::kFloat).contiguous();
   }

@@ -13,8 +13,9 @@ from torch import nn
 
 from .. import ops
 from ..formats import CSRWeight
-from ..prune import build_mask, parse_pattern
-from ._stored import adopt_saved_sizes, register_sparse_state
+from ..prune import block_storage_rows, build_mask, check_block_mask, check_mask, parse_pattern
+from ._stored import (adopt_saved_sizes, check_loaded_bias, check_loaded_structure,
+                      register_sparse_state, saved_or_current)
 
 
 def _pair(v):
@@ -31,13 +32,6 @@ def _resolve_padding(padding, kernel_size, dilation):
                              "which SparseConv2d does not support; pass explicit padding")
         return tuple(t // 2 for t in total)
     return _pair(padding)
-
-
-def _block_rows_for(pattern: str, out_channels: int) -> int:
-    kind, (rows, _) = parse_pattern(pattern)
-    if kind == "block" and rows in (2, 4, 8) and out_channels % rows == 0:
-        return rows
-    return 1
 
 
 def _activation_name(activation):
@@ -108,17 +102,16 @@ class SparseConv2d(nn.Module):
         kind, _ = parse_pattern(pattern)
         if kind == "nm":
             raise NotImplementedError("N:M patterns are not available for convolutions")
+        block_rows = block_storage_rows(pattern, flat.shape)
         if mask is None:
             if sparsity is None:
                 raise ValueError("from_dense needs sparsity=... or mask=...")
             mask = build_mask(flat, sparsity, pattern, method, generator)
         else:
-            if not isinstance(mask, torch.Tensor) or (mask.shape != weight.shape
-                                                      and mask.shape != flat.shape):
-                raise ValueError(f"mask must have shape {tuple(weight.shape)} (or "
-                                 f"{tuple(flat.shape)}), got {getattr(mask, 'shape', type(mask))}")
-            mask = mask.reshape(co, -1)
-        csr = CSRWeight.from_dense(flat, mask.bool(), _block_rows_for(pattern, co))
+            shape = weight.shape if getattr(mask, "dim", lambda: 0)() == 4 else flat.shape
+            mask = check_mask(mask, shape).reshape(co, -1)
+            check_block_mask(mask, pattern)
+        csr = CSRWeight.from_dense(flat, mask, block_rows)
         return cls(csr, conv.in_channels, conv.kernel_size, conv.stride, conv.padding,
                    conv.dilation, conv.bias, pattern, activation)
 
@@ -131,9 +124,12 @@ class SparseConv2d(nn.Module):
         unbatched = x.dim() == 3
         if unbatched:
             x = x.unsqueeze(0)
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"expected input [batch, {self.in_channels}, H, W] (or unbatched "
-                             f"[{self.in_channels}, H, W]), got {tuple(x.shape)}")
+        if x.dim() != 4:
+            raise ValueError(f"x must be [batch, {self.in_channels}, H, W] (or unbatched "
+                             f"[{self.in_channels}, H, W]), got shape {list(x.shape)}")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"x has {x.shape[1]} channels, this weight expects in_channels="
+                             f"{self.in_channels} (x shape {list(x.shape)})")
         lo, hi = ops.activation_bounds(self.activation)
         y = ops.sparse_conv2d_op(x, self.offsets, self.indices, self.values, self.bias,
                                  self.out_channels, self.in_channels, list(self.kernel_size),
@@ -171,12 +167,27 @@ class SparseConv2d(nn.Module):
                 "dilation": self.dilation, "block_rows": self.block_rows, "pattern": self.pattern,
                 "activation": self.activation}
 
-    def set_extra_state(self, state):
+    def _check_extra_state(self, state) -> None:
+        keys = {"in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
+                "block_rows", "pattern", "activation"}
+        if not isinstance(state, dict) or not keys <= set(state):
+            raise ValueError(f"state_dict's extra state must be a dict with {sorted(keys)}, got "
+                             f"{state!r}")
         saved = (state["out_channels"], state["in_channels"], tuple(state["kernel_size"]))
         mine = (self.out_channels, self.in_channels, self.kernel_size)
         if saved != mine:
             raise ValueError(f"state_dict is for a conv of (out, in, kernel) {saved}, this module is "
                              f"{mine}")
+        kh, kw = self.kernel_size
+        kind, _ = parse_pattern(state["pattern"])
+        if kind == "nm" or (kind == "block" and block_storage_rows(
+                state["pattern"], (self.out_channels, self.in_channels * kh * kw))
+                != int(state["block_rows"])):
+            raise ValueError(f"state_dict's block_rows {state['block_rows']} does not match its "
+                             f"pattern {state['pattern']!r}")
+
+    def set_extra_state(self, state):
+        self._check_extra_state(state)
         self.stride = tuple(state["stride"])
         self.padding = tuple(state["padding"])
         self.dilation = tuple(state["dilation"])
@@ -185,6 +196,17 @@ class SparseConv2d(nn.Module):
         self.activation = state["activation"]
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Everything is checked before anything is copied (see SparseLinear).
+        extra = state_dict.get(prefix + "_extra_state")
+        if extra is not None:
+            self._check_extra_state(extra)
+        kh, kw = self.kernel_size
+        weight = CSRWeight(*(saved_or_current(self, state_dict, prefix, n)
+                             for n in ("offsets", "indices", "values")),
+                           (self.out_channels, self.in_channels * kh * kw),
+                           int(extra["block_rows"]) if extra is not None else self.block_rows)
+        check_loaded_structure(self, prefix, weight)
+        check_loaded_bias(self, state_dict, prefix, self.out_channels)
         adopt_saved_sizes(self, state_dict, prefix, ("offsets", "indices", "values"))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 

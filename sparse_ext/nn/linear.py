@@ -6,16 +6,9 @@ from torch import nn
 
 from .. import ops
 from ..formats import CSRWeight, NMWeight
-from ..prune import build_mask, parse_pattern
-from ._stored import adopt_saved_sizes, register_sparse_state
-
-
-def _block_rows_for(pattern: str, out_features: int) -> int:
-    """Rows that share a pattern in storage: the block height when the kernels have it."""
-    kind, (rows, _) = parse_pattern(pattern)
-    if kind == "block" and rows in (2, 4, 8) and out_features % rows == 0:
-        return rows
-    return 1
+from ..prune import block_storage_rows, build_mask, check_block_mask, check_mask, parse_pattern
+from ._stored import (adopt_saved_sizes, check_loaded_bias, check_loaded_structure,
+                      register_sparse_state, saved_or_current)
 
 
 class SparseLinear(nn.Module):
@@ -29,7 +22,7 @@ class SparseLinear(nn.Module):
                  pattern: str = "unstructured"):
         super().__init__()
         self.format_kind = "csr"
-        if isinstance(weight, NMWeight):  # N:M (issue 3): own buffers, see _init_nm
+        if isinstance(weight, NMWeight):  # N:M: own buffers, see _init_nm
             self._init_nm(weight, bias, pattern)
             return
         if not isinstance(weight, CSRWeight):
@@ -52,26 +45,27 @@ class SparseLinear(nn.Module):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         weight = linear.weight.detach()
         kind, _ = parse_pattern(pattern)
-        if kind == "nm":  # N:M (issue 3)
+        if kind == "nm":
             return cls._from_dense_nm(linear, sparsity, pattern, method, mask)
+        block_rows = block_storage_rows(pattern, weight.shape)
         if mask is None:
             if sparsity is None:
                 raise ValueError("from_dense needs sparsity=... or mask=...")
             mask = build_mask(weight, sparsity, pattern, method, generator)
-        elif mask.shape != weight.shape:
-            raise ValueError(f"mask must have shape {tuple(weight.shape)}, got {tuple(mask.shape)}")
-        csr = CSRWeight.from_dense(weight, mask.bool(), _block_rows_for(pattern, weight.shape[0]))
+        else:
+            check_block_mask(check_mask(mask, weight.shape), pattern)
+        csr = CSRWeight.from_dense(weight, mask, block_rows)
         return cls(csr, linear.bias, pattern)
 
     def weight_format(self) -> CSRWeight:
-        if self.format_kind == "nm":  # N:M (issue 3)
+        if self.format_kind == "nm":
             return NMWeight(self.values, self.metadata, (self.out_features, self.in_features),
                             self.nm_n, self.nm_m)
         return CSRWeight(self.offsets, self.indices, self.values,
                          (self.out_features, self.in_features), self.block_rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.format_kind == "nm":  # N:M (issue 3)
+        if self.format_kind == "nm":
             return ops.nm_linear(x, self.weight_format(), self.bias)
         return ops.spmm(x, self.weight_format(), self.bias)
 
@@ -97,17 +91,50 @@ class SparseLinear(nn.Module):
         return {"shape": (self.out_features, self.in_features), "block_rows": self.block_rows,
                 "pattern": self.pattern, "format": self.format_kind}
 
-    def set_extra_state(self, state):
+    def _check_extra_state(self, state) -> None:
+        if not isinstance(state, dict) or not {"shape", "block_rows", "pattern"} <= set(state):
+            raise ValueError(f"state_dict's extra state must be a dict with shape, block_rows and "
+                             f"pattern, got {state!r}")
         if tuple(state["shape"]) != (self.out_features, self.in_features):
             raise ValueError(f"state_dict is for a {tuple(state['shape'])} weight, this module is "
                              f"{(self.out_features, self.in_features)}")
-        if state.get("format", "csr") != self.format_kind:  # N:M (issue 3)
+        if state.get("format", "csr") != self.format_kind:
             raise ValueError(f"state_dict holds a {state.get('format', 'csr')!r} weight, this module "
                              f"stores {self.format_kind!r}: build it with the same pattern first")
+        if self.format_kind == "nm" and state["pattern"] != self.pattern:
+            raise ValueError(f"state_dict holds a weight of pattern {state['pattern']!r}, this "
+                             f"module stores pattern {self.pattern!r}")
+        kind, _ = parse_pattern(state["pattern"])
+        if kind == "block" and block_storage_rows(state["pattern"], state["shape"]) != \
+                int(state["block_rows"]):
+            raise ValueError(f"state_dict's block_rows {state['block_rows']} does not match its "
+                             f"pattern {state['pattern']!r}")
+
+    def set_extra_state(self, state):
+        self._check_extra_state(state)
         self.block_rows = int(state["block_rows"])
         self.pattern = state["pattern"]
 
+    def _loaded_weight(self, state_dict, prefix):
+        """The weight this module would hold after loading ``state_dict``."""
+        def get(name):
+            return saved_or_current(self, state_dict, prefix, name)
+
+        shape = (self.out_features, self.in_features)
+        if self.format_kind == "nm":
+            return NMWeight(get("values"), get("metadata"), shape, self.nm_n, self.nm_m)
+        extra = state_dict.get(prefix + "_extra_state")
+        block_rows = int(extra["block_rows"]) if extra is not None else self.block_rows
+        return CSRWeight(get("offsets"), get("indices"), get("values"), shape, block_rows)
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Everything is checked before anything is copied: a corrupt checkpoint raises here and
+        # the module keeps its weight.
+        extra = state_dict.get(prefix + "_extra_state")
+        if extra is not None:
+            self._check_extra_state(extra)
+        check_loaded_structure(self, prefix, self._loaded_weight(state_dict, prefix))
+        check_loaded_bias(self, state_dict, prefix, self.out_features)
         names = ("metadata", "values") if self.format_kind == "nm" else ("offsets", "indices", "values")
         adopt_saved_sizes(self, state_dict, prefix, names)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -119,7 +146,7 @@ class SparseLinear(nn.Module):
                 f"sparsity={self.sparsity:.3f}, dtype={self.values.dtype}, "
                 f"weight_bytes={self.weight_nbytes} ({self.weight_nbytes / max(dense_bytes, 1):.3f}x dense)")
 
-    # ---- N:M semi-structured (issue 3) ---------------------------------------------------------
+    # ---- N:M semi-structured --------------------------------------------------------------------
     def _init_nm(self, weight: NMWeight, bias: Optional[torch.Tensor], pattern: str) -> None:
         """Parameters ``values`` [out, G*n] and ``bias``; buffer ``metadata`` (packed indices)."""
         weight.validate()
@@ -145,6 +172,7 @@ class SparseLinear(nn.Module):
             raise ValueError(f"N:M patterns are built by magnitude (or pass mask=...), got "
                              f"method={method!r}")
         weight = linear.weight.detach()
-        nm = NMWeight.from_dense(weight, n, m, mask=None if mask is None else mask.bool())
+        if mask is not None:
+            check_mask(mask, weight.shape)
+        nm = NMWeight.from_dense(weight, n, m, mask=mask)
         return cls(nm, linear.bias, pattern)
-    # ---- end N:M ----

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ._stored import check_loaded_shapes
 
 _ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 
@@ -201,9 +202,9 @@ class MoELayer(nn.Module):
         return logits, weights, indices
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.hidden_size:
-            raise ValueError(f"input must have last dimension hidden_size={self.hidden_size}, "
-                             f"got shape {tuple(x.shape)}")
+        if x.dim() < 1 or x.shape[-1] != self.hidden_size:
+            raise ValueError(f"x has {x.shape[-1] if x.dim() else 0} features, this layer expects "
+                             f"hidden_size={self.hidden_size} (x shape {list(x.shape)})")
         shape = x.shape
         x2 = x.reshape(-1, self.hidden_size)
         logits, weights, indices = self.route(x2)
@@ -262,6 +263,13 @@ class MoELayer(nn.Module):
         if P > kept:
             y = torch.cat([y, y.new_zeros((P - kept, y.shape[1]))])
         return y
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Every expert, router and shared-expert tensor is checked before any is copied, so a
+        # checkpoint of another configuration raises naming the tensor and leaves the layer as it
+        # was (PyTorch's own size check runs per tensor, after earlier ones were copied).
+        check_loaded_shapes(self, state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ---- losses -------------------------------------------------------------------------------
     @property

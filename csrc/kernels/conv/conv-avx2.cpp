@@ -149,40 +149,54 @@ void conv1x1_avx2(const SpmmWeight& w, const float* x, int64_t ldx, int64_t p0, 
 }
 
 // ---- kxk direct convolution ------------------------------------------------------------------
-// How a tap's shifted window [xs, xs + 8*NV) meets its plane row, for a tile of `width` columns:
-//   kFull  every lane inside the row: plain loads.
-//   kTail  the lanes inside the tile are inside the row; lanes past the width are masked loads of
-//          zero, so w * 0 there may be NaN (w = inf), but those lanes are never stored.
-//   kPad   some lanes of the tile fall on the zero padding. Padding is not an input (sparse-product
-//          semantics, as in the scalar kernel's clipping): w * 0 must not reach the output, since
-//          inf * 0 = NaN. The accumulator keeps its old value in those lanes (blend). Only edge
-//          taps whose R values are not all finite take this path: a finite w * 0 adds a zero, so
-//          kTail's plain FMAs give the same result without the blends.
-enum class Cols { kFull, kTail, kPad };
+// Padding is not an input (sparse-product semantics, as in the scalar kernel's clipping): it must
+// never take part in a product. Masked loads read zero there, and w * 0 adds nothing for a finite w
+// but is NaN for w = inf or NaN. So a call whose weights are all finite (the normal case) runs the
+// plain FMA loop, and one with a non-finite weight runs the same loop with SAFE = true, where the
+// masked taps blend the FMA into the accumulator only in the lanes inside the plane row. The
+// choice is made once per call, outside the tap loop: three tap variants in one loop body make GCC
+// spill accumulators.
 
-// Whether all R values of an entry are finite (exponent bits not all ones).
-template <int R>
-inline bool values_finite(const float* v) {
-  uint32_t any_special = 0;
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-    uint32_t bits;
-    std::memcpy(&bits, v + r, sizeof(bits));
-    any_special |= static_cast<uint32_t>((bits & 0x7f800000u) == 0x7f800000u);
+// Whether all n floats at v are finite (exponent bits not all ones).
+inline bool all_finite(const float* v, int64_t n) {
+  const __m256i exp = _mm256_set1_epi32(0x7f800000);
+  __m256i special = _mm256_setzero_si256();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256i e = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + i));
+    special = _mm256_or_si256(special, _mm256_cmpeq_epi32(_mm256_and_si256(e, exp), exp));
   }
-  return any_special == 0;
+  bool ok = _mm256_testz_si256(special, special);
+  for (; i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, v + i, sizeof(bits));
+    ok = ok && (bits & 0x7f800000u) != 0x7f800000u;
+  }
+  return ok;
 }
 
-// The rows of one tap: acc[(row * R + r) * NV + v] += w[r] * plane[iy][xs + 8v ..] for the rows
-// iy = oy + row + t.dy inside the plane (rows outside it are padding and are skipped). The weights
-// are broadcast here, after the dispatch, so that they are not live across it (with R = 8 they
-// and the accumulators fill all 16 ymm registers).
-template <int R, int NV, int ROWS, Cols C>
-inline void kxk_tap_rows(const float* w, const __m256i* masks, const ConvTap& t,
-                         const ConvPlanes& in, int64_t oy, int64_t nrows, int64_t xs, __m256* acc) {
+// One tap into a tile of ROWS output rows [oy, oy + nrows) x up to 8*NV columns [ox0, ox0 + width):
+// the column clipping (lo, hi) depends only on the tap's dx, so it is computed once and shared by
+// the rows; full vector loads when the shifted window lies inside the plane row, masked loads
+// (lanes clipped to the plane and to the tile) at the edges; rows outside the plane are skipped.
+// Masked-off lanes load zero: with SAFE the accumulator keeps its value there (see above); without
+// it they get w * 0 = 0 (finite w), and lanes past the width are dropped at the store either way.
+// Accumulators: acc[(row * R + r) * NV + v].
+template <int R, int NV, int ROWS, bool SAFE>
+inline void kxk_tap(const float* values, int64_t j, const ConvTap& t, const ConvPlanes& in,
+                    int64_t oy, int64_t nrows, int64_t ox0, int64_t width, __m256* acc) {
+  const int64_t xs = ox0 + t.dx;
+  const int64_t lo = std::max<int64_t>(0, -xs), hi = std::min<int64_t>(width, in.wq - xs);
+  if (hi <= lo) return;
+  const bool full = lo == 0 && hi == 8 * NV;
+  __m256i masks[NV];
+  if (!full) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) masks[v] = lane_mask(v, lo, hi);
+  }
   __m256 wv[R];
 #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) wv[r] = _mm256_broadcast_ss(w + r);
+  for (int r = 0; r < R; ++r) wv[r] = _mm256_broadcast_ss(values + j * R + r);
 #pragma GCC unroll 4
   for (int row = 0; row < ROWS; ++row) {
     const int64_t iy = oy + row + t.dy;
@@ -194,7 +208,7 @@ inline void kxk_tap_rows(const float* w, const __m256i* masks, const ConvTap& t,
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) {
       const float* a = reinterpret_cast<const float*>(xr + 32 * v);
-      xv[v] = C == Cols::kFull ? _mm256_loadu_ps(a) : _mm256_maskload_ps(a, masks[v]);
+      xv[v] = full ? _mm256_loadu_ps(a) : _mm256_maskload_ps(a, masks[v]);
     }
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
@@ -202,45 +216,18 @@ inline void kxk_tap_rows(const float* w, const __m256i* masks, const ConvTap& t,
       for (int v = 0; v < NV; ++v) {
         __m256& a = acc[(row * R + r) * NV + v];
         const __m256 f = _mm256_fmadd_ps(wv[r], xv[v], a);
-        a = C == Cols::kPad ? _mm256_blendv_ps(a, f, _mm256_castsi256_ps(masks[v])) : f;
+        a = SAFE && !full ? _mm256_blendv_ps(a, f, _mm256_castsi256_ps(masks[v])) : f;
       }
   }
-}
-
-// One tap into a tile of ROWS output rows [oy, oy + nrows) x up to 8*NV columns [ox0, ox0 + width):
-// the column clipping (lo, hi) depends only on the tap's dx, so it is computed once and shared by
-// the rows; lanes [lo, hi) of the tile are inside the plane row (see Cols for the others).
-// Accumulators: acc[(row * R + r) * NV + v].
-template <int R, int NV, int ROWS>
-inline void kxk_tap(const float* values, int64_t j, const ConvTap& t, const ConvPlanes& in,
-                    int64_t oy, int64_t nrows, int64_t ox0, int64_t width, __m256* acc) {
-  const int64_t xs = ox0 + t.dx;
-  const int64_t lo = std::max<int64_t>(0, -xs), hi = std::min<int64_t>(width, in.wq - xs);
-  if (hi <= lo) return;
-  const float* w = values + j * R;
-  __m256i masks[NV];
-  if (lo == 0 && hi == 8 * NV)
-    return kxk_tap_rows<R, NV, ROWS, Cols::kFull>(w, masks, t, in, oy, nrows, xs, acc);
-#pragma GCC unroll 8
-  for (int v = 0; v < NV; ++v) masks[v] = lane_mask(v, lo, hi);
-  if ((lo == 0 && hi == width) || values_finite<R>(w))
-    return kxk_tap_rows<R, NV, ROWS, Cols::kTail>(w, masks, t, in, oy, nrows, xs, acc);
-  kxk_tap_rows<R, NV, ROWS, Cols::kPad>(w, masks, t, in, oy, nrows, xs, acc);
 }
 
 // Buffers at entry: taps ConvTap [nnz]; in.xq float [planes, hq, wq]; y float [C_out, out_h*out_w];
 // w.values float [nnz * R]; a group's entries are offsets[g*KB] .. offsets[(g+1)*KB].
 // Tile: ROWS output rows x 8*NV columns x R channels in registers over all of the group's taps;
 // row blocks outer so the input rows of all planes near oy stay in cache across the groups.
-template <int R, int NV, int ROWS>
-void kxk_avx2(const SpmmWeight& w, const ConvTap* taps, const ConvPlanes& in, int64_t oy0,
-              int64_t oy1, int64_t g0, int64_t g1, const ConvEpilogue& ep, float* y) {
-  if constexpr (NV > 1) {  // narrow planes: the smallest tile that covers a row, more rows
-    if (in.out_w <= 8 * (NV - 1)) {
-      constexpr int kRows = (8 / (R * (NV - 1))) > 4 ? 4 : (8 / (R * (NV - 1))) < 1 ? 1 : 8 / (R * (NV - 1));
-      return kxk_avx2<R, NV - 1, kRows>(w, taps, in, oy0, oy1, g0, g1, ep, y);
-    }
-  }
+template <int R, int NV, int ROWS, bool SAFE>
+void kxk_tiles(const SpmmWeight& w, const ConvTap* taps, const ConvPlanes& in, int64_t oy0,
+               int64_t oy1, int64_t g0, int64_t g1, const ConvEpilogue& ep, float* y) {
   constexpr int A = R * NV * ROWS, MR = 8 * NV;
   constexpr bool U2 = A < 8;
   const int64_t KB = w.k_blocks(), OW = in.out_w, P = in.out_h * in.out_w;
@@ -259,11 +246,11 @@ void kxk_avx2(const SpmmWeight& w, const ConvTap* taps, const ConvPlanes& in, in
         int64_t j = j0;
         if constexpr (U2) {
           for (; j + 2 <= j1; j += 2) {
-            kxk_tap<R, NV, ROWS>(values, j, taps[j], in, oy, nrows, ox0, width, acc);
-            kxk_tap<R, NV, ROWS>(values, j + 1, taps[j + 1], in, oy, nrows, ox0, width, acc2);
+            kxk_tap<R, NV, ROWS, SAFE>(values, j, taps[j], in, oy, nrows, ox0, width, acc);
+            kxk_tap<R, NV, ROWS, SAFE>(values, j + 1, taps[j + 1], in, oy, nrows, ox0, width, acc2);
           }
         }
-        for (; j < j1; ++j) kxk_tap<R, NV, ROWS>(values, j, taps[j], in, oy, nrows, ox0, width, acc);
+        for (; j < j1; ++j) kxk_tap<R, NV, ROWS, SAFE>(values, j, taps[j], in, oy, nrows, ox0, width, acc);
         if constexpr (U2) {
 #pragma GCC unroll 16
           for (int i = 0; i < A; ++i) acc[i] = _mm256_add_ps(acc[i], acc2[i]);
@@ -273,7 +260,8 @@ void kxk_avx2(const SpmmWeight& w, const ConvTap* taps, const ConvPlanes& in, in
           if (width == MR) {
             store_tile<R, NV>(ra, ep, g * R, y + (oy + row) * OW + ox0, P, false, _mm256_setzero_si256());
           } else {
-            // Partial tile: lanes past the width (zero loads, possibly inf * 0) are dropped.
+            // Partial tile: lanes past the width (zero input; NaN for a non-finite w without SAFE)
+            // are dropped.
             alignas(32) float tmp[R * MR];
             store_tile<R, NV>(ra, ep, 0, tmp, MR, false, _mm256_setzero_si256());
             for (int r = 0; r < R; ++r)
@@ -284,6 +272,23 @@ void kxk_avx2(const SpmmWeight& w, const ConvTap* taps, const ConvPlanes& in, in
       }
     }
   }
+}
+
+template <int R, int NV, int ROWS>
+void kxk_avx2(const SpmmWeight& w, const ConvTap* taps, const ConvPlanes& in, int64_t oy0,
+              int64_t oy1, int64_t g0, int64_t g1, const ConvEpilogue& ep, float* y) {
+  if constexpr (NV > 1) {  // narrow planes: the smallest tile that covers a row, more rows
+    if (in.out_w <= 8 * (NV - 1)) {
+      constexpr int kRows = (8 / (R * (NV - 1))) > 4 ? 4 : (8 / (R * (NV - 1))) < 1 ? 1 : 8 / (R * (NV - 1));
+      return kxk_avx2<R, NV - 1, kRows>(w, taps, in, oy0, oy1, g0, g1, ep, y);
+    }
+  }
+  // One pass over the range's values (a small fraction of the FMAs even for 7x7 planes).
+  const int64_t KB = w.k_blocks(), j0 = w.offsets[g0 * KB], j1 = w.offsets[g1 * KB];
+  if (all_finite(static_cast<const float*>(w.values) + j0 * R, (j1 - j0) * R))
+    kxk_tiles<R, NV, ROWS, false>(w, taps, in, oy0, oy1, g0, g1, ep, y);
+  else
+    kxk_tiles<R, NV, ROWS, true>(w, taps, in, oy0, oy1, g0, g1, ep, y);
 }
 
 // kxk names: <rows>x<columns> pixels per register tile x NR channels.
