@@ -37,7 +37,7 @@ def _moe_act(name):
 
 def moe_route_reference(logits, top_k, scoring="softmax", renormalize=True, selection_bias=None,
                         num_groups=1, topk_groups=1):
-    """float64 scores + top-k with torch.topk on the (biased, group-masked) selection scores."""
+    """float64 scores + top-k (a stable sort) on the (biased, group-masked) selection scores."""
     lg = logits.double()
     scores = torch.softmax(lg, -1) if scoring == "softmax" else torch.sigmoid(lg)
     sel = scores if selection_bias is None else scores + selection_bias.double()
@@ -48,7 +48,8 @@ def moe_route_reference(logits, top_k, scoring="softmax", renormalize=True, sele
         keep = torch.zeros_like(gscore).scatter(-1, gscore.topk(topk_groups, -1).indices, 1.0)
         mask = keep.unsqueeze(-1).expand_as(grouped).reshape(T, E)
         sel = sel.masked_fill(mask == 0, float("-inf"))
-    idx = torch.topk(sel, top_k, -1).indices
+    # ties go to the lower expert index (the documented rule; torch.topk does not promise it)
+    idx = torch.sort(sel, stable=True, dim=-1, descending=True).indices[..., :top_k]
     w = scores.gather(-1, idx)
     if renormalize:
         w = w / w.sum(-1, keepdim=True)
@@ -56,13 +57,16 @@ def moe_route_reference(logits, top_k, scoring="softmax", renormalize=True, sele
 
 
 def moe_experts_reference(x, topk_weights, topk_indices, w1, w2, activation="silu", gated=True,
-                          capacity=-1):
-    """float64 per-expert loop: out[t] = sum_j w[t, j] * mlp_{idx[t, j]}(x[t]); with a capacity,
-    each expert keeps its first `capacity` pairs in slot-major token order, the rest add zero."""
+                          capacity=-1, dtype=torch.float64):
+    """Per-expert loop in ``dtype`` (float64: the reference; a 16-bit dtype: PyTorch's own error
+    at that dtype, for the tolerance rule): out[t] = sum_j w[t, j] * mlp_{idx[t, j]}(x[t]); with a
+    capacity, each expert keeps its first `capacity` pairs in slot-major token order, the rest add
+    zero."""
     act = _moe_act(activation)
-    xd, wd = x.double(), topk_weights.double()
+    xd, wd = x.to(dtype), topk_weights.to(dtype)
+    w1, w2 = w1.to(dtype), w2.to(dtype)
     T, k = topk_indices.shape
-    out = torch.zeros(T, x.shape[1], dtype=torch.float64)
+    out = torch.zeros(T, x.shape[1], dtype=dtype)
     taken = {}
     for j in range(k):
         for t in range(T):
@@ -70,10 +74,10 @@ def moe_experts_reference(x, topk_weights, topk_indices, w1, w2, activation="sil
             taken[e] = taken.get(e, 0) + 1
             if capacity >= 0 and taken[e] > capacity:
                 continue
-            h = w1[e].double() @ xd[t]
+            h = w1[e] @ xd[t]
             F_ = w2.shape[2]
             h = act(h[:F_]) * h[F_:] if gated else act(h)
-            out[t] += wd[t, j] * (w2[e].double() @ h)
+            out[t] += wd[t, j] * (w2[e] @ h)
     return out
 
 
@@ -104,3 +108,17 @@ def sparse_conv_reference(x, dense_weight, stored, stride, padding, dilation, bi
     oh = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     ow = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     return y.reshape(B, out_c, oh, ow)
+
+
+def tile_tail_counts(ukernel_names):
+    """Token counts that reach every tail of the tiles named in a ukernel registry: for each tile
+    width MR of ``<dtype>-<op>-<MR>x<NR>-<isa>`` names, MR - 1, MR + 1, 2*MR - 1 and MR + 8 (a
+    kernel that pads to 8 and steps 16 at a time leaves a last step of 8 there), plus 1 and 2."""
+    import re
+
+    widths = {int(m.group(1)) for name in ukernel_names
+              for m in [re.search(r"-(\d+)x\d+-", name or "")] if m}
+    counts = {1, 2}
+    for w in widths:
+        counts |= {max(1, w - 1), w + 1, 2 * w - 1, w + 8}
+    return sorted(counts)

@@ -51,9 +51,16 @@ def test_no_march_native_in_default_build():
     assert not any("march" in flag for flag in setup.extension().extra_compile_args["cxx"])
 
 
+# Tiers from best to worst: the default must be the best one the CPU runs, or every test that
+# does not pick an ISA would quietly run a slower (or the scalar) path.
+ISA_TIERS = ["avx512", "avx2", "neon", "scalar"]
+
+
 def test_default_isa_is_best_supported():
     assert "scalar" in se.supported_isas()
-    assert se.get_isa() in se.supported_isas()
+    best = next(t for t in ISA_TIERS if t in se.supported_isas())
+    default, _ = _isa_in_subprocess("")
+    assert default == best, f"default ISA {default!r}, but this CPU runs {best!r}"
 
 
 def _isa_in_subprocess(value):

@@ -6,8 +6,11 @@ a segfault or abort fails that case instead of killing pytest; after a crash the
 run in a fresh child. Children run under an address-space limit so that a shape whose product
 overflows turns into an allocation error rather than an out-of-memory kill.
 
-Case kinds: ``must_raise`` (malformed structure, impossible shapes: a return is a failure) and
-``raise_or_correct`` (the op may raise; if it returns, ``check`` compares with a reference).
+Case kinds: ``must_raise`` (malformed structure, impossible shapes: a return is a failure),
+``must_be_correct`` (valid input such as zero tokens, NaN, non-contiguous views: raising is a
+failure too, and ``check`` compares with a reference on every ISA) and ``raise_or_correct``
+(inputs at the edge of what an op can serve, such as sizes near 2^62 or non-canonical metadata: it
+may raise; if it returns, ``check`` compares).
 """
 import json
 import os
@@ -26,9 +29,10 @@ INF, NAN = float("inf"), float("nan")
 CASES = {}  # name -> (kind, run, check)
 
 
-def case(name, run, check=None):
+def case(name, run, check=None, may_raise=False):
     assert name not in CASES, name
-    CASES[name] = ("raise_or_correct" if check else "must_raise", run, check)
+    kind = "must_raise" if check is None else "raise_or_correct" if may_raise else "must_be_correct"
+    CASES[name] = (kind, run, check)
 
 
 def same(out, ref, atol=1e-4, rtol=1e-4):
@@ -789,6 +793,20 @@ case("views/route_bias_expanded", lambda: route(bias=torch.zeros(1).expand(E)),
      lambda out: _check_route(out, LG))
 
 
+# Documented refusals among the view cases (docs/reliability.md): the structure and the stored
+# values must be contiguous, moe_combine_backward's inverse must not repeat a row, and sizes are
+# bounded by 2^31 - 1. These must raise; the reference check above only says what a result would be.
+for _name in ("spmm/values_noncontig", "nm/values_noncontig", "views/spmm_offsets_strided",
+              "views/spmm_indices_strided", "views/spmm_values_expanded",
+              "views/conv_offsets_strided", "views/conv_values_expanded",
+              "views/nm_metadata_strided", "views/nm_values_expanded", "combine_bwd/shared_rows",
+              "views/combine_bwd_inverse_expanded", "spmm_t/out0_in_2pow40"):
+    CASES[_name] = ("must_raise", CASES[_name][1], None)
+# At the edge of what the ops can serve: 2^62 strides overflow the phase planes' size.
+for _name in ("conv/stride_2pow62",):
+    CASES[_name] = ("raise_or_correct",) + CASES[_name][1:]
+
+
 # ---- driver ---------------------------------------------------------------------------------------
 OP_PREFIX = {"spmm": "spmm", "spmm_t": "spmm_transpose_structure", "sddmm": "spmm_sddmm",
              "conv": "sparse_conv2d", "conv_gi": "sparse_conv2d_grad_input",
@@ -911,6 +929,8 @@ def test_hostile(results, name):
     assert res["status"] != "wrong", f"{name} returned a wrong result: {res['detail']}"
     if kind == "must_raise":
         assert res["status"] == "raised", f"{name} must raise, returned {res['detail']}"
+    if kind == "must_be_correct":
+        assert res["status"] == "ok", f"{name} is a valid input and must not raise: {res['detail']}"
 
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--child":

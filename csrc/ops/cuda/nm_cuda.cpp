@@ -47,7 +47,7 @@ NmCudaShape shape_of(const NmWeight& w) { return NmCudaShape{w.rows, w.cols, w.n
 // Activations for the kernels: [tokens, K] contiguous, in a dtype the kernels pair with `values`
 // (the same dtype, or float32 with half / bfloat16 values; other mixes compute in float32).
 at::Tensor kernel_rows(const at::Tensor& x, int64_t K, at::ScalarType value_type) {
-  at::Tensor rows = x.reshape({-1, K});
+  at::Tensor rows = as_rows(x);
   if (!cuda::nm_cuda_supported(cuda_dtype(value_type), cuda_dtype(rows.scalar_type())))
     rows = rows.to(at::kFloat);
   return rows.contiguous();
@@ -303,14 +303,14 @@ at::Tensor nm_linear_grad_values_cuda(const at::Tensor& grad_out, const at::Tens
                                       int64_t m) {
   const NmCudaShape s =
       shape_of(checked_nm_grad_values_args(grad_out, x, metadata, in_features, n, m, kCuda));
-  const int64_t K = s.cols, M_out = s.rows;
+  const int64_t M_out = s.rows;
   const bool f64 = x.scalar_type() == at::kDouble || grad_out.scalar_type() == at::kDouble;
   const c10::cuda::CUDAGuard guard(grad_out.device());
   // Both operands in one dtype: theirs when they agree, float32 otherwise.
   const at::ScalarType common =
       x.scalar_type() == grad_out.scalar_type() ? x.scalar_type() : at::kFloat;
-  const at::Tensor dy = grad_out.reshape({-1, M_out}).to(common).contiguous();
-  const at::Tensor xr = x.reshape({-1, K}).to(common).contiguous();
+  const at::Tensor dy = as_rows(grad_out).to(common).contiguous();
+  const at::Tensor xr = as_rows(x).to(common).contiguous();
   at::Tensor dv = at::zeros({M_out, s.kept()}, x.options().dtype(f64 ? at::kDouble : at::kFloat));
   if (M_out == 0 || s.kept() == 0) return dv;
   if (gemm_backward(xr.size(0))) {

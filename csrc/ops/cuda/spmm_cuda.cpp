@@ -204,7 +204,7 @@ at::Tensor spmm_cuda(const at::Tensor& x, const at::Tensor& offsets, const at::T
   out_shape.back() = out_features;
 
   const at::ScalarType ct = compute_dtype(x.scalar_type(), values.scalar_type());
-  const at::Tensor rows = x.reshape({-1, K}).to(ct).contiguous();
+  const at::Tensor rows = as_rows(x).to(ct).contiguous();
   const at::Tensor vals = values.to(ct).contiguous();
   w.values = vals.data_ptr();
   const int64_t N = rows.size(0), M = out_features;
@@ -285,8 +285,8 @@ at::Tensor spmm_sddmm_cuda(const at::Tensor& grad_out, const at::Tensor& x,
                 " and ", x.scalar_type());
   const at::ScalarType ct = compute_dtype(x.scalar_type(), grad_out.scalar_type());
   at::Tensor dv = at::zeros({w.nnz * block_rows}, x.options().dtype(acc_dtype(ct)));
-  const at::Tensor dy_rows = grad_out.reshape({-1, M}).to(ct).contiguous();
-  const at::Tensor x_rows = x.reshape({-1, K}).to(ct).contiguous();
+  const at::Tensor dy_rows = as_rows(grad_out).to(ct).contiguous();
+  const at::Tensor x_rows = as_rows(x).to(ct).contiguous();
   const int64_t N = x_rows.size(0);
   if (N == 0 || w.nnz == 0) return dv;
   // Both operands transposed (rows of tokens), zero-padded to a multiple of 8 tokens.
