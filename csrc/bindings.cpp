@@ -26,8 +26,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   });
   m.def("supported_isas", [] {
     std::vector<std::string> names;
-    for (auto isa : {sparse_ext::Isa::kScalar, sparse_ext::Isa::kAvx2, sparse_ext::Isa::kNeon})
+    for (auto isa : sparse_ext::kAllIsas)
       if (sparse_ext::isa_supported(isa)) names.emplace_back(sparse_ext::isa_name(isa));
+    return names;
+  });
+  m.def("cpu_features", [] {
+    std::vector<std::string> names;
+    for (const char* f : {"avx512_bf16", "avx512_fp16", "avx512_vnni", "avx_vnni", "amx_tile",
+                          "amx_bf16", "amx_int8"})
+      if (sparse_ext::cpu_has_feature(f)) names.emplace_back(f);
     return names;
   });
   m.def("isa_env_error", [] {

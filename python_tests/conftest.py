@@ -4,7 +4,7 @@ import torch
 
 import sparse_ext
 
-ALL_ISAS = ["scalar", "avx2", "neon"]
+ALL_ISAS = ["scalar", "avx2", "avx512", "neon"]
 
 
 @pytest.fixture(params=ALL_ISAS)

@@ -7,7 +7,7 @@ import torch  # noqa: F401  (the extension links against torch's libraries)
 from . import _C  # noqa: F401  registers the sparse_ext operator library
 from . import ops  # noqa: F401  fake kernels and autograd
 from .formats import CSRWeight, NMWeight
-from .isa import get_isa, set_isa, supported_isas, use_isa
+from .isa import cpu_features, get_isa, set_isa, supported_isas, use_isa
 from .nn import MoELayer, SparseConv, SparseConv2d, SparseLinear, fold_batchnorm, fuse_activations
 from .prune import block_mask, magnitude_mask, nm_mask, parse_pattern, random_mask
 from .sparsify import SparsifyReport, densify, sparsify
@@ -23,6 +23,7 @@ __all__ = [
     "SparseLinear",
     "SparsifyReport",
     "block_mask",
+    "cpu_features",
     "densify",
     "fold_batchnorm",
     "fuse_activations",

@@ -1,7 +1,9 @@
 """Which instruction set the CPU kernels use.
 
-Chosen once at import from the CPU's features; ``SPARSE_EXT_ISA=scalar|avx2|neon`` forces one, and
-``set_isa`` / ``use_isa`` switch at run time (tests use that to cover every compiled path).
+Chosen once at import from the CPU's features (the best of avx512, avx2, neon, scalar);
+``SPARSE_EXT_ISA=scalar|avx2|avx512|neon`` forces one, and ``set_isa`` / ``use_isa`` switch at run
+time (tests use that to cover every compiled path). A family without ukernels for the chosen tier
+runs the best tier below it (avx512 -> avx2 -> scalar, neon -> scalar).
 """
 import contextlib
 import warnings
@@ -14,13 +16,19 @@ if _env_error:
 
 
 def get_isa() -> str:
-    """The ISA the kernels dispatch to now: ``"scalar"``, ``"avx2"`` or ``"neon"``."""
+    """The ISA the kernels dispatch to now: ``"scalar"``, ``"avx2"``, ``"avx512"`` or ``"neon"``."""
     return _C.get_isa()
 
 
 def supported_isas() -> list:
     """ISAs compiled into this build that the running CPU can execute (always has ``"scalar"``)."""
     return list(_C.supported_isas())
+
+
+def cpu_features() -> list:
+    """Optional x86 extensions the CPU (and OS) offer beyond its tier: avx512_bf16, avx512_fp16,
+    avx512_vnni, avx_vnni, amx_tile, amx_bf16, amx_int8 (for the benchmark's machine line)."""
+    return list(_C.cpu_features())
 
 
 def set_isa(name: str) -> None:

@@ -32,8 +32,8 @@ void check_images(const at::Tensor& x, const char* name) {
 }
 
 const ConvUkernels& ukernels_for(int64_t block_rows) {
-  const ConvUkernels* k = conv_ukernels(active_isa(), block_rows);
-  if (k == nullptr) k = conv_ukernels(Isa::kScalar, block_rows);
+  const ConvUkernels* k =
+      lookup_along_chain(active_isa(), [&](Isa isa) { return conv_ukernels(isa, block_rows); });
   TORCH_CHECK(k != nullptr, "no conv kernel for block_rows ", block_rows);
   return *k;
 }
@@ -161,7 +161,11 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& offsets,
                                   xf.options().dtype(at::kByte));
   ConvTap* taps = reinterpret_cast<ConvTap*>(taps_buf.data_ptr<uint8_t>());
   conv_build_taps(w, s, taps);
-  ConvKxKUkernel kxk = k.kxk != nullptr ? k.kxk : conv_ukernels(Isa::kScalar, block_rows)->kxk;
+  // A tier may have 1x1 kernels but no kxk one (NEON): the kxk kernel has its own chain.
+  const ConvKxKUkernel kxk = lookup_along_chain(active_isa(), [&](Isa isa) -> ConvKxKUkernel {
+    const ConvUkernels* t = conv_ukernels(isa, block_rows);
+    return t != nullptr ? t->kxk : nullptr;
+  });
   const float* xqp = xq.data_ptr<float>();
   if (split_by_groups) {
     parallel_ranges(split_groups(w, 8 * block_rows), [&](int64_t g0, int64_t g1) {

@@ -32,8 +32,8 @@ NmWeight check_shape(const NmWeight& w) {
 }
 
 const NmUkernels& ukernels_for(ValueType vt) {
-  const NmUkernels* k = nm_ukernels(active_isa(), vt);
-  if (k == nullptr) k = nm_ukernels(Isa::kScalar, vt);
+  const NmUkernels* k =
+      lookup_along_chain(active_isa(), [&](Isa isa) { return nm_ukernels(isa, vt); });
   TORCH_CHECK(k != nullptr, "no N:M kernel for this value type");
   return *k;
 }

@@ -70,8 +70,8 @@ SpmmWeight make_weight(const at::Tensor& offsets, const at::Tensor& indices,
 }
 
 const SpmmUkernels& ukernels_for(const SpmmWeight& w) {
-  const SpmmUkernels* k = spmm_ukernels(active_isa(), w.value_type, w.block_rows);
-  if (k == nullptr) k = spmm_ukernels(Isa::kScalar, w.value_type, w.block_rows);
+  const SpmmUkernels* k = lookup_along_chain(
+      active_isa(), [&](Isa isa) { return spmm_ukernels(isa, w.value_type, w.block_rows); });
   TORCH_CHECK(k != nullptr, "no SpMM kernel for block_rows ", w.block_rows);
   return *k;
 }

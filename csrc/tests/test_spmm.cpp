@@ -168,6 +168,24 @@ void check_validation() {
 
 }  // namespace
 
+// The tiers fall back one step at a time, and a lookup along the chain finds the best tier that
+// has a ukernel: never the scalar reference while a vector tier below the active one has one.
+void check_fallback_chain() {
+  SE_EXPECT(isa_fallback(Isa::kAvx512) == Isa::kAvx2, "avx512 must fall back to avx2");
+  SE_EXPECT(isa_fallback(Isa::kAvx2) == Isa::kScalar, "avx2 must fall back to scalar");
+  SE_EXPECT(isa_fallback(Isa::kNeon) == Isa::kScalar, "neon must fall back to scalar");
+  for (ValueType vt : {ValueType::kF32, ValueType::kBF16})
+    for (int64_t R : {1, 2, 4, 8}) {
+      const SpmmUkernels* avx2 = spmm_ukernels(Isa::kAvx2, vt, R);
+      // a tier with nothing of its own (here: any ISA with only the AVX2 kernels removed)
+      const SpmmUkernels* found = lookup_along_chain(Isa::kAvx512, [&](Isa isa) {
+        return isa == Isa::kAvx512 ? nullptr : spmm_ukernels(isa, vt, R);
+      });
+      SE_EXPECT(found == (avx2 != nullptr ? avx2 : spmm_ukernels(Isa::kScalar, vt, R)),
+                "avx512 without kernels must run avx2's (R=%ld)", (long)R);
+    }
+}
+
 int main() {
   Rng rng(42);
   for (int i = 0; i < spmm_registry_size(); ++i) {
@@ -188,6 +206,8 @@ int main() {
 #if defined(__aarch64__) && defined(SPARSE_EXT_HAVE_NEON_KERNELS)
   sparse_ext_test::expect_covered("neon");
 #endif
+  if (isa_supported(Isa::kAvx512)) sparse_ext_test::expect_covered("avx512");
+  check_fallback_chain();
   check_validation();
   return sparse_ext_test::finish("test_spmm");
 }

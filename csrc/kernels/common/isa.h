@@ -7,11 +7,34 @@
 
 namespace sparse_ext {
 
-enum class Isa : int { kScalar = 0, kAvx2 = 1, kNeon = 2 };
+// avx512 means AVX-512 F + BW + VL + DQ with AVX2 + FMA (every AVX-512 server CPU has all of them);
+// the optional extensions are feature bits (cpu_has_feature), not tiers.
+enum class Isa : int { kScalar = 0, kAvx2 = 1, kNeon = 2, kAvx512 = 3 };
+
+// Every tier, for registries and tests to expand.
+constexpr Isa kAllIsas[] = {Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kNeon};
 
 const char* isa_name(Isa isa);
-// Parses "scalar" | "avx2" | "neon"; returns false for any other text.
+// Parses "scalar" | "avx2" | "avx512" | "neon"; returns false for any other text.
 bool isa_from_name(const char* name, Isa* out);
+
+// The next tier down: avx512 -> avx2 -> scalar, neon -> scalar (scalar is the last).
+Isa isa_fallback(Isa isa);
+
+// The first non-null lookup(tier) along `isa`'s fallback chain, so that a family without a
+// ukernel for the active tier runs the best tier below it rather than the scalar reference.
+template <typename Lookup>
+auto lookup_along_chain(Isa isa, Lookup lookup) -> decltype(lookup(isa)) {
+  for (;;) {
+    if (auto found = lookup(isa)) return found;
+    if (isa == Isa::kScalar) return nullptr;
+    isa = isa_fallback(isa);
+  }
+}
+
+// Optional x86 extensions for kernels that need more than their tier: "avx512_bf16",
+// "avx512_fp16", "avx_vnni", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8". False elsewhere.
+bool cpu_has_feature(const char* name);
 
 // Whether this build contains kernels for `isa` and the running CPU can execute them.
 bool isa_supported(Isa isa);

@@ -185,7 +185,7 @@ namespace {
 
 std::vector<ConvRegistryEntry> build_registry() {
   std::vector<ConvRegistryEntry> entries;
-  for (Isa isa : {Isa::kScalar, Isa::kAvx2, Isa::kNeon})
+  for (Isa isa : kAllIsas)
     for (int64_t R : {1, 2, 4, 8}) {
       const ConvUkernels* k = conv_ukernels(isa, R);
       if (k != nullptr) entries.push_back({isa, R, k});
@@ -205,8 +205,8 @@ const ConvUkernels* conv_ukernels(Isa isa, int64_t block_rows) {
     case Isa::kScalar: return conv_ukernels_scalar(block_rows);
     case Isa::kAvx2: return conv_ukernels_avx2(block_rows);
     case Isa::kNeon: return conv_ukernels_neon(block_rows);
+    default: return nullptr;
   }
-  return nullptr;
 }
 
 int conv_registry_size() { return static_cast<int>(registry().size()); }

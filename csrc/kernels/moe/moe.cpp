@@ -335,7 +335,7 @@ namespace {
 const std::vector<MoeRegistryEntry>& registry() {
   static const std::vector<MoeRegistryEntry> entries = [] {
     std::vector<MoeRegistryEntry> out;
-    for (Isa isa : {Isa::kScalar, Isa::kAvx2})
+    for (Isa isa : kAllIsas)
       for (MoeWeightType wt : {MoeWeightType::kF32, MoeWeightType::kBF16}) {
         const MoeUkernels* k = moe_ukernels(isa, wt);
         if (k != nullptr) out.push_back({isa, wt, k});

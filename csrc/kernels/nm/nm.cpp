@@ -142,7 +142,7 @@ namespace {
 
 std::vector<NmRegistryEntry> build_registry() {
   std::vector<NmRegistryEntry> entries;
-  for (Isa isa : {Isa::kScalar, Isa::kAvx2, Isa::kNeon})
+  for (Isa isa : kAllIsas)
     for (ValueType vt : {ValueType::kF32, ValueType::kBF16}) {
       const NmUkernels* k = nm_ukernels(isa, vt);
       if (k != nullptr) entries.push_back({isa, vt, k});

@@ -111,7 +111,7 @@ namespace {
 
 std::vector<SpmmRegistryEntry> build_registry() {
   std::vector<SpmmRegistryEntry> entries;
-  for (Isa isa : {Isa::kScalar, Isa::kAvx2, Isa::kNeon})
+  for (Isa isa : kAllIsas)
     for (ValueType vt : {ValueType::kF32, ValueType::kBF16})
       for (int64_t R : {1, 2, 4, 8}) {
         const SpmmUkernels* k = spmm_ukernels(isa, vt, R);
@@ -131,6 +131,7 @@ const SpmmUkernels* spmm_ukernels(Isa isa, ValueType value_type, int64_t block_r
   switch (isa) {
     case Isa::kScalar: return spmm_ukernels_scalar(value_type, block_rows);
     case Isa::kAvx2: return spmm_ukernels_avx2(value_type, block_rows);
+    case Isa::kAvx512: return spmm_ukernels_avx512(value_type, block_rows);
     case Isa::kNeon: return spmm_ukernels_neon(value_type, block_rows);
     default: return nullptr;
   }

@@ -100,6 +100,7 @@ const SpmmRegistryEntry& spmm_registry_entry(int i);
 // architecture's table is a nullptr stub).
 const SpmmUkernels* spmm_ukernels_scalar(ValueType value_type, int64_t block_rows);
 const SpmmUkernels* spmm_ukernels_avx2(ValueType value_type, int64_t block_rows);
+const SpmmUkernels* spmm_ukernels_avx512(ValueType value_type, int64_t block_rows);
 const SpmmUkernels* spmm_ukernels_neon(ValueType value_type, int64_t block_rows);
 
 // Driver for a range of row groups: y[n, m] = sum_k W[m, k] x[n, k] + bias[m] for all N tokens and
