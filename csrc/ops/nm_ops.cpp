@@ -31,11 +31,10 @@ NmWeight check_shape(const NmWeight& w) {
   return w;
 }
 
-const NmUkernels& ukernels_for(ValueType vt) {
-  const NmUkernels* k =
-      lookup_along_chain(active_isa(), [&](Isa isa) { return nm_ukernels(isa, vt); });
-  TORCH_CHECK(k != nullptr, "no N:M kernel for this value type");
-  return *k;
+NmUkernels ukernels_for(ValueType vt) {
+  const NmUkernels k = nm_ukernels_for(active_isa(), vt);
+  TORCH_CHECK(k.gemv != nullptr, "no N:M kernel for this value type");
+  return k;
 }
 
 at::Tensor as_float_rows(const at::Tensor& x, int64_t K) {
@@ -156,7 +155,7 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
   const int64_t T = rows.size(0);
   at::Tensor y = at::empty({T, out_features}, x.options().dtype(at::kFloat));
   if (T > 0 && out_features > 0) {
-    const NmUkernels& k = ukernels_for(w.value_type);
+    const NmUkernels k = ukernels_for(w.value_type);
     const at::Tensor gcol = gcol_table(w);
     NmActivations a{};
     a.tokens = T;
@@ -204,7 +203,7 @@ at::Tensor nm_linear_grad_input_cpu(const at::Tensor& grad_out, const at::Tensor
     if (M_out == 0) {
       dx.zero_();
     } else {
-      const NmUkernels& k = ukernels_for(w.value_type);
+      const NmUkernels k = ukernels_for(w.value_type);
       const at::Tensor gcol = gcol_table(w);
       // dy panels [P, rows, nt]: pack_panels of dy^T's rows is dy itself with K = rows.
       const at::Tensor dyP = pack_panels(dy, M_out, k.scatter_nt);
@@ -245,7 +244,7 @@ at::Tensor nm_linear_grad_values_cpu(const at::Tensor& grad_out, const at::Tenso
   const at::Tensor dyT = transposed_padded(dy, M_out, ld);
   const at::Tensor xT = transposed_padded(xr, w.padded_cols(), ld);
   const at::Tensor gcol = gcol_table(w);
-  const NmUkernels& k = ukernels_for(ValueType::kF32);
+  const NmUkernels k = ukernels_for(ValueType::kF32);
   run_elastic(M_out, 64, [&](int64_t r0, int64_t r1) {
     k.sddmm(w, dyT.data_ptr<float>(), xT.data_ptr<float>(), ld, gcol.data_ptr<int32_t>(), r0, r1,
             dv.data_ptr<float>());

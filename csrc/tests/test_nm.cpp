@@ -75,6 +75,8 @@ Built build(int64_t rows, int64_t cols, int64_t n, int64_t m, Rng& rng) {
 
 void check_entry(const NmRegistryEntry& e, int64_t rows, int64_t cols, int64_t T, int64_t n,
                  int64_t m, Rng& rng) {
+  // The entry's own ukernels, with the slots it leaves to a lower tier filled from there.
+  const NmUkernels k = nm_ukernels_for(e.isa, e.value_type);
   Built b = build(rows, cols, n, m, rng);
   NmWeight w = b.weight(e.value_type);
   SE_EXPECT(nm_validate(w).empty(), "valid weight rejected: %s", nm_validate(w).c_str());
@@ -98,7 +100,7 @@ void check_entry(const NmRegistryEntry& e, int64_t rows, int64_t cols, int64_t T
   if (T == 1) {
     widths.push_back(1);
   } else {
-    for (const auto& t : e.kernels->tiles)
+    for (const auto& t : k.tiles)
       if (t.fn != nullptr) widths.push_back(t.nt);
   }
   for (int64_t nt : widths) {
@@ -122,11 +124,11 @@ void check_entry(const NmRegistryEntry& e, int64_t rows, int64_t cols, int64_t T
         for (int64_t c = 0; c < cols; ++c) panels[(t / nt) * Kp * nt + c * nt + t % nt] = x[t * cols + c];
       a.panels = panels.data();
     }
-    nm_run_rows(w, a, *e.kernels, 0, rows / 2);  // two ranges, as two threads would
-    nm_run_rows(w, a, *e.kernels, rows / 2, rows);
+    nm_run_rows(w, a, k, 0, rows / 2);  // two ranges, as two threads would
+    nm_run_rows(w, a, k, rows / 2, rows);
     const double err = sparse_ext_test::max_rel_error(y.data(), ref.data(), y.size());
     SE_EXPECT(err < tol, "%s %s %ld:%ld rows=%ld cols=%ld T=%ld nt=%ld: error %g",
-              isa_name(e.isa), T == 1 ? e.kernels->gemv_name : "tile", (long)n, (long)m,
+              isa_name(e.isa), T == 1 ? k.gemv_name : "tile", (long)n, (long)m,
               (long)rows, (long)cols, (long)T, (long)nt, err);
   }
 
@@ -134,7 +136,7 @@ void check_entry(const NmRegistryEntry& e, int64_t rows, int64_t cols, int64_t T
   std::vector<float> dy(static_cast<size_t>(T * rows));
   for (auto& v : dy) v = rng.uniform();
   {
-    const int64_t nt = e.kernels->scatter_nt, P = (T + nt - 1) / nt;
+    const int64_t nt = k.scatter_nt, P = (T + nt - 1) / nt;
     std::vector<float> dyP(static_cast<size_t>(P * rows * nt), 0.f);
     for (int64_t t = 0; t < T; ++t)
       for (int64_t r = 0; r < rows; ++r) dyP[(t / nt) * rows * nt + r * nt + t % nt] = dy[t * rows + r];
@@ -146,14 +148,14 @@ void check_entry(const NmRegistryEntry& e, int64_t rows, int64_t cols, int64_t T
         dx_ref[t * cols + c] = static_cast<float>(acc);
       }
     // split at a K-block boundary (a multiple of 8 slots)
-    const int64_t G = w.groups(), kbg = nm_k_block(n, m, e.kernels->scatter_nt) / m;
+    const int64_t G = w.groups(), kbg = nm_k_block(n, m, k.scatter_nt) / m;
     const int64_t mid = std::min(G, kbg);
-    nm_grad_input_groups(w, dyP.data(), T, *e.kernels, gcol.data(), 0, mid, dx.data(), cols);
-    nm_grad_input_groups(w, dyP.data(), T, *e.kernels, gcol.data(), mid, G, dx.data(), cols);
+    nm_grad_input_groups(w, dyP.data(), T, k, gcol.data(), 0, mid, dx.data(), cols);
+    nm_grad_input_groups(w, dyP.data(), T, k, gcol.data(), mid, G, dx.data(), cols);
     const double err = sparse_ext_test::max_rel_error(dx.data(), dx_ref.data(), dx.size());
     SE_EXPECT(err < 1e-4 * std::max<double>(1.0, std::sqrt(static_cast<double>(rows))),
               "%s %s %ld:%ld rows=%ld cols=%ld T=%ld: error %g", isa_name(e.isa),
-              e.kernels->scatter_name, (long)n, (long)m, (long)rows, (long)cols, (long)T, err);
+              k.scatter_name, (long)n, (long)m, (long)rows, (long)cols, (long)T, err);
   }
 
   // Values gradient.
@@ -165,7 +167,7 @@ void check_entry(const NmRegistryEntry& e, int64_t rows, int64_t cols, int64_t T
       for (int64_t c = 0; c < cols; ++c) xT[c * ld + t] = x[t * cols + c];
     }
     std::vector<float> dv(static_cast<size_t>(rows * kept), -7.f), dv_ref(dv.size(), 0.f);
-    e.kernels->sddmm(w, dyT.data(), xT.data(), ld, gcol.data(), 0, rows, dv.data());
+    k.sddmm(w, dyT.data(), xT.data(), ld, gcol.data(), 0, rows, dv.data());
     const int bits = w.bits();
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t j = 0; j < kept; ++j) {
@@ -178,7 +180,7 @@ void check_entry(const NmRegistryEntry& e, int64_t rows, int64_t cols, int64_t T
     const double err = sparse_ext_test::max_rel_error(dv.data(), dv_ref.data(), dv.size());
     SE_EXPECT(err < 1e-4 * std::max<double>(1.0, std::sqrt(static_cast<double>(T))),
               "%s %s %ld:%ld rows=%ld cols=%ld T=%ld: error %g", isa_name(e.isa),
-              e.kernels->sddmm_name, (long)n, (long)m, (long)rows, (long)cols, (long)T, err);
+              k.sddmm_name, (long)n, (long)m, (long)rows, (long)cols, (long)T, err);
   }
 }
 
@@ -261,6 +263,7 @@ int main() {
 #if defined(__aarch64__) && defined(SPARSE_EXT_HAVE_NEON_KERNELS)
   sparse_ext_test::expect_covered("neon");
 #endif
+  if (isa_supported(Isa::kAvx512)) sparse_ext_test::expect_covered("avx512");
   for (const auto& p : patterns) check_f64(6, 45, 3, p[0], p[1], rng);
   check_validation();
   return sparse_ext_test::finish("test_nm");

@@ -161,8 +161,24 @@ const NmUkernels* nm_ukernels(Isa isa, ValueType value_type) {
   switch (isa) {
     case Isa::kScalar: return nm_ukernels_scalar(value_type);
     case Isa::kAvx2: return nm_ukernels_avx2(value_type);
+    case Isa::kAvx512: return nm_ukernels_avx512(value_type);
     case Isa::kNeon: return nm_ukernels_neon(value_type);
     default: return nullptr;
+  }
+}
+
+NmUkernels nm_ukernels_for(Isa isa, ValueType value_type) {
+  NmUkernels k{};
+  for (;;) {
+    if (const NmUkernels* t = nm_ukernels(isa, value_type)) {
+      if (k.gemv == nullptr) k.gemv_name = t->gemv_name, k.gemv = t->gemv;
+      if (k.tiles[0].fn == nullptr) std::copy(std::begin(t->tiles), std::end(t->tiles), k.tiles);
+      if (k.scatter == nullptr)
+        k.scatter_name = t->scatter_name, k.scatter = t->scatter, k.scatter_nt = t->scatter_nt;
+      if (k.sddmm == nullptr) k.sddmm_name = t->sddmm_name, k.sddmm = t->sddmm;
+    }
+    if (isa == Isa::kScalar) return k;
+    isa = isa_fallback(isa);
   }
 }
 

@@ -112,10 +112,16 @@ struct NmUkernels {
   NmSddmmUkernel sddmm;
 };
 
-// The ukernels for an ISA and value type (f32 or bf16), or nullptr when not compiled in.
+// The ukernels for an ISA and value type (f32 or bf16), or nullptr when not compiled in. A tier's
+// entry may leave slots empty (name and function nullptr, no tiles) where the tier below serves.
 const NmUkernels* nm_ukernels(Isa isa, ValueType value_type);
+
+// The full set the kernels run on `isa`: its entry with every empty slot filled from the tiers
+// below it (isa_fallback chain down to the scalar reference, which fills every slot).
+NmUkernels nm_ukernels_for(Isa isa, ValueType value_type);
 const NmUkernels* nm_ukernels_scalar(ValueType value_type);
 const NmUkernels* nm_ukernels_avx2(ValueType value_type);
+const NmUkernels* nm_ukernels_avx512(ValueType value_type);  // the GEMV only
 const NmUkernels* nm_ukernels_neon(ValueType value_type);  // nullptr stub off aarch64
 
 struct NmRegistryEntry {
