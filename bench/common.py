@@ -49,7 +49,27 @@ def cpu_model():
     return platform.processor() or platform.machine()
 
 
+def cache_sizes():
+    """{"L1d": "48K", "L2": "2048K", "L3": "..."} from sysfs (per core for L1/L2); {} elsewhere."""
+    sizes = {}
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for entry in sorted(os.listdir(base)):
+            if not entry.startswith("index"):
+                continue
+            read = lambda name: open(os.path.join(base, entry, name)).read().strip()  # noqa: E731
+            level, kind = read("level"), read("type")
+            if kind == "Instruction":
+                continue
+            sizes[f"L{level}{'d' if kind == 'Data' else ''}"] = read("size")
+    except OSError:
+        pass
+    return sizes
+
+
 def machine_info():
+    """What a result depends on: the CPU, its ISA tier (the kernels' code path) and the optional
+    extensions it has, the caches (a weight that fits the last level runs dense much faster)."""
     import sparse_ext
 
     return {
@@ -58,6 +78,9 @@ def machine_info():
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "isa": sparse_ext.get_isa(),
+        "isa_tiers": "/".join(sparse_ext.supported_isas()),
+        "cpu_features": ",".join(sparse_ext.cpu_features()) or None,
+        "caches": " ".join(f"{k}={v}" for k, v in cache_sizes().items()) or None,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,

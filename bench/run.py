@@ -14,6 +14,7 @@ import importlib
 import json
 import os
 import sys
+import textwrap
 
 import torch
 
@@ -102,7 +103,8 @@ def main(argv=None):
     from bench.common import machine_info
 
     machine = machine_info()
-    print("machine: " + ", ".join(f"{k}={v}" for k, v in machine.items() if v is not None))
+    print(textwrap.fill(", ".join(f"{k}={v}" for k, v in machine.items() if v is not None),
+                        width=118, initial_indent="machine: ", subsequent_indent="         "))
     try:
         from tqdm import tqdm
     except ImportError:
