@@ -367,3 +367,20 @@ def test_conv_nonfinite_matches_sparse_reference(isa, k, stride, padding, dilati
     assert torch.equal(torch.isinf(y), torch.isinf(ref))
     finite = torch.isfinite(ref)
     torch.testing.assert_close(y[finite].double(), ref[finite], atol=1e-4, rtol=1e-4)
+
+
+def test_conv_inf_weight_only_in_the_last_stored_value(isa):
+    """The kernels decide per call whether a non-finite weight exists (a vector scan with a
+    scalar tail): an inf in the last of 27 stored values, whose tap (2, 2) meets the bottom and
+    right zero padding, must still keep padding out of the product."""
+    conv = nn.Conv2d(1, 3, 3, padding=1, bias=False)
+    layer = se.SparseConv2d.from_dense(conv, mask=torch.ones(3, 1, 3, 3, dtype=torch.bool))
+    with torch.no_grad():
+        layer.values[-1] = float("inf")
+    dense = layer.dense_weight()
+    x = torch.rand(1, 1, 6, 7) + 0.1
+    y = layer(x).detach()
+    ref = sparse_conv_reference(x, dense, torch.ones_like(dense, dtype=torch.bool), (1, 1),
+                                (1, 1), (1, 1))
+    assert torch.equal(torch.isnan(y), torch.isnan(ref)) and not torch.isnan(ref).any()
+    assert torch.equal(torch.isinf(y), torch.isinf(ref))
