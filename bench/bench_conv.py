@@ -21,6 +21,7 @@ from sparse_ext.formats import CSRWeight
 from sparse_ext.prune import build_mask
 
 from .common import geomean, interleaved_median_ms, machine_info
+from .table import MS, PERCENT, SPEEDUP, Column, render, text
 from .mobilenets import (MobileNetV1, MobileNetV2, folded, pointwise_layers, sparsify_pointwise)
 
 FAMILY = "conv"
@@ -173,14 +174,18 @@ def run(args, progress=lambda s: None):
     return rows
 
 
+def _target_mark(row):
+    t = row.get("target")
+    return None if t is None else f">= {t:.1f}x " + ("met" if row["speedup"] >= t else "MISS")
+
+
+TABLE = [text("layer", "shape", 56), text("pattern", "pattern"), Column("sparsity", "sparsity", PERCENT),
+         Column("dense ms", "dense_ms", MS), Column("ours ms", "ours_ms", MS), Column("speedup", "speedup", SPEEDUP),
+         text("target", _target_mark), Column("GFLOP/s", "gflops", "{:.1f}")]
+
+
 def format_table(rows):
-    lines = [f"{'shape':58s} {'pattern':>12s} {'sp':>4s} {'dense ms':>9s} {'ours ms':>8s} "
-             f"{'speedup':>8s} {'target':>7s} {'GF/s':>6s}"]
-    for r in rows:
-        t = r.get("target")
-        mark = "" if t is None else (f">={t:.1f} " + ("ok" if r["speedup"] >= t else "MISS"))
-        lines.append(f"{r['shape']:58s} {r['pattern']:>12s} {r['sparsity']:4.0%} {r['dense_ms']:9.3f} "
-                     f"{r['ours_ms']:8.3f} {r['speedup']:7.2f}x {mark:>9s} {r['gflops']:6.1f}")
+    lines = [render(rows, TABLE)]
     for r in rows:
         if "dense_share" in r:
             shares = ", ".join(f"{k} {v:.0%}" for k, v in r["dense_share"].items())

@@ -10,12 +10,14 @@ Shape (TARGETS.md): hidden 1024, ffn 2816, 8 experts, top-2, SwiGLU, fp32, all c
 Run: ``python -m bench.bench_moe [--full] [--reps N]``.
 """
 import argparse
+import io
 import sys
 
 import torch
 import torch.nn.functional as F
 
 from .common import interleaved_median_ms, machine_info
+from .table import MS, SPEEDUP, Column, render, text
 
 _TIMER = {"cpu": False}
 
@@ -185,7 +187,7 @@ def _breakdown(layer, x2, ops, reps):
 
 
 def _verdict(ok):
-    return "ok" if ok else "MISS"
+    return "met" if ok else "MISS"
 
 
 def _checks(r):
@@ -215,16 +217,22 @@ def targets_report(rows):
     return lines
 
 
+TABLE = [Column("T", "tokens"), text("baseline", "baseline"), Column("baseline ms", "dense_ms", MS),
+         Column("ours ms", "ours_ms", MS), Column("floor ms", "floor_ms", MS),
+         Column("speedup", "speedup", SPEEDUP), Column("vs floor", "vs_floor", "{:.3f}"),
+         Column("GB/s", "gbps", "{:.1f}"), Column("GFLOP/s", "gflops", "{:.1f}"),
+         Column("bf16 vs fp32", "bf16_speedup_vs_fp32", SPEEDUP),
+         text("targets", lambda r: ", ".join(_checks(r)))]
+
+
+def format_table(rows):
+    out = io.StringIO()
+    print_table(rows, out)
+    return out.getvalue().rstrip()
+
+
 def print_table(rows, out=sys.stdout):
-    print(f"{'T':>5} {'base':>10} {'base ms':>9} {'ours ms':>9} {'floor ms':>9} {'speedup':>8} "
-          f"{'vs floor':>8} {'GB/s':>6} {'GFLOP/s':>8} {'bf16 x':>7}  targets", file=out)
-    for r in rows:
-        T = r["tokens"]
-        checks = _checks(r)
-        bf = f"{r['bf16_speedup_vs_fp32']:.2f}" if "bf16_speedup_vs_fp32" in r else "-"
-        print(f"{T:>5} {r['baseline']:>10} {r['dense_ms']:>9.3f} {r['ours_ms']:>9.3f} "
-              f"{r['floor_ms']:>9.3f} {r['speedup']:>7.2f}x {r['vs_floor']:>8.3f} {r['gbps']:>6.1f} "
-              f"{r['gflops']:>8.1f} {bf:>7}  {', '.join(checks)}", file=out)
+    print(render(rows, TABLE), file=out)
     for r in rows:
         if "overhead_frac" in r:
             print(f"T={r['tokens']} breakdown: route {r['route_ms']:.3f} ms, permute "

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import sparse_ext as se
 from bench.common import geomean, interleaved_median_ms, machine_info
+from bench.table import SPEEDUP, Column, common_linear_columns, render
 
 FAMILY = "nm"
 
@@ -124,16 +125,12 @@ def summarize(rows):
 targets_report = summarize  # the suite runner (bench/run.py) prints these
 
 
+TABLE = common_linear_columns([Column("vs our fp32", "vs_ours_fp32", SPEEDUP),
+                               Column("weight bytes", "weight_bytes_ratio", "{:.3f}x")])
+
+
 def format_table(rows):
-    head = (f"| {'shape':>10} | {'pattern':>7} | {'dtype':>8} | {'N':>4} | {'dense ms':>9} | "
-            f"{'ours ms':>9} | {'speedup':>8} | {'GFLOP/s':>8} |")
-    out = [head, "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"]
-    for r in rows:
-        extra = f" ({r['vs_ours_fp32']:.2f}x vs our fp32)" if r.get("vs_ours_fp32") else ""
-        out.append(f"| {r['shape']:>10} | {r['pattern']:>7} | {r.get('dtype', 'float32'):>8} | "
-                   f"{r['tokens']:>4} | {r['dense_ms']:>9.3f} | {r['ours_ms']:>9.3f} | "
-                   f"{r['speedup']:>7.2f}x | {r['gflops']:>8.1f} |{extra}")
-    return "\n".join(out)
+    return render(rows, TABLE)
 
 
 def main():

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import sparse_ext as se
 from bench.common import geomean, interleaved_median_ms
+from bench.table import MS, SPEEDUP, Column, common_linear_columns, render
 
 FAMILY = "spmm"
 QUICK_SHAPES = [(4096, 4096)]
@@ -117,9 +118,16 @@ def targets_report(rows):
     return lines
 
 
-def main():
-    from bench.run import format_table
+TABLE = common_linear_columns([
+    Column("torch.sparse ms", "torch_sparse_ms", MS), Column("vs torch.sparse", "vs_torch_sparse", SPEEDUP),
+    Column("weight bytes", "weight_bytes_ratio", "{:.3f}x")])
 
+
+def format_table(rows):
+    return render(rows, TABLE)
+
+
+def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="both LLM shapes, block patterns, bf16")
     parser.add_argument("--reps", type=int, default=15)

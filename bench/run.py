@@ -1,11 +1,12 @@
 """sparse_ext default benchmark suite: our kernels vs dense PyTorch in the same process.
 
 Runs every family that is built (SpMM, N:M, sparse conv, MoE, and the MiniLM workload when its
-optional model is installed), shows a progress bar, prints a table and each family's targets,
+optional model is installed), shows a progress bar on a terminal, prints one table per family and
+a summary of the targets,
 and writes JSON plus PNG plots of speedup vs sparsity with the machine recorded.
 
     bash scripts/bench.sh                         # quick default suite (a few minutes on 2 cores)
-    bash scripts/bench.sh --full                  # every shape of TARGETS.md
+    bash scripts/bench.sh --full                  # every shape of the targets (docs/performance.md)
     bash scripts/bench.sh --families spmm,nm --sparsities 0.9 --tokens 1 64 --threads 2
 """
 import argparse
@@ -13,10 +14,13 @@ import datetime
 import importlib
 import json
 import os
+import re
 import sys
 import textwrap
 
 import torch
+
+from bench.table import common_linear_columns, render
 
 FAMILY_MODULES = {
     "spmm": "bench.bench_spmm",
@@ -26,35 +30,30 @@ FAMILY_MODULES = {
     "minilm": "bench.bench_minilm",
 }
 DEFAULT_FAMILIES = ["spmm", "nm", "conv", "moe"]
-COLUMNS = [("family", "{}"), ("shape", "{}"), ("pattern", "{}"), ("sparsity", "{:.0%}"),
-           ("tokens", "{}"), ("dtype", "{}"), ("dense_ms", "{:.3f}"), ("ours_ms", "{:.3f}"),
-           ("speedup", "{:.2f}x"), ("gflops", "{:.1f}"), ("torch_sparse_ms", "{:.3f}"),
-           ("vs_torch_sparse", "{:.2f}x")]
+TITLES = {
+    "spmm": "SpMM: SparseLinear (unstructured, RxC blocks) vs dense F.linear and torch.sparse CSR",
+    "nm": "N:M: SparseLinear(pattern='N:M') vs dense F.linear",
+    "conv": "Sparse conv: SparseConv2d vs F.conv2d, and whole MobileNets vs the folded dense model",
+    "moe": "MoE layer vs HF's Mixtral block (same weights) and the per-expert floor",
+    "minilm": "MiniLM encoder, sparsified, vs the dense model",
+}
 
 
-def format_table(rows):
-    """Fixed-width text table of result rows (missing cells left blank)."""
-    present = [(k, f) for k, f in COLUMNS if any(r.get(k) is not None for r in rows)]
-    extra = sorted({k for r in rows for k in r} - {k for k, _ in COLUMNS})
-    present += [(k, "{}") for k in extra if k not in ("weight_bytes_ratio",)]
+def format_family(family, module, rows):
+    """One family's table under its title; the family module declares its columns."""
+    table = module.format_table(rows) if hasattr(module, "format_table") else \
+        render(rows, common_linear_columns())
+    return f"{TITLES.get(family, family)}\n{table}"
 
-    def cell(row, key, fmt):
-        value = row.get(key)
-        if value is None:
-            return ""
-        try:
-            return fmt.format(value)
-        except (ValueError, TypeError):
-            return str(value)
 
-    table = [[k for k, _ in present]] + [[cell(r, k, f) for k, f in present] for r in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(present))]
-    out = []
-    for i, line in enumerate(table):
-        out.append("  ".join(c.rjust(w) for c, w in zip(line, widths)))
-        if i == 0:
-            out.append("  ".join("-" * w for w in widths))
-    return "\n".join(out)
+# One word per verdict: the family modules say met / ok / PASS or MISS / MISSED.
+_VERDICTS = [(re.compile(r"\b(PASS|ok)\b"), "met"), (re.compile(r"\bMISSED\b"), "MISS")]
+
+
+def uniform_verdicts(line):
+    for pattern, word in _VERDICTS:
+        line = pattern.sub(word, line)
+    return line
 
 
 def _plot(rows, path_prefix, machine):
@@ -109,7 +108,7 @@ def main(argv=None):
         from tqdm import tqdm
     except ImportError:
         tqdm = None
-    all_rows, reports = [], []
+    all_rows, reports, tables = [], [], []
     for family in [f.strip() for f in args.families.split(",") if f.strip()]:
         if family not in FAMILY_MODULES:
             raise SystemExit(f"unknown family {family!r}; choose from {', '.join(FAMILY_MODULES)}")
@@ -118,7 +117,9 @@ def main(argv=None):
         except ImportError as exc:
             print(f"[{family}] skipped: {exc}")
             continue
-        bar = None if (tqdm is None or args.no_progress) else tqdm(desc=family, unit="case")
+        # A bar only on a terminal: redirected to a file, its redraws become one endless line.
+        plain = tqdm is None or args.no_progress or not sys.stderr.isatty()
+        bar = None if plain else tqdm(desc=family, unit="case")
 
         def progress(desc, bar=bar):
             if bar is None:
@@ -135,13 +136,16 @@ def main(argv=None):
         if bar is not None:
             bar.close()
         all_rows += rows
+        if rows:
+            tables.append(format_family(family, module, rows))
         if hasattr(module, "targets_report") and rows:
             reports += module.targets_report(rows)
-    print()
-    print(format_table(all_rows))
+    for table in tables:
+        print()
+        print(table)
     if reports:
-        print("\nTargets (../shared/TARGETS.md):")
-        print("\n".join("  " + line for line in reports))
+        print("\nSummary: the targets of docs/performance.md on this machine")
+        print("\n".join("  " + uniform_verdicts(line) for line in reports))
     os.makedirs(args.out, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     result = {"machine": machine, "args": {k: v for k, v in vars(args).items()}, "rows": all_rows,
