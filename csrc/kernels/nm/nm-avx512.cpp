@@ -78,8 +78,12 @@ template <ValueType VT, int B, int CHUNKS>
 void gemv_span(const NmWeight& w, const float* x, const int32_t* gcol, int64_t r0, int64_t r1,
                float* y) {
   const int64_t kept = w.kept(), stride = w.meta_stride();
-  // Slot s of a step: its group's first column relative to the step's first column.
-  const __m512i group_col = _mm512_sub_epi32(_mm512_loadu_si512(gcol), _mm512_set1_epi32(gcol[0]));
+  // Slot s of a step: its group's first column relative to the step's first column, (s / N) * M
+  // (both powers of two here); computed, as the gcol table may be shorter than 16 entries.
+  const __m128i log2_n = _mm_cvtsi32_si128(__builtin_ctzll(static_cast<uint64_t>(w.n)));
+  const __m128i log2_m = _mm_cvtsi32_si128(__builtin_ctzll(static_cast<uint64_t>(w.m)));
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i group_col = _mm512_sll_epi32(_mm512_srl_epi32(lane, log2_n), log2_m);
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* meta = w.meta + r * stride;
     const int64_t vbase = r * kept;
