@@ -16,9 +16,10 @@
 #include <immintrin.h>
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
-// GCC 12 reports its own _mm512_undefined_* inside the cast / convert intrinsics as "may be used
+// GCC 12 reports its own _mm512_undefined_* inside the cast / convert intrinsics as "(may be) used
 // uninitialized": a false positive of its headers, not of this file.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 
 #include "../common/avx512-values.h"
 
