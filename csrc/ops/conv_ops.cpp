@@ -31,9 +31,14 @@ void check_images(const at::Tensor& x, const char* name) {
   check_conv_images(x, name, &check_cpu, {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble});
 }
 
-const ConvUkernels& ukernels_for(int64_t block_rows) {
-  const ConvUkernels* k =
-      lookup_along_chain(active_isa(), [&](Isa isa) { return conv_ukernels(isa, block_rows); });
+// The 1x1 (and fused-epilogue) ukernels for planes of `pixels` pixels: the best tier whose 1x1
+// kernel serves that plane size (plane_multiple).
+const ConvUkernels& ukernels_for(int64_t block_rows, int64_t pixels) {
+  const ConvUkernels* k = lookup_along_chain(active_isa(), [&](Isa isa) -> const ConvUkernels* {
+    const ConvUkernels* t = conv_ukernels(isa, block_rows);
+    const bool serves = t != nullptr && (t->plane_multiple <= 1 || pixels % t->plane_multiple == 0);
+    return serves ? t : nullptr;
+  });
   TORCH_CHECK(k != nullptr, "no conv kernel for block_rows ", block_rows);
   return *k;
 }
@@ -107,7 +112,7 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& offsets,
                   static_cast<float>(out_min), static_cast<float>(out_max)};
   // Outputs much larger than the caches are written with streaming stores (see ConvEpilogue).
   ep.stream = B * out_channels * P * int64_t(sizeof(float)) >= stream_bytes();
-  const ConvUkernels& k = ukernels_for(block_rows);
+  const ConvUkernels& k = ukernels_for(block_rows, P);
   const float* xp = xf.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const int64_t parts = work_parts();

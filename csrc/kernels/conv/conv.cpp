@@ -204,6 +204,7 @@ const ConvUkernels* conv_ukernels(Isa isa, int64_t block_rows) {
   switch (isa) {
     case Isa::kScalar: return conv_ukernels_scalar(block_rows);
     case Isa::kAvx2: return conv_ukernels_avx2(block_rows);
+    case Isa::kAvx512: return conv_ukernels_avx512(block_rows);
     case Isa::kNeon: return conv_ukernels_neon(block_rows);
     default: return nullptr;
   }

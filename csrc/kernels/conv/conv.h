@@ -71,12 +71,16 @@ struct ConvUkernels {
   Conv1x1Ukernel conv1x1;
   int64_t mr;  // pixels per 1x1 register tile
   const char* kxk_name;
-  ConvKxKUkernel kxk;  // nullptr where the ISA has no kxk kernel (the op then uses scalar)
+  ConvKxKUkernel kxk;  // nullptr where the tier has none: the op takes the next tier's
+  // The 1x1 ukernel serves planes whose pixel count (the row stride of x and y) is a multiple of
+  // this (0: any); for other planes the op takes the next tier's 1x1 ukernel.
+  int64_t plane_multiple;
 };
 
 // Ukernels for an ISA and R (block_rows), or nullptr when not compiled in.
 const ConvUkernels* conv_ukernels(Isa isa, int64_t block_rows);
 const ConvUkernels* conv_ukernels_scalar(int64_t block_rows);
+const ConvUkernels* conv_ukernels_avx512(int64_t block_rows);  // 1x1 only
 const ConvUkernels* conv_ukernels_avx2(int64_t block_rows);
 const ConvUkernels* conv_ukernels_neon(int64_t block_rows);
 
