@@ -217,6 +217,8 @@ void check_nonfinite(const ConvRegistryEntry& e, const ConvShape& s, Rng& rng) {
   const int64_t mid = s.kernel_w / 2;
   poke_weight("kh=0", [&](int64_t r, int64_t c) { return r == 0 && c == mid; });
   poke_weight("kh=last", [&](int64_t r, int64_t c) { return r == s.kernel_h - 1 && c == mid; });
+  // The last stored value: a kernel's scan for non-finite weights ends with its scalar tail there.
+  if (b.w.nnz > 0) pokes.push_back({true, b.w.nnz * R - 1, inf, "+inf in the last stored value"});
   // One NaN / inf pixel on the border (corners, edge middles) and one inside.
   auto pixel = [&](int64_t c, int64_t iy, int64_t ix) { return (c * H + iy) * W + ix; };
   pokes.push_back({false, pixel(0, 0, 0), nan, "NaN pixel top-left"});
