@@ -1,5 +1,5 @@
 // The one place where every sparse_ext schema is defined. Implementations live in csrc/ops/
-// (CPU) and csrc/cuda/ (CUDA); fake kernels and autograd in sparse_ext/ops.py.
+// (CPU) and csrc/cuda/ (CUDA); fake kernels and autograd in sparse_ext/ops/<family>.py.
 #include <torch/library.h>
 
 TORCH_LIBRARY(sparse_ext, m) {
