@@ -18,8 +18,6 @@ import re
 import sys
 import textwrap
 
-import torch
-
 from bench.table import common_linear_columns, render
 
 FAMILY_MODULES = {
@@ -94,7 +92,9 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args = parse_args(argv)  # before importing torch: --help needs no environment
+    import torch
+
     if args.threads:
         torch.set_num_threads(args.threads)
     sys.path.insert(0, os.getcwd())

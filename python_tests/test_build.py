@@ -111,3 +111,16 @@ def test_ops_reference_lists_every_schema():
     missing = sorted(n for n in names if f"\n{n}(" not in reference)
     assert not missing, f"docs/ops.md lacks the schemas of {missing}"
     assert all(hasattr(torch.ops.sparse_ext, n) for n in names)
+
+
+def test_dir_lists_every_op_after_import():
+    """A fresh interpreter that only imports sparse_ext sees every op in dir(torch.ops.sparse_ext)."""
+    code = ("import torch, sparse_ext\n"
+            "ops = {n.split('::')[1].split('.')[0] for n in torch._C._dispatch_get_all_op_names()\n"
+            "       if n.startswith('sparse_ext::')}\n"
+            "missing = ops - set(dir(torch.ops.sparse_ext))\n"
+            "print(len(ops), sorted(missing))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout.split(maxsplit=1)
+    assert int(out[0]) >= 16 and out[1].strip() == "[]", out
+

@@ -8,6 +8,11 @@ import torch
 from .. import _C  # noqa: F401  registers the library before any registration below
 
 lib = torch.ops.sparse_ext
+# torch.ops lists an op only once it has been looked up: look every schema of the library up, so
+# that dir(torch.ops.sparse_ext) and tab completion show all of them from the start.
+for _name in sorted({n.split("::")[1].split(".")[0] for n in torch._C._dispatch_get_all_op_names()
+                     if n.startswith("sparse_ext::")}):
+    getattr(lib, _name)
 MAX_WEIGHT_DIM = 2**31 - 1  # the kernels index rows and columns with 32-bit integers
 MAX_EXPERTS = 2**20  # kMoeMaxExperts in csrc/ops/moe_args.h
 
