@@ -3,8 +3,8 @@
 
 #include "kernels/common/isa.h"
 #include "kernels/spmm/spmm.h"
-#include "kernels/conv/conv.h"  // sparse conv (issue 4)
-#include "kernels/moe/moe.h"  // MoE
+#include "kernels/conv/conv.h"
+#include "kernels/moe/moe.h"
 
 namespace {
 
@@ -52,7 +52,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     }
     return rows;
   });
-  // ---- sparse conv (issue 4): (isa, block_rows, 1x1 ukernel, MR, kxk ukernel) ----
+  // ---- sparse conv: (isa, block_rows, 1x1 ukernel, MR, kxk ukernel) ----
   m.def("conv_registry", [] {
     std::vector<std::tuple<std::string, int64_t, std::string, int64_t, std::string>> rows;
     for (int i = 0; i < sparse_ext::conv_registry_size(); ++i) {
@@ -73,5 +73,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     }
     return rows;
   });
-  // ---- end MoE ----
 }

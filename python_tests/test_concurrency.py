@@ -1,4 +1,4 @@
-"""Concurrency and determinism (issue 7; the guarantees are tabulated in docs/reliability.md).
+"""Concurrency and determinism (the guarantees are tabulated in docs/reliability.md).
 
 - Many Python threads calling the same module's forward at once give exactly the serial results.
 - Forward (and, where listed, backward) outputs are bitwise identical run to run and across

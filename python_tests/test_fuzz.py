@@ -1,4 +1,4 @@
-"""Property tests (hypothesis) for the modules against pure-torch references (issue 7).
+"""Property tests (hypothesis) for the modules against pure-torch references.
 
 Random valid shapes, sparsities, patterns (unstructured, RxC blocks, N:M), dtypes (fp32, bf16),
 batch dims and ISA paths for SparseLinear (CSR and N:M), SparseConv2d and MoELayer. The profile is

@@ -1,4 +1,4 @@
-"""N:M semi-structured sparsity: format, ops, autograd, module, bad input (issue 3)."""
+"""N:M semi-structured sparsity: format, ops, autograd, module, bad input."""
 import io
 
 import pytest
