@@ -121,6 +121,15 @@ class CSRWeight:
             dense[row + r, col] = vals[:, r]
         return dense
 
+    def mask(self) -> torch.Tensor:
+        """Positions of the stored entries (a block's explicit zeros included), bool
+        [out_features, in_features]."""
+        out = torch.zeros(self.shape, dtype=torch.bool, device=self.indices.device)
+        row, col = self.row_and_col()
+        for r in range(self.block_rows):
+            out[row + r, col] = True
+        return out
+
     def validate(self) -> "CSRWeight":
         """Checks the structure with the same rules as the kernels; raises ValueError naming the
         tensor that is wrong (``offsets``, ``indices``, ``values``) and what was expected."""
