@@ -331,14 +331,16 @@ def _sparse_nbytes(module: nn.Module) -> int:
 
 
 def _zero_fraction(module: nn.Module) -> float:
-    """Fraction of zeros in the module's effective weight (explicit zeros of blocks included)."""
-    from .formats import CSRWeight
+    """Fraction of zeros in the module's effective weight (explicit zeros of blocks included),
+    from the stored values: unstored positions plus stored zeros. N:M slots past in_features hold
+    zeros (a validated weight), so they add one to nnz and one to the stored zeros alike."""
+    from .formats import CSRWeight, NMWeight
 
     fmt = getattr(module, "weight_format", None)
-    csr = fmt() if callable(fmt) else None
-    if isinstance(csr, CSRWeight):
-        total = csr.shape[0] * csr.shape[1]
-        zeros = total - csr.nnz + int((csr.values == 0).sum())
+    weight = fmt() if callable(fmt) else None
+    if isinstance(weight, (CSRWeight, NMWeight)):
+        total = weight.shape[0] * weight.shape[1]
+        zeros = total - weight.nnz + int((weight.values == 0).sum())
         return zeros / max(total, 1)
     dense = module.to_dense()
     w = dense.weight.detach()
@@ -616,13 +618,14 @@ def sparsify(model: nn.Module, sparsity: Union[None, float, Mapping[str, float]]
 
 
 def _already_sparse_row(name: str, mod: nn.Module) -> LayerReport:
-    """A report row for a layer that is a sparse_ext module already."""
-    dense = mod.dense_weight() if hasattr(mod, "dense_weight") else mod.weight_format().to_dense()
-    kind = "Conv2d" if hasattr(mod, "kernel_size") else "Linear"
-    return LayerReport(name=name, kind=kind, shape=tuple(dense.shape), pattern=mod.pattern,
-                       status="already sparse", reason="already sparse (left as it is)",
-                       sparsity=_zero_fraction(mod),
-                       dense_bytes=dense.numel() * dense.element_size(),
+    """A report row for a layer that is a sparse_ext module already (nothing is densified)."""
+    conv = hasattr(mod, "kernel_size")
+    shape = ((mod.out_channels, mod.in_channels, *mod.kernel_size) if conv
+             else (mod.out_features, mod.in_features))
+    return LayerReport(name=name, kind="Conv2d" if conv else "Linear", shape=shape,
+                       pattern=mod.pattern, status="already sparse",
+                       reason="already sparse (left as it is)", sparsity=_zero_fraction(mod),
+                       dense_bytes=_numel(shape) * mod.values.element_size(),
                        sparse_bytes=_sparse_nbytes(mod))
 
 

@@ -171,8 +171,5 @@ class SparseLinear(nn.Module):
         if method != "magnitude" and mask is None:
             raise ValueError(f"N:M patterns are built by magnitude (or pass mask=...), got "
                              f"method={method!r}")
-        weight = linear.weight.detach()
-        if mask is not None:
-            check_mask(mask, weight.shape)
-        nm = NMWeight.from_dense(weight, n, m, mask=mask)
+        nm = NMWeight.from_dense(linear.weight.detach(), n, m, mask=mask)
         return cls(nm, linear.bias, pattern)
