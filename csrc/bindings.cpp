@@ -1,7 +1,9 @@
-// Python-side controls that are not tensor ops: ISA selection and the ukernel registry.
+// Python-side controls that are not tensor ops: ISA selection, the plan cache and the ukernel
+// registry.
 #include <torch/extension.h>
 
 #include "kernels/common/isa.h"
+#include "kernels/common/plan_cache.h"
 #include "kernels/spmm/spmm.h"
 #include "kernels/conv/conv.h"
 #include "kernels/moe/moe.h"
@@ -40,6 +42,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("isa_env_error", [] {
     const char* e = sparse_ext::isa_env_error();
     return e == nullptr ? std::string() : std::string(e);
+  });
+  m.def("set_plan_tuning", &sparse_ext::set_plan_tuning_enabled);
+  m.def("plan_tuning", &sparse_ext::plan_tuning_enabled);
+  m.def("set_plan_cache_file", &sparse_ext::set_plan_cache_file);
+  m.def("plan_cache_file", &sparse_ext::plan_cache_file);
+  m.def("plan_cache_clear", &sparse_ext::plan_cache_clear);
+  m.def("plan_lookup", &sparse_ext::plan_lookup);
+  m.def("plan_cache_stats", [] {
+    const sparse_ext::PlanCacheStats s = sparse_ext::plan_cache_stats();
+    return std::make_tuple(s.hits, s.timed, s.defaults, s.entries, s.last_error);
   });
   m.def("spmm_registry", [] {
     std::vector<std::tuple<std::string, std::string, int64_t, std::string, std::string, std::string>> rows;

@@ -1,8 +1,19 @@
-"""Shared fixtures: every test that takes ``isa`` runs once per ISA this machine supports."""
-import pytest
-import torch
+"""Shared fixtures: every test that takes ``isa`` runs once per ISA this machine supports.
 
-import sparse_ext
+Kernel tuning is off for the whole run (child processes inherit SPARSE_EXT_TUNE=0): every op runs
+the active tier's kernel, so the ``isa`` parametrization tests what it names and no result
+depends on timing. test_tuning.py turns it on where it tests the plan cache itself.
+"""
+import os
+
+os.environ["SPARSE_EXT_TUNE"] = "0"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import sparse_ext  # noqa: E402
+
+sparse_ext.set_tuning(False)
 
 ALL_ISAS = ["scalar", "avx2", "avx512", "neon"]
 

@@ -6,11 +6,13 @@ import torch  # noqa: F401  (the extension links against torch's libraries)
 
 from . import _C  # noqa: F401  registers the sparse_ext operator library
 from . import ops  # noqa: F401  fake kernels and autograd
+from . import tuning  # noqa: F401  the plan cache (kernel choice by measurement)
 from .formats import CSRWeight, NMWeight
 from .isa import cpu_features, get_isa, set_isa, supported_isas, use_isa
 from .nn import MoELayer, SparseConv, SparseConv2d, SparseLinear, fold_batchnorm, fuse_activations
 from .prune import block_mask, magnitude_mask, nm_mask, parse_pattern, random_mask
 from .sparsify import SparsifyReport, densify, sparsify
+from .tuning import set_tuning, tuning_enabled, use_tuning
 
 __version__ = "0.1.0"
 
@@ -34,7 +36,11 @@ __all__ = [
     "parse_pattern",
     "random_mask",
     "set_isa",
+    "set_tuning",
     "sparsify",
     "supported_isas",
+    "tuning",
+    "tuning_enabled",
     "use_isa",
+    "use_tuning",
 ]

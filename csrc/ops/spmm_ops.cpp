@@ -4,6 +4,7 @@
 
 #include "../kernels/spmm/spmm.h"
 #include "common.h"
+#include "plan.h"
 #include "spmm_weight.h"
 
 namespace sparse_ext {
@@ -76,6 +77,25 @@ const SpmmUkernels& ukernels_for(const SpmmWeight& w) {
   return *k;
 }
 
+// The forward's candidates: each tier's ukernels at and below the active tier.
+std::vector<PlanCandidate<const SpmmUkernels*>> forward_candidates(const SpmmWeight& w) {
+  auto out = tier_candidates<const SpmmUkernels*>(
+      [&](Isa isa) { return spmm_ukernels(isa, w.value_type, w.block_rows); });
+  TORCH_CHECK(!out.empty(), "no SpMM kernel for block_rows ", w.block_rows);
+  return out;
+}
+
+// Density in whole percent: the crossover between tiers moves with the work per row.
+std::string forward_plan_key(const SpmmWeight& w, int64_t tokens) {
+  const double density = w.rows * w.cols == 0 ? 0.0
+                             : static_cast<double>(w.nnz * w.block_rows) / (w.rows * w.cols);
+  return plan_key("spmm", {w.value_type == ValueType::kBF16 ? "bf16" : "f32",
+                           "R" + std::to_string(w.block_rows),
+                           std::to_string(w.rows) + "x" + std::to_string(w.cols),
+                           "d" + std::to_string(static_cast<int>(density * 100 + 0.5)),
+                           "N" + std::to_string(plan_bucket(tokens))});
+}
+
 std::vector<int64_t> split_groups_by_nnz(const SpmmWeight& w, int64_t per_group_cost) {
   const int64_t KB = w.k_blocks();
   return balanced_split(w.groups(), work_parts(), [&](int64_t g) {
@@ -146,23 +166,24 @@ at::Tensor spmm_cpu(const at::Tensor& x, const at::Tensor& offsets, const at::Te
   const int64_t N = rows.size(0);
   at::Tensor y = at::empty({N, out_features}, x.options().dtype(at::kFloat));
   if (N > 0 && out_features > 0) {
-    const SpmmUkernels& k = ukernels_for(w);
-    SpmmActivations a{};
-    a.tokens = N;
-    a.bias = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
-    a.y = y.data_ptr<float>();
-    a.ldy = out_features;
-    at::Tensor staged;
-    if (N == 1) {
-      staged = at::zeros({w.padded_cols()}, rows.options());
-      staged.narrow(0, 0, K).copy_(rows[0]);
-      a.x = staged.data_ptr<float>();
-    } else {
-      staged = transposed_tiles(rows, w.padded_cols(), spmm_tile_cols_for(k, N));
-      a.xT = staged.data_ptr<float>();
-    }
-    parallel_ranges(split_groups_by_nnz(w, 4 * w.block_rows),
-                    [&](int64_t g0, int64_t g1) { spmm_run_groups(w, a, k, g0, g1); });
+    const std::vector<int64_t> split = split_groups_by_nnz(w, 4 * w.block_rows);
+    run_planned(forward_plan_key(w, N), forward_candidates(w), [&](const SpmmUkernels* k) {
+      SpmmActivations a{};
+      a.tokens = N;
+      a.bias = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
+      a.y = y.data_ptr<float>();
+      a.ldy = out_features;
+      at::Tensor staged;
+      if (N == 1) {
+        staged = at::zeros({w.padded_cols()}, rows.options());
+        staged.narrow(0, 0, K).copy_(rows[0]);
+        a.x = staged.data_ptr<float>();
+      } else {
+        staged = transposed_tiles(rows, w.padded_cols(), spmm_tile_cols_for(*k, N));
+        a.xT = staged.data_ptr<float>();
+      }
+      parallel_ranges(split, [&](int64_t g0, int64_t g1) { spmm_run_groups(w, a, *k, g0, g1); });
+    });
   }
   return y.to(x.scalar_type()).reshape(out_shape);
 }
