@@ -1,7 +1,8 @@
 """N:M semi-structured benchmark: ``torch.ops.sparse_ext.nm_linear`` vs dense ``F.linear``.
 
 Both run in the same process on the same inputs, interleaved (bench.common), medians reported.
-``python -m bench.bench_nm [--full] [--reps R]`` prints a table and the TARGETS.md geomeans.
+``python -m bench.bench_nm [--full] [--reps R] [--cache hot|cold]`` prints a table and the
+TARGETS.md geomeans, hot and cold (bench.common.CACHE_HELP).
 As a suite module: ``FAMILY`` and ``run(args, progress) -> list[dict]``.
 """
 import argparse
@@ -11,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 import sparse_ext as se
-from bench.common import geomean, interleaved_median_ms, machine_info
+from bench.common import (CACHE_HELP, CACHE_MODES, cache_modes, cold_copies, copies_of, geomean,
+                          interleaved_median_ms, machine_info, rotating)
 from bench.table import SPEEDUP, Column, common_linear_columns, render
 
 FAMILY = "nm"
@@ -41,7 +43,7 @@ def _reps(args, tokens, out_features):
     return 15 if work <= 16 * 11008 else 9 if work <= 64 * 11008 else 5
 
 
-def _row(shape, pattern, tokens, dense_ms, ours_ms, flops, dtype="float32"):
+def _row(shape, pattern, tokens, dense_ms, ours_ms, flops, dtype="float32", cache="hot"):
     n, m = (int(v) for v in pattern.split(":"))
     return {
         "family": FAMILY,
@@ -50,6 +52,7 @@ def _row(shape, pattern, tokens, dense_ms, ours_ms, flops, dtype="float32"):
         "sparsity": 1.0 - n / m,
         "tokens": tokens,
         "dtype": dtype,
+        "cache": cache,
         "dense_ms": dense_ms,
         "ours_ms": ours_ms,
         "speedup": dense_ms / ours_ms,
@@ -71,16 +74,25 @@ def run(args, progress=lambda desc: None):
         for pattern in patterns:
             n, m = (int(v) for v in pattern.split(":"))
             w = se.NMWeight.from_dense(dense_w, n, m)
-            for tokens in tokens_list:
-                x = torch.randn(tokens, in_f, generator=gen)
-                reps = _reps(args, tokens, out_f)
-                dense_ms, ours_ms = interleaved_median_ms(
-                    [lambda: F.linear(x, dense_w), lambda: se.ops.nm_linear(x, w)],
-                    reps=reps, warmup=2)
-                row = _row(shape, pattern, tokens, dense_ms, ours_ms, 2.0 * out_f * in_f * tokens)
-                row["weight_bytes_ratio"] = w.nbytes / (out_f * in_f * 4)
-                rows.append(row)
-                progress(f"nm {row['shape']} {pattern} N={tokens}: {row['speedup']:.2f}x")
+            for cache in cache_modes(args):
+                copies = 1 if cache == "hot" else cold_copies(dense_w.numel() * 4 + w.nbytes)
+                if cache == "cold" and copies < 2:
+                    progress("nm cold skipped: the last-level cache size is unknown")
+                    continue
+                dense_ws, ws = copies_of(dense_w, copies), copies_of(w, copies)
+                for tokens in tokens_list:
+                    x = torch.randn(tokens, in_f, generator=gen)
+                    reps = _reps(args, tokens, out_f)
+                    dense_ms, ours_ms = interleaved_median_ms(
+                        [rotating(dense_ws, lambda d: F.linear(x, d)),
+                         rotating(ws, lambda v: se.ops.nm_linear(x, v))],
+                        reps=reps, warmup=2)
+                    row = _row(shape, pattern, tokens, dense_ms, ours_ms,
+                               2.0 * out_f * in_f * tokens, cache=cache)
+                    row["weight_bytes_ratio"] = w.nbytes / (out_f * in_f * 4)
+                    rows.append(row)
+                    progress(f"nm {row['shape']} {pattern} {cache} N={tokens}: {row['speedup']:.2f}x")
+                del dense_ws, ws
             if pattern == "2:4":
                 # bf16 weights at 2:4, one token: against dense fp32 and our own fp32 weights.
                 wb = w.to(dtype=torch.bfloat16)
@@ -104,12 +116,14 @@ def summarize(rows):
     lines = []
     main = [r for r in rows if r["family"] == FAMILY and r.get("dtype", "float32") == "float32"]
     for pattern, target in TARGETS.items():
-        sp = [r["speedup"] for r in main if r["pattern"] == pattern]
-        if not sp:
-            continue
-        g = geomean(sp)
-        lines.append(f"N:M {pattern}: geomean {g:.2f}x over {len(sp)} points (target >= {target}x) "
-                     f"{'PASS' if g >= target else 'MISS'}")
+        for cache in CACHE_MODES:
+            sp = [r["speedup"] for r in main
+                  if r["pattern"] == pattern and r.get("cache", "hot") == cache]
+            if not sp:
+                continue
+            g = geomean(sp)
+            lines.append(f"N:M {pattern} {cache}: geomean {g:.2f}x over {len(sp)} points "
+                         f"(target >= {target}x) {'PASS' if g >= target else 'MISS'}")
     b24 = [r["weight_bytes_ratio"] for r in main if r["pattern"] == "2:4"]
     if b24:
         lines.append(f"N:M 2:4 weight bytes: {b24[0]:.3f}x dense fp32 (target <= {BYTES_TARGET_2_4}) "
@@ -137,6 +151,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="every shape, pattern and N")
     parser.add_argument("--reps", type=int, default=0, help="timed repetitions per case")
+    parser.add_argument("--cache", nargs="+", choices=CACHE_MODES, help=CACHE_HELP)
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads for both sides (default: all cores, as TARGETS.md)")
     args = parser.parse_args()

@@ -3,6 +3,8 @@
 Rules: ours and the dense PyTorch op are timed in the same process, interleaved, after warm-up;
 the median of repeated runs is reported. Never compare absolute times across runs.
 """
+import copy
+import math
 import os
 import platform
 import statistics
@@ -65,6 +67,58 @@ def cache_sizes():
     except OSError:
         pass
     return sizes
+
+
+def _parse_size(text):
+    """sysfs cache size ("48K", "2048K", "480M") in bytes; 0 when unreadable."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    try:
+        return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+    except (ValueError, IndexError):
+        return 0
+
+
+def last_level_cache_bytes():
+    """Size of the largest data cache level (0 when the machine does not say)."""
+    sizes = cache_sizes()
+    return max((_parse_size(v) for k, v in sizes.items() if k != "L1d"), default=0)
+
+
+CACHE_MODES = ("hot", "cold")
+CACHE_HELP = ("hot: one layer timed again and again, its weights stay in the caches; cold: "
+              "the timed calls rotate over copies of the layer whose weights together exceed the "
+              "last-level cache, as the layers of a model's forward do (each weight read from DRAM)")
+
+
+def cache_modes(args):
+    """The cache modes a linear family runs: ``--cache`` or both."""
+    return list(getattr(args, "cache", None) or CACHE_MODES)
+
+
+def cold_copies(bytes_per_copy, llc=None):
+    """How many copies a cold timing rotates over: with ours and dense interleaved, every other
+    copy is read before a copy comes round again, and those reads must exceed the last-level
+    cache (1.5x, for its imperfect LRU). 1 when the cache size is unknown."""
+    llc = last_level_cache_bytes() if llc is None else llc
+    if llc <= 0 or bytes_per_copy <= 0:
+        return 1
+    return max(2, math.ceil(1.5 * llc / bytes_per_copy) + 1)
+
+
+def rotating(objects, call):
+    """A callable that applies ``call`` to the next of ``objects`` on every call."""
+    state = {"i": 0}
+
+    def step():
+        obj = objects[state["i"]]
+        state["i"] = (state["i"] + 1) % len(objects)
+        return call(obj)
+    return step
+
+
+def copies_of(obj, count):
+    """``obj`` and ``count - 1`` deep copies of it (separate storage, same values)."""
+    return [obj] + [copy.deepcopy(obj) for _ in range(count - 1)]
 
 
 def machine_info():

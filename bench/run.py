@@ -82,6 +82,10 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                         help="also/only run the weight dtype where a family supports it")
     parser.add_argument("--reps", type=int, default=9, help="timed repetitions per case (median)")
+    parser.add_argument("--cache", nargs="+", choices=["hot", "cold"], metavar="MODE",
+                        help="spmm/nm cache modes (default: hot and cold). hot: one layer timed "
+                        "again and again; cold: rotating over layer copies that exceed the "
+                        "last-level cache, as a model's forward reads its weights")
     parser.add_argument("--out", default=os.path.join("bench", "results"), help="output folder")
     parser.add_argument("--no-progress", action="store_true", help="plain log lines instead of a bar")
     args = parser.parse_args(argv)

@@ -53,7 +53,7 @@ def speedup_column(header: str = "speedup", key="speedup") -> Column:
 def common_linear_columns(extra: Sequence[Column] = ()) -> List[Column]:
     """The columns of a sparse-weight x activations family (SpMM, N:M)."""
     return [text("shape", "shape"), text("pattern", "pattern"), Column("sparsity", "sparsity", PERCENT),
-            text("dtype", "dtype"), Column("N", "tokens"), Column("dense ms", "dense_ms", MS),
+            text("dtype", "dtype"), text("cache", "cache"), Column("N", "tokens"), Column("dense ms", "dense_ms", MS),
             Column("ours ms", "ours_ms", MS), speedup_column(), Column("GFLOP/s", "gflops", "{:.1f}"),
             *extra]
 
