@@ -480,3 +480,46 @@ def test_hf_conv1d_gpt2():
                 mod.weight.mul_(kept)
         ids = torch.randint(0, 128, (2, 12))
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+# ---- only_if_faster ----------------------------------------------------------------------------
+def test_only_if_faster_keeps_slower_layers_dense(monkeypatch):
+    """The decision follows the measured ratio (faked here, so the test cannot depend on timing);
+    each layer is timed on the input it sees in the model."""
+    from sparse_ext import _layer_speed
+
+    seen = {}
+
+    def fake_ratio(dense, sparse, shape, dtype=None, reps=7):
+        seen[dense.in_features] = shape
+        return {64: 0.5, 128: 2.0}[dense.in_features]
+
+    monkeypatch.setattr(_layer_speed, "dense_over_sparse", fake_ratio)
+    model = mlp()
+    x = torch.randn(5, 64)
+    dense_y = model(x)
+    _, report = sparsify(model, sparsity=0.5, only_if_faster=True, example_inputs=x)
+    assert sparse_names(model) == ["2"]
+    assert report["0"].status == "skipped" and report["0"].speedup == 0.5
+    assert "kept dense" in report["0"].reason and "0.50x" in report["0"].reason
+    assert report["2"].status == "sparse" and report["2"].speedup == 2.0
+    assert "2.00x faster than dense" in str(report)
+    assert seen == {64: (5, 64), 128: (5, 128)}  # the shapes model(x) gives them
+    assert model(x).shape == dense_y.shape
+    torch.testing.assert_close(model[0](x), nn.functional.linear(x, model[0].weight, model[0].bias))
+
+
+def test_only_if_faster_default_shapes_and_real_timing():
+    """Without example inputs a linear is timed on 16 tokens; with real timing every converted
+    layer is either sparse and at least as fast, or dense with its ratio in the report."""
+    from sparse_ext import _layer_speed
+
+    model = mlp()
+    assert _layer_speed.default_input_shape(SparseLinear.from_dense(model[0], sparsity=0.5)) == \
+        (_layer_speed.DEFAULT_TOKENS, 64)
+    _, report = sparsify(model, sparsity=0.9, only_if_faster=True)
+    for name in ("0", "2"):
+        row = report[name]
+        assert row.speedup is not None and row.speedup > 0
+        assert (row.status == "sparse") == (row.speedup >= 1.0)
+        assert isinstance(model[int(name)], SparseLinear) == (row.status == "sparse")

@@ -39,6 +39,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from . import _layer_speed
 from .prune import _check_sparsity, parse_pattern
 
 Patterns = Union[None, str, Sequence[str]]
@@ -61,6 +62,7 @@ class LayerReport:
     dense_bytes: int = 0               # dense weight bytes (bias not counted)
     sparse_bytes: Optional[int] = None  # bytes the sparse kernels read for the weight
     target: Optional[float] = None     # the sparsity asked for (None: set by an N:M pattern)
+    speedup: Optional[float] = None    # dense time / sparse time, when only_if_faster measured it
 
     @property
     def ratio(self) -> Optional[float]:
@@ -144,7 +146,8 @@ class SparsifyReport:
                 f"{r.dense_bytes / 1024:.1f}",
                 f"{r.sparse_bytes / 1024:.1f}" if sparse else "-",
                 f"{r.ratio:.3f}" if sparse and r.ratio is not None else "-",
-                r.reason if sparse else f"skipped: {r.reason}",
+                (r.reason or (f"{r.speedup:.2f}x faster than dense here" if r.speedup else ""))
+                if sparse else f"skipped: {r.reason}",
             ])
         if self.sparsified:
             ratio = self.sparse_bytes / self.dense_bytes if self.dense_bytes else 0.0
@@ -457,7 +460,9 @@ def sparsify(model: nn.Module, sparsity: Union[None, float, Mapping[str, float]]
              method: str = "magnitude", include: Patterns = None, exclude: Patterns = None,
              min_features: Union[None, int, Mapping[str, int]] = None,
              global_pruning: bool = False,
-             generator: Optional[torch.Generator] = None) -> Tuple[nn.Module, SparsifyReport]:
+             generator: Optional[torch.Generator] = None,
+             only_if_faster: bool = False,
+             example_inputs=None) -> Tuple[nn.Module, SparsifyReport]:
     """Swaps eligible ``nn.Linear`` (and ``nn.Conv2d`` when ``sparse_ext.SparseConv2d`` exists)
     layers of ``model`` in place for sparse ones; returns ``(model, report)``.
 
@@ -475,6 +480,13 @@ def sparsify(model: nn.Module, sparsity: Union[None, float, Mapping[str, float]]
         kinds, or a dict ``{"Linear": 64, "Conv2d": 16}`` (the default, None).
       global_pruning: one magnitude threshold across all candidate layers.
       generator: for ``method="random"``.
+      only_if_faster: time each converted layer against its dense original on this machine
+        (interleaved medians) and keep it dense when the sparse one is not faster; the report
+        gives each layer's measured speedup, or why it stayed dense. With ``global_pruning``
+        the layers left dense lower the overall sparsity reached.
+      example_inputs: what ``model`` takes (a tensor, a tuple of arguments or a dict of keyword
+        arguments): with ``only_if_faster``, each layer is timed on the input shape it sees in
+        ``model(example_inputs)``. Without it: 16 tokens for linears, a 56x56 image for convs.
 
     The returned ``model`` is the same object, except when ``model`` itself is a single layer,
     which cannot be swapped in place: then it is the new sparse module.
@@ -601,6 +613,9 @@ def sparsify(model: nn.Module, sparsity: Union[None, float, Mapping[str, float]]
             break
         candidates = [c for c in candidates if c[0] not in failed]
 
+    if only_if_faster:
+        _keep_dense_where_slower(model, candidates, converted, example_inputs)
+
     replaced_root = None
     for name, mod, kind, forced, row, _ in candidates:
         new = converted.get(name)
@@ -615,6 +630,26 @@ def sparsify(model: nn.Module, sparsity: Union[None, float, Mapping[str, float]]
         else:
             _set_module(model, name, new)
     return (replaced_root if replaced_root is not None else model), report
+
+
+def _keep_dense_where_slower(model, candidates, converted, example_inputs) -> None:
+    """Times every converted layer against its dense original; drops the slower conversions
+    from ``converted`` and records the outcome in each row."""
+    shapes = {}
+    if example_inputs is not None:
+        shapes = _layer_speed.capture_input_shapes(
+            model, {c[0]: c[1] for c in candidates if c[0] in converted}, example_inputs)
+    for name, mod, _, _, row, _ in candidates:
+        new = converted.get(name)
+        if new is None:
+            continue
+        shape = shapes.get(name) or _layer_speed.default_input_shape(new)
+        speedup = _layer_speed.dense_over_sparse(mod, new, shape, dtype=_linear_weight(mod).dtype)
+        row.speedup = speedup
+        if speedup < 1.0:
+            del converted[name]
+            row.reason = (f"kept dense: sparse ran {speedup:.2f}x the dense speed here "
+                          f"(input {tuple(shape)})")
 
 
 def _already_sparse_row(name: str, mod: nn.Module) -> LayerReport:
