@@ -429,23 +429,16 @@ NM_CUDA_PATHS = ("cores", "cusparselt", "dense")
 
 
 def _nm_path_times(row, timer, layer_call):
-    """Times each forward path the glue can be forced onto (SPARSE_EXT_NM_CUDA_PATH, read per
-    call), to tune the auto thresholds; a path that cannot apply falls back to the cores."""
-    import os
+    """Times each forward path the glue can be forced onto (the nm_cuda_path setting), to tune
+    the auto thresholds; a path that cannot apply falls back to the cores."""
+    import sparse_ext
 
-    saved = os.environ.get("SPARSE_EXT_NM_CUDA_PATH")
-    try:
-        for path in NM_CUDA_PATHS:
-            os.environ["SPARSE_EXT_NM_CUDA_PATH"] = path
+    for path in NM_CUDA_PATHS:
+        with sparse_ext.config.override(nm_cuda_path=path):
             try:
                 row[f"path_{path}_ms"] = timer([layer_call])[0]
             except Exception as exc:  # noqa: BLE001  recorded, the case goes on
                 row[f"path_{path}_error"] = _short(exc)
-    finally:
-        if saved is None:
-            os.environ.pop("SPARSE_EXT_NM_CUDA_PATH", None)
-        else:
-            os.environ["SPARSE_EXT_NM_CUDA_PATH"] = saved
 
 
 def run_nm(case, ctx):

@@ -7,6 +7,7 @@
 #include "kernels/spmm/spmm.h"
 #include "kernels/conv/conv.h"
 #include "kernels/moe/moe.h"
+#include "ops/settings.h"
 
 namespace {
 
@@ -43,6 +44,26 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     const char* e = sparse_ext::isa_env_error();
     return e == nullptr ? std::string() : std::string(e);
   });
+  // ---- settings: (name, env, default, min, max, choices) rows and get/set by name ----
+  m.def("settings", [] {
+    std::vector<std::tuple<std::string, std::string, int64_t, int64_t, int64_t, std::string>> rows;
+    for (int i = 0; i < sparse_ext::kSettingCount; ++i) {
+      const auto& s = sparse_ext::setting_info(static_cast<sparse_ext::Setting>(i));
+      rows.emplace_back(s.name, s.env, s.default_value, s.min_value, s.max_value,
+                        s.choices != nullptr ? s.choices : "");
+    }
+    return rows;
+  });
+  m.def("get_setting", [](int64_t i) {
+    TORCH_CHECK(i >= 0 && i < sparse_ext::kSettingCount, "no setting ", i);
+    return sparse_ext::setting(static_cast<sparse_ext::Setting>(i));
+  });
+  m.def("set_setting", [](int64_t i, int64_t value) {
+    TORCH_CHECK(i >= 0 && i < sparse_ext::kSettingCount, "no setting ", i);
+    const std::string error = sparse_ext::set_setting(static_cast<sparse_ext::Setting>(i), value);
+    TORCH_CHECK_VALUE(error.empty(), error);
+  });
+  m.def("settings_env_errors", &sparse_ext::settings_env_errors);
   m.def("set_plan_tuning", &sparse_ext::set_plan_tuning_enabled);
   m.def("plan_tuning", &sparse_ext::plan_tuning_enabled);
   m.def("set_plan_cache_file", &sparse_ext::set_plan_cache_file);

@@ -387,9 +387,13 @@ def test_registry_lists_every_isa():
     assert {r[1] for r in rows} == {1, 2, 4, 8}
 
 
-def test_streaming_store_path(isa, monkeypatch):
-    # Outputs above SPARSE_EXT_CONV_STREAM_MB use non-temporal stores on AVX2; force it on small ones.
-    monkeypatch.setenv("SPARSE_EXT_CONV_STREAM_MB", "0")
+def test_streaming_store_path(isa):
+    # Outputs of at least conv_stream_mb use non-temporal stores; force them on small ones.
+    with sparse_ext.config.override(conv_stream_mb=0):
+        _check_streaming_outputs()
+
+
+def _check_streaming_outputs():
     for hw in ((8, 8), (7, 5), (16, 20)):
         csr, dense = make_weight(16, 24, 1, 1, 0.3, 1)
         x = torch.randn(2, 24, *hw)

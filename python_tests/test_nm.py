@@ -13,6 +13,15 @@ PATTERNS = [(2, 4), (1, 4), (3, 4), (2, 8), (1, 8), (4, 16), (1, 16)]
 _lib = torch.ops.sparse_ext
 
 
+@pytest.fixture
+def nm_cuda_path():
+    """Forces the CUDA N:M forward path for one test: ``nm_cuda_path("cores")``; the setting is
+    restored afterwards."""
+    previous = se.config.get("nm_cuda_path")
+    yield lambda path: se.config.set("nm_cuda_path", path)
+    se.config.set("nm_cuda_path", previous)
+
+
 def _nm(out_f, in_f, n, m, dtype=torch.float32, device="cpu"):
     w = torch.randn(out_f, in_f, dtype=torch.float32)
     return NMWeight.from_dense(w, n, m).to(device=device, dtype=dtype)
@@ -421,7 +430,7 @@ def test_cuda_wrong_device():
 @pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (2, 8), (1, 8), (4, 16)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("tokens", [1, 7, 64, 300])
-def test_cuda_paths_agree(monkeypatch, n, m, dtype, tokens):
+def test_cuda_paths_agree(nm_cuda_path, n, m, dtype, tokens):
     """Every forward path matches: CUDA cores, cuSPARSELt (n <= 2; others fall back), dense
     expansion + cuBLAS, and the automatic choice."""
     nm = _nm(128, 256, n, m, dtype=dtype, device="cuda")
@@ -430,13 +439,13 @@ def test_cuda_paths_agree(monkeypatch, n, m, dtype, tokens):
     ref = linear_reference(x, nm.to_dense(), bias)
     torch_same = F.linear(x, nm.to_dense(), bias)
     for path in ("cores", "cusparselt", "dense", "auto"):
-        monkeypatch.setenv("SPARSE_EXT_NM_CUDA_PATH", path)
+        nm_cuda_path(path)
         assert_close_to_reference(se.ops.nm_linear(x, nm, bias), ref, torch_same)
 
 
 @_cuda
-def test_cuda_compressed_cache_sees_inplace_edits(monkeypatch):
-    monkeypatch.setenv("SPARSE_EXT_NM_CUDA_PATH", "cusparselt")
+def test_cuda_compressed_cache_sees_inplace_edits(nm_cuda_path):
+    nm_cuda_path("cusparselt")
     nm = _nm(64, 128, 2, 4, dtype=torch.float16, device="cuda")
     x = torch.randn(32, 128, device="cuda", dtype=torch.float16)
     y1 = se.ops.nm_linear(x, nm)
@@ -449,7 +458,7 @@ def test_cuda_compressed_cache_sees_inplace_edits(monkeypatch):
     # path agrees with the cores on random metadata too
     junk = torch.randint(0, 256, nm.metadata.shape, dtype=torch.uint8).cuda()
     y_junk = _lib.nm_linear(x, nm.values, junk, None, x.shape[-1], 2, 4)
-    monkeypatch.setenv("SPARSE_EXT_NM_CUDA_PATH", "cores")
+    nm_cuda_path("cores")
     y_cores = _lib.nm_linear(x, nm.values, junk, None, x.shape[-1], 2, 4)
     assert torch.isfinite(y_junk).all()
     scale = y_cores.float().abs().max().item()
@@ -459,7 +468,7 @@ def test_cuda_compressed_cache_sees_inplace_edits(monkeypatch):
 @_cuda
 @pytest.mark.parametrize("n,m", [(2, 4), (1, 8), (4, 16)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_cuda_backward_paths_agree(monkeypatch, n, m, dtype):
+def test_cuda_backward_paths_agree(nm_cuda_path, n, m, dtype):
     """Backward at training sizes: the kernels and the dense-GEMM path (>= 64 tokens) match."""
     nm = _nm(48, 100, n, m, dtype=dtype, device="cuda")
     x = torch.randn(130, 100, device="cuda", dtype=dtype)
@@ -473,7 +482,7 @@ def test_cuda_backward_paths_agree(monkeypatch, n, m, dtype):
     torch_dv = torch.gather(torch.nn.functional.pad((dy.t() @ x).double(), (0, nm.groups * m - 100)),
                             1, nm.columns())
     for path in ("cores", "auto"):
-        monkeypatch.setenv("SPARSE_EXT_NM_CUDA_PATH", path)
+        nm_cuda_path(path)
         dx = _lib.nm_linear_grad_input(dy, nm.values, nm.metadata, 100, n, m)
         dv = _lib.nm_linear_grad_values(dy, x, nm.metadata, 100, n, m)
         assert dx.dtype == dtype and dv.dtype == (torch.float64 if dtype == torch.float64
@@ -553,10 +562,10 @@ def test_cuda_float16_from_dense():
 @pytest.mark.parametrize("in_f", [7, 33, 300])
 @pytest.mark.parametrize("tokens", [16, 70])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cuda_16bit_odd_shapes(monkeypatch, n, m, in_f, tokens, dtype):
+def test_cuda_16bit_odd_shapes(nm_cuda_path, n, m, in_f, tokens, dtype):
     """The tensor-core kernel on partial tiles: rows, tokens and columns not multiples of its tile
     (scalar activation loads when in_features % 8 != 0)."""
-    monkeypatch.setenv("SPARSE_EXT_NM_CUDA_PATH", "cores")
+    nm_cuda_path("cores")
     nm = _nm(24, in_f, n, m, dtype=dtype, device="cuda")
     x = torch.randn(tokens, in_f, device="cuda", dtype=dtype)
     bias = torch.randn(24, device="cuda", dtype=dtype)

@@ -7,6 +7,7 @@ import torch  # noqa: F401  (the extension links against torch's libraries)
 from . import _C  # noqa: F401  registers the sparse_ext operator library
 from . import ops  # noqa: F401  fake kernels and autograd
 from . import tuning  # noqa: F401  the plan cache (kernel choice by measurement)
+from . import config  # noqa: F401  typed settings
 from .formats import CSRWeight, NMWeight
 from .isa import cpu_features, get_isa, set_isa, supported_isas, use_isa
 from .nn import MoELayer, SparseConv, SparseConv2d, SparseLinear, fold_batchnorm, fuse_activations
@@ -25,6 +26,7 @@ __all__ = [
     "SparseLinear",
     "SparsifyReport",
     "block_mask",
+    "config",
     "cpu_features",
     "densify",
     "fold_batchnorm",

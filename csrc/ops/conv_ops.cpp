@@ -9,6 +9,7 @@
 #include "../kernels/conv/conv.h"
 #include "../kernels/spmm/spmm.h"
 #include "common.h"
+#include "settings.h"
 #include "conv_args.h"
 #include "spmm_weight.h"
 
@@ -59,11 +60,8 @@ std::vector<int64_t> split_even(int64_t items, int64_t parts, int64_t align) {
   return bounds;
 }
 
-// Output size from which 1x1 outputs bypass the caches (SPARSE_EXT_CONV_STREAM_MB overrides).
-int64_t stream_bytes() {
-  const char* e = std::getenv("SPARSE_EXT_CONV_STREAM_MB");
-  return (e != nullptr ? std::atoll(e) : 4) * (int64_t(1) << 20);
-}
+// Output size from which 1x1 outputs bypass the caches (the conv_stream_mb setting).
+int64_t stream_bytes() { return setting(Setting::kConvStreamMb) * (int64_t(1) << 20); }
 
 at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& offsets,
                              const at::Tensor& indices, const at::Tensor& values,

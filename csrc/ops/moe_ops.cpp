@@ -19,22 +19,16 @@
 #include "../kernels/moe/moe.h"
 #include "common.h"
 #include "moe_args.h"
+#include "settings.h"
 
 namespace sparse_ext {
 namespace {
 
-// Segments with at most this many rows use the GEMV ukernels, longer ones the GEMM ukernel;
-// SPARSE_EXT_MOE_GEMV_ROWS overrides. Measured (AVX2, H 1024, F 2816, 8 experts, two threads,
+// Segments with at most this many rows use the GEMV ukernels, longer ones the GEMM ukernel (the
+// moe_gemv_rows setting, default 48). Measured (AVX2, H 1024, F 2816, 8 experts, two threads,
 // weights streamed from memory): the GEMV path is 1.2-1.5x faster up to 24 rows per expert, 1.2x
 // at 32, even at 48-64; the GEMM runs at 97% of FMA peak from 512 rows (weights in cache).
-int64_t gemv_rows() {
-  static const int64_t value = [] {
-    const char* env = std::getenv("SPARSE_EXT_MOE_GEMV_ROWS");
-    const int64_t v = env != nullptr ? std::atoll(env) : int64_t{48};
-    return std::max<int64_t>(v, 0);
-  }();
-  return value;
-}
+int64_t gemv_rows() { return setting(Setting::kMoeGemvRows); }
 
 // Output rows per item: a multiple of the GEMV's 3-row tile and the GEMM's 16-row panel.
 constexpr int64_t kTileF = 48;  // gate (and up) rows per phase-1 item

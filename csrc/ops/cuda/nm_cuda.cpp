@@ -14,6 +14,7 @@
 
 #include "../../cuda/nm/nm_cuda.cuh"
 #include "../common.h"
+#include "../settings.h"
 #include "../nm_args.h"
 #include "cuda_glue.h"
 
@@ -54,22 +55,14 @@ at::Tensor kernel_rows(const at::Tensor& x, int64_t K, at::ScalarType value_type
 }
 
 // ---- 2:4 sparse tensor cores through cuSPARSELt -------------------------------------------------
-// Path choice per call. SPARSE_EXT_NM_CUDA_PATH=cores|cusparselt|dense|auto (default auto)
-// forces one (cusparselt and dense fall back to the cores where they cannot apply). Thresholds in
+// Path choice per call. The nm_cuda_path setting (SPARSE_EXT_NM_CUDA_PATH at load) =
+// cores|cusparselt|dense|auto (default auto) forces one (cusparselt and dense fall back to the cores where they cannot apply). Thresholds in
 // auto mode are guesses to be tuned with bench/ on a GPU: below them the CUDA-core kernels, which
 // read only the n/m kept values, win (decode sizes are memory bound); above them tensor cores win.
 enum class PathMode { kAuto, kCores, kCusparselt, kDense };
 
-PathMode path_mode() {
-  const char* env = std::getenv("SPARSE_EXT_NM_CUDA_PATH");
-  if (env == nullptr || std::strcmp(env, "auto") == 0 || env[0] == '\0') return PathMode::kAuto;
-  if (std::strcmp(env, "cores") == 0) return PathMode::kCores;
-  if (std::strcmp(env, "cusparselt") == 0) return PathMode::kCusparselt;
-  if (std::strcmp(env, "dense") == 0) return PathMode::kDense;
-  TORCH_CHECK(false, "SPARSE_EXT_NM_CUDA_PATH must be auto, cores, cusparselt or dense, got '",
-              env, "'");
-  return PathMode::kAuto;
-}
+// In the setting's choice order (settings.cpp).
+PathMode path_mode() { return static_cast<PathMode>(setting(Setting::kNmCudaPath)); }
 
 // Tokens from which the sparse-tensor-core path is used in auto mode (guesses, see above). 1:4,
 // 2:8, 1:8 (any n <= 2) are 2:4 patterns once expanded, but the 2:4 layout moves more weight bytes
@@ -212,7 +205,7 @@ at::Tensor try_cusparselt(const at::Tensor& rows, const at::Tensor& values,
 // Tokens from which the backward ops expand W to dense and use cuBLAS (at::mm): the kernels sum
 // over rows (grad_input) or tokens (grad_values) in one thread, which is fine at decode-like
 // sizes but far too serial at training sizes. A guess, to be tuned on a GPU. The GEMMs are
-// deterministic (cuBLAS without split-K atomics for these calls). SPARSE_EXT_NM_CUDA_PATH=cores
+// deterministic (cuBLAS without split-K atomics for these calls). nm_cuda_path "cores"
 // keeps the kernels.
 constexpr int64_t kGemmBackwardMinTokens = 64;
 
@@ -221,7 +214,7 @@ bool gemm_backward(int64_t tokens) {
 }
 
 // The dense forward (W expanded on device per call, then cuBLAS) runs only when forced with
-// SPARSE_EXT_NM_CUDA_PATH=dense: it is the benchmark's yardstick for the sparse paths, never
+// nm_cuda_path "dense": it is the benchmark's yardstick for the sparse paths, never
 // chosen by auto mode, so an N:M layer never silently computes densely. Patterns the 2:4 path
 // cannot take (3:4, 3:8, 4:16, unaligned shapes) use the own tensor-core kernel instead.
 // y [T, rows] in x's dtype through expand + at::linear, or undefined when not forced.
