@@ -315,7 +315,8 @@ def main(argv=None):
     written = _write_outputs(args, result, plugins)
     for note in notes:
         print(f"note: {note}")
-    print(f"\nwrote {', '.join(map(str, written))} ({result['wall_s']} s)")
+    print(f"\n{result['wall_s']} s; wrote")
+    print("\n".join(f"  {path}" for path in written))
     return 0
 
 
