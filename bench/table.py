@@ -1,7 +1,7 @@
 """Text tables for the benchmark's console output: one table per family, its own columns, numbers
 rounded and right-aligned, text left-aligned, sized to fit a terminal (about 120 columns)."""
 import math
-from typing import Callable, List, NamedTuple, Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence
 
 
 class Column(NamedTuple):

@@ -9,11 +9,12 @@ import torch.nn.functional as F
 
 import sparse_ext as se
 from bench.common import (CACHE_MODES, LLM_SHAPES, cache_modes, cold_copies, copies_of, geomean,
-                          rotating, short_dtype)
+                          rotating)
 from bench.core.accuracy import (correctness, max_err, record_errors, record_graph_times,
                                  record_speed, short)
 from bench.core.targets import check, report
 from bench.core.timer import Timer
+from bench.families import linear
 from bench.table import MS, SPEEDUP, Column, text
 
 NAME = "nm"
@@ -34,10 +35,7 @@ COLUMNS = [text("shape", "shape"), text("pattern", "pattern"), text("dtype", "dt
 
 
 def label(row):
-    shape = row["shape"] if isinstance(row["shape"], str) else "x".join(map(str, row["shape"]))
-    cache = f" {row['cache']}" if row.get("cache") else ""
-    dtype = "" if row.get("dtype", "float32") == "float32" else f" {short_dtype(row['dtype'])}"
-    return f"{shape} {row['pattern']}{dtype}{cache} N={row['tokens']}"
+    return linear.label(row, sparsity=False)
 
 
 FULL_SHAPES = [(4096, 4096), (11008, 4096)]
@@ -214,20 +212,13 @@ def _path_times(row, timer, layer_call):
 
 
 def measure_cuda(case, ctx):
-    dev, timer = ctx["device"], ctx["timer"]
+    timer = ctx["timer"]
     M, K = case["shape"]
     n_, m_ = (int(v) for v in case["pattern"].split(":"))
-    dt = getattr(torch, case["dtype"])
-    nm, wd32 = ctx["cache"].get((NAME, M, K, n_, m_), lambda: _cuda_weight(M, K, n_, m_, dev))
-    layer = se.SparseLinear(nm, None, case["pattern"]).to(device=dev, dtype=dt)
-    layer.requires_grad_(False)
-    wd = wd32.to(dtype=dt)
-    n = case["tokens"]
-    x = torch.randn(n, K, device=dev, dtype=dt)
-    row = dict(case, shape=f"{M}x{K}",
-               weight_bytes_ratio=layer.weight_nbytes / (M * K * wd.element_size()))
+    nm, wd32 = ctx["cache"].get((NAME, M, K, n_, m_),
+                                lambda: _cuda_weight(M, K, n_, m_, ctx["device"]))
+    layer, wd, x, row, ref = linear.cuda_case(case, ctx, nm, wd32)
     with torch.no_grad():
-        ref = F.linear(x.double(), wd.double())
         record_errors(row, layer(x), F.linear(x, wd), ref)
         fns = [lambda: F.linear(x, wd), lambda: layer(x)]
         if case["pattern"] == "2:4":
@@ -243,7 +234,7 @@ def measure_cuda(case, ctx):
         times = timer(fns)
         record_graph_times(row, ctx, fns[0], fns[1])
         _path_times(row, timer, fns[1])
-    record_speed(row, times[0], times[1], 2.0 * M * K * n)
+    record_speed(row, times[0], times[1], 2.0 * M * K * case["tokens"])
     if len(times) > 2:
         row["torch_2of4_ms"] = times[2]
         row["vs_torch_2of4"] = times[2] / times[1]
@@ -251,10 +242,8 @@ def measure_cuda(case, ctx):
 
 
 def fake_extras(case, dense_ms, ours_ms):
-    extra = dict(shape="x".join(map(str, case["shape"])))
-    if case["tokens"] <= 16:
-        extra.update(dense_graph_ms=dense_ms / 2, ours_graph_ms=ours_ms / 3,
-                     speedup_graph=1.5 * dense_ms / ours_ms)
+    extra = dict(linear.fake_graph_extras(case, dense_ms, ours_ms),
+                 shape="x".join(map(str, case["shape"])))
     if case["pattern"] == "2:4":
         extra.update(torch_2of4_ms=dense_ms / 1.2, vs_torch_2of4=dense_ms / 1.2 / ours_ms)
     return extra

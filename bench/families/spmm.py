@@ -13,11 +13,12 @@ import torch.nn.functional as F
 
 import sparse_ext as se
 from bench.common import (CACHE_MODES, LLM_SHAPES, cache_modes, cold_copies, copies_of, geomean,
-                          rotating, short_dtype)
+                          rotating)
 from bench.core.accuracy import (correctness, max_err, record_errors, record_graph_times,
                                  record_speed, short)
 from bench.core.targets import check, report
 from bench.core.timer import Timer
+from bench.families import linear
 from bench.table import MS, PERCENT, SPEEDUP, Column, text
 
 NAME = "spmm"
@@ -46,11 +47,7 @@ COLUMNS = [text("shape", "shape"), text("pattern", "pattern"), Column("sparsity"
 
 
 def label(row):
-    shape = row["shape"] if isinstance(row["shape"], str) else "x".join(map(str, row["shape"]))
-    pattern = "" if row.get("pattern", "unstructured") == "unstructured" else f" {row['pattern']}"
-    cache = f" {row['cache']}" if row.get("cache") else ""
-    dtype = "" if row.get("dtype", "float32") == "float32" else f" {short_dtype(row['dtype'])}"
-    return f"{shape}{pattern} {row['sparsity']:.0%}{dtype}{cache} N={row['tokens']}"
+    return linear.label(row)
 
 
 def _pick(args, name, default):
@@ -257,20 +254,11 @@ def _cuda_weight(M, K, sparsity, device, seed=0):
 
 
 def measure_cuda(case, ctx):
-    dev, timer = ctx["device"], ctx["timer"]
     M, K = case["shape"]
-    dt = getattr(torch, case["dtype"])
     csr, wd32 = ctx["cache"].get((NAME, M, K, case["sparsity"]),
-                                 lambda: _cuda_weight(M, K, case["sparsity"], dev))
-    layer = se.SparseLinear(csr, None, "unstructured").to(device=dev, dtype=dt)
-    layer.requires_grad_(False)
-    wd = wd32.to(dtype=dt)
-    n = case["tokens"]
-    x = torch.randn(n, K, device=dev, dtype=dt)
-    row = dict(case, shape=f"{M}x{K}",
-               weight_bytes_ratio=layer.weight_nbytes / (M * K * wd.element_size()))
+                                 lambda: _cuda_weight(M, K, case["sparsity"], ctx["device"]))
+    layer, wd, x, row, ref = linear.cuda_case(case, ctx, csr, wd32)
     with torch.no_grad():
-        ref = F.linear(x.double(), wd.double())
         ours_out, dense_out = layer(x), F.linear(x, wd)
         record_errors(row, ours_out, dense_out, ref)
         del ours_out, dense_out
@@ -284,9 +272,9 @@ def measure_cuda(case, ctx):
             fns.append(lambda: torch.mm(wcsr, xt))
         except Exception as exc:  # noqa: BLE001  baseline unavailable for this dtype/device
             row["cusparse_error"] = short(exc)
-        times = timer(fns)
+        times = ctx["timer"](fns)
         record_graph_times(row, ctx, fns[0], fns[1])
-    record_speed(row, times[0], times[1], 2.0 * M * K * n)
+    record_speed(row, times[0], times[1], 2.0 * M * K * case["tokens"])
     if len(times) > 2:
         row["cusparse_ms"] = times[2]
         row["vs_cusparse"] = times[2] / times[1]
@@ -294,12 +282,9 @@ def measure_cuda(case, ctx):
 
 
 def fake_extras(case, dense_ms, ours_ms):
-    extra = dict(shape="x".join(map(str, case["shape"])), cusparse_ms=dense_ms * 2,
-                 vs_cusparse=dense_ms * 2 / ours_ms)
-    if case["tokens"] <= 16:
-        extra.update(dense_graph_ms=dense_ms / 2, ours_graph_ms=ours_ms / 3,
-                     speedup_graph=1.5 * dense_ms / ours_ms)
-    return extra
+    return dict(linear.fake_graph_extras(case, dense_ms, ours_ms),
+                shape="x".join(map(str, case["shape"])), cusparse_ms=dense_ms * 2,
+                vs_cusparse=dense_ms * 2 / ours_ms)
 
 
 def _cuda_targets(rows):
