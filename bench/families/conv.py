@@ -48,6 +48,8 @@ def label(row):
         name = f"{row['name']} e2e"
     else:
         name = row["shape"].split(" (")[0]
+        if "end-to-end" in name:
+            name = name.split(" end-to-end")[0] + " e2e"
     dtype = "" if row.get("dtype", "float32") == "float32" else f" {short_dtype(row['dtype'])}"
     return f"{name} {row['sparsity']:.0%}{dtype}"
 

@@ -47,7 +47,7 @@ def label(row):
 H, FF, E, K = 1024, 2816, 8, 2
 QUICK_TOKENS = (1, 32, 512)
 FULL_TOKENS = (1, 32, 512, 2048)
-READ_BW_GBS = 30.0  # reference machine's measured memory read bandwidth (TARGETS.md)
+READ_BW_GBS = 30.0  # the AVX2 reference machine's measured memory read bandwidth
 
 
 HF_IMPLEMENTATIONS = ("eager", "grouped_mm")
