@@ -23,9 +23,8 @@ import os
 import sys
 import time
 
-FAMILY_NAMES = ("spmm", "nm", "conv", "moe", "minilm")
-DEFAULT_FAMILIES = ("spmm", "nm", "conv", "moe")
-SIZES = ("tiny", "quick", "default", "full")
+from bench.core.family import DEFAULT, FAMILIES, SIZES
+
 # Share of the CUDA --budget-s each family gets (SpMM has the most points).
 BUDGET_SHARE = {"spmm": 0.40, "nm": 0.25, "conv": 0.15, "moe": 0.20}
 
@@ -34,8 +33,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
-    p.add_argument("--families", default=",".join(DEFAULT_FAMILIES),
-                   help="comma-separated subset of: " + ", ".join(FAMILY_NAMES)
+    p.add_argument("--families", default=",".join(DEFAULT["cpu"]),
+                   help="comma-separated subset of: " + ", ".join(FAMILIES)
                    + " (default: %(default)s)")
     p.add_argument("--size", choices=SIZES, default="default",
                    help="case list. CPU: full = every shape and pattern (tens of minutes on 2 "
@@ -101,9 +100,9 @@ def parse_args(argv=None):
     args.kind = "cuda" if args.device.startswith("cuda") else "cpu"
     args.torch_device = args.torch_device or args.device
     args.families = [f.strip() for f in args.families.split(",") if f.strip()]
-    unknown = [f for f in args.families if f not in FAMILY_NAMES]
+    unknown = [f for f in args.families if f not in FAMILIES]
     if unknown:
-        p.error(f"unknown family {unknown[0]!r}; choose from {', '.join(FAMILY_NAMES)}")
+        p.error(f"unknown family {unknown[0]!r}; choose from {', '.join(FAMILIES)}")
     if args.shapes:
         try:
             args.shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes]

@@ -1,6 +1,7 @@
 """What the CUDA cases record next to their times: how far each output is from an fp64 reference,
 the speed columns, and the CUDA-graph replay times of small calls. Device-agnostic (the CPU runs
 the same code in the tests)."""
+from bench.core.targets import Target
 
 
 def short(exc):
@@ -88,8 +89,6 @@ class WeightCache:
 
 def correctness(rows, label):
     """A target over a family's measured rows: ours within 2x of the dense op's error vs fp64."""
-    from bench.core.targets import Target
-
     checked = [r for r in rows if "err_ok" in r and not r.get("error")]
     if not checked:
         return []

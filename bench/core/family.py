@@ -22,6 +22,7 @@ import importlib
 import random
 
 FAMILIES = {name: f"bench.families.{name}" for name in ("spmm", "nm", "conv", "moe", "minilm")}
+# What runs without --families (minilm is an optional workload: it runs when asked for).
 DEFAULT = {"cpu": ["spmm", "nm", "conv", "moe"], "cuda": ["spmm", "nm", "conv", "moe"]}
 SIZES = ("tiny", "quick", "default", "full")
 
