@@ -52,10 +52,10 @@ def last_level_cache_bytes():
     return max((_parse_size(v) for k, v in sizes.items() if k != "L1d"), default=0)
 
 
+# hot: one layer timed again and again, its weights stay in the caches; cold: the timed calls
+# rotate over copies of the layer whose weights together exceed the last-level cache, as the layers
+# of a model's forward do (each weight read from DRAM).
 CACHE_MODES = ("hot", "cold")
-CACHE_HELP = ("hot: one layer timed again and again, its weights stay in the caches; cold: "
-              "the timed calls rotate over copies of the layer whose weights together exceed the "
-              "last-level cache, as the layers of a model's forward do (each weight read from DRAM)")
 
 
 def cache_modes(args):

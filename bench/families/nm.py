@@ -1,6 +1,6 @@
 """N:M semi-structured: SparseLinear(pattern="N:M") (``sparse_ext.ops.nm_linear``) vs dense F.linear.
 
-CPU: hot and cold cache modes (bench.common.CACHE_HELP), bf16 weights at 2:4 against our fp32.
+CPU: hot and cold cache modes (bench.common.CACHE_MODES), bf16 weights at 2:4 against our fp32.
 CUDA: cuBLAS, and PyTorch's semi-structured 2:4 (torch.sparse.to_sparse_semi_structured) for 2:4;
 each forward path of the glue (the nm_cuda_path setting) timed too, to tune its thresholds.
 """

@@ -1,7 +1,7 @@
 """SpMM: SparseLinear (unstructured and row blocks) vs dense F.linear, torch.sparse CSR / cuSPARSE.
 
 CPU: every case runs hot (one layer timed repeatedly) and cold (rotating over layer copies that
-exceed the last-level cache, as a model's forward reads its weights; bench.common.CACHE_HELP),
+exceed the last-level cache, as a model's forward reads its weights; bench.common.CACHE_MODES),
 plus the 4-layer 4096x4096 MLP (dense model vs sparse_ext.sparsify).
 CUDA: cuBLAS (F.linear, masked dense weight) and cuSPARSE (torch.sparse CSR, W @ x^T) at fp16 /
 bf16 / fp32, errors against an fp64 reference, CUDA-graph replays for small N.
