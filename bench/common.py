@@ -1,43 +1,11 @@
-"""Timing and machine description shared by every family's benchmark.
-
-Rules: ours and the dense PyTorch op are timed in the same process, interleaved, after warm-up;
-the median of repeated runs is reported. Never compare absolute times across runs.
-"""
+"""Helpers shared by the benchmark families: the CPU machine record, cache sizes and the cold-cache
+rotation over layer copies, geomean. Timing lives in bench.core.timer."""
 import copy
 import math
 import os
 import platform
-import statistics
-import time
 
 import torch
-
-
-def median_ms(fn, reps=15, warmup=3, min_time_s=0.0):
-    """Median wall time of ``fn()`` in milliseconds."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    start = time.perf_counter()
-    while len(times) < reps or (time.perf_counter() - start) < min_time_s:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
-
-
-def interleaved_median_ms(fns, reps=15, warmup=3):
-    """Median ms of each callable, run round-robin so machine noise hits all of them alike."""
-    for fn in fns:
-        for _ in range(warmup):
-            fn()
-    times = [[] for _ in fns]
-    for _ in range(reps):
-        for i, fn in enumerate(fns):
-            t0 = time.perf_counter()
-            fn()
-            times[i].append(time.perf_counter() - t0)
-    return [statistics.median(t) * 1e3 for t in times]
 
 
 def cpu_model():
@@ -84,10 +52,10 @@ def last_level_cache_bytes():
     return max((_parse_size(v) for k, v in sizes.items() if k != "L1d"), default=0)
 
 
+# hot: one layer timed again and again, its weights stay in the caches; cold: the timed calls
+# rotate over copies of the layer whose weights together exceed the last-level cache, as the layers
+# of a model's forward do (each weight read from DRAM).
 CACHE_MODES = ("hot", "cold")
-CACHE_HELP = ("hot: one layer timed again and again, its weights stay in the caches; cold: "
-              "the timed calls rotate over copies of the layer whose weights together exceed the "
-              "last-level cache, as the layers of a model's forward do (each weight read from DRAM)")
 
 
 def cache_modes(args):
@@ -142,10 +110,17 @@ def machine_info():
 
 
 def geomean(values):
-    values = [v for v in values if v > 0]
+    """Geometric mean of the positive, finite values (NaN when there are none)."""
+    values = [v for v in values if v is not None and 0 < v < math.inf]
     if not values:
         return float("nan")
-    prod = 1.0
-    for v in values:
-        prod *= v
-    return prod ** (1.0 / len(values))
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def short_dtype(name):
+    """float16 -> fp16, bfloat16 -> bf16, float32 -> fp32 (case labels)."""
+    return {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}.get(name, name)
+
+
+# Weight shapes (out, in) of the LLM layers the CUDA suite times.
+LLM_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]

@@ -4,7 +4,7 @@
 # writes everything to OUTDIR. GPU time is scarce, so:
 #   - every stage runs even when an earlier one failed, and its status is recorded;
 #   - the whole script fits in TOTAL_BUDGET_S (default 470 s, about 8 minutes): each stage gets a
-#     cap from what is left, and the benchmark suite shares out the rest (bench/bench_cuda.py);
+#     cap from what is left, and the benchmark suite shares out the rest (bench/run.py --device cuda);
 #   - OUTDIR receives 7 files at most (env.txt, build.log, tests.log, bench.log, bench_cuda.json,
 #     bench_cuda.md, summary.md), so it fits remote runners that return only a few files.
 #
@@ -13,7 +13,7 @@
 # Environment: PYTHON (default python3: the interpreter that has the CUDA torch; the repo's .venv is
 # the CPU one), TORCH_CUDA_ARCH_LIST (default 9.0a, the H200; "8.0;9.0a" for both),
 # TOTAL_BUDGET_S, BENCH_SIZE (quick | default | full; default: default), BENCH_ARGS (extra
-# bench_cuda flags, e.g. "--flush-l2"), TEST_ARGS (extra pytest flags), SKIP_BUILD=1 (reuse an
+# bench.run flags, e.g. "--flush-l2"), TEST_ARGS (extra pytest flags), SKIP_BUILD=1 (reuse an
 # in-place build), SKIP_TESTS=1, SKIP_BENCH=1.
 set -u
 set -o pipefail
@@ -138,8 +138,8 @@ record build "$rc" $(( $(date +%s) - t0 )) "$note"
 t0=$(date +%s)
 : > "$OUTDIR/tests.log"
 # Smoke first (seconds): every family on the GPU against the CPU ops; the only check without pytest.
-echo "== smoke: python -m bench.bench_cuda --smoke" >> "$OUTDIR/tests.log"
-timeout -k 10 120 "$PY" -m bench.bench_cuda --smoke >> "$OUTDIR/tests.log" 2>&1
+echo "== smoke: python -m bench.run --device cuda --smoke" >> "$OUTDIR/tests.log"
+timeout -k 10 120 "$PY" -m bench.run --device cuda --smoke >> "$OUTDIR/tests.log" 2>&1
 rc=$?
 note=$(grep -E '^smoke: ' "$OUTDIR/tests.log" | tail -1)
 [ -z "$note" ] && note=$(note_of "$OUTDIR/tests.log" 1)   # it did not get far (an import error)
@@ -177,9 +177,9 @@ else
   budget=$(max 60 $(( $(left) - 75 )))
   echo "[gpu_check $(elapsed)s] bench: size $SIZE, budget ${budget}s"
   # shellcheck disable=SC2086
-  timeout -k 10 $(( budget + 60 )) "$PY" -m bench.bench_cuda --size "$SIZE" --budget-s "$budget" \
-    --json "$OUTDIR/bench_cuda.json" --markdown "$OUTDIR/bench_cuda.md" --workdir "$WORK" \
-    ${BENCH_ARGS:-} > "$OUTDIR/bench.log" 2>&1
+  timeout -k 10 $(( budget + 60 )) "$PY" -m bench.run --device cuda --size "$SIZE" \
+    --budget-s "$budget" --json "$OUTDIR/bench_cuda.json" --markdown "$OUTDIR/bench_cuda.md" \
+    --workdir "$WORK" --no-progress ${BENCH_ARGS:-} > "$OUTDIR/bench.log" 2>&1
   rc=$?
   record bench "$rc" $(( $(date +%s) - t0 )) "$(grep -cE '^\[[0-9]+/[0-9]+\]' "$OUTDIR/bench.log") cases logged, $(grep -cE 'ERROR' "$OUTDIR/bench.log") errors"
 fi

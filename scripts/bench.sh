@@ -9,5 +9,9 @@ for arg in "$@"; do
     -h|--help) exec "${PYTHON:-python3}" -m bench.run --help ;;
   esac
 done
-bash scripts/setup_env.sh
+# The environment's setup (pip, the build) goes to a log: the console shows the report.
+mkdir -p bench/results
+log=bench/results/setup_env.log
+echo "setting up the environment (log: $log)"
+bash scripts/setup_env.sh > "$log" 2>&1 || { tail -30 "$log"; echo "setup failed (full log: $log)"; exit 1; }
 .venv/bin/python -m bench.run "$@"

