@@ -172,7 +172,7 @@ class NMWeight(SparseWeight):
         if method != "magnitude" and mask is None:
             raise ValueError(f"N:M patterns are built by magnitude (or pass mask=...), got "
                              f"method={method!r}")
-        return cls.from_dense(dense.detach(), n, m, mask=mask)
+        return cls.from_dense(dense, n, m, mask=mask)
 
     @classmethod
     def config_for(cls, pattern, block_rows, shape) -> Dict[str, int]:
