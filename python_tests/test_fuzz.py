@@ -86,7 +86,7 @@ def test_sparse_linear_nm(M, K, batch, nm, bias, dtype, isa, seed):
     with torch.no_grad():
         lin.weight.copy_(torch.randn(M, K, generator=g))
     sl = se.SparseLinear.from_dense(lin, pattern=f"{n}:{m}").to(dtype)
-    assert sl.format_kind == "nm"
+    assert isinstance(sl.weight_format(), se.NMWeight)
     x = _batch(batch, g, dtype, K)
     dense = sl.to_dense()
     kept = (dense.weight != 0).reshape(M, -1).sum(-1)

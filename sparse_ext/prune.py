@@ -4,7 +4,7 @@ Every function returns a ``torch.bool`` mask of the weight's shape where True me
 ``sparsity`` is the fraction of zeros, in [0, 1].
 """
 import re
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -112,27 +112,84 @@ def random_mask(weight: torch.Tensor, sparsity: float,
     return _keep_top(scores, _check_sparsity(sparsity))
 
 
-def block_mask(weight: torch.Tensor, sparsity: float, block: Tuple[int, int],
-               method: str = "magnitude", generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Keeps whole ``block = (R, C)`` tiles of a 2-D (or flattened [out, -1]) weight, scored by
-    the tile's L2 norm (``method="magnitude"``) or at random. Edge tiles may be partial."""
-    sparsity = _check_sparsity(sparsity)
+def tile_scores(weight: torch.Tensor, block: Tuple[int, int] = (1, 1), method: str = "magnitude",
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """One score per ``block = (R, C)`` tile of ``weight`` flattened to [out, -1], float32
+    [ceil(out / R), ceil(in / C)]: |w| for single weights, the tile's sum of squares for larger
+    tiles (edge tiles padded with zeros), uniform random numbers for ``method="random"``. Per-layer
+    and global masks both keep the highest scores."""
     rows, cols = block
     w = weight.detach().reshape(weight.shape[0], -1)
     M, K = w.shape
     gm, gk = -(-M // rows), -(-K // cols)
+    if method == "random":
+        return torch.rand(gm, gk, generator=generator, device=w.device)
+    if method != "magnitude":
+        raise ValueError(f"method must be 'magnitude' or 'random', got {method!r}")
+    if (rows, cols) == (1, 1):
+        return w.abs().float()
     padded = torch.zeros(gm * rows, gk * cols, dtype=torch.float32, device=w.device)
     padded[:M, :K] = w.float()
-    tiles = padded.reshape(gm, rows, gk, cols).permute(0, 2, 1, 3)
-    if method == "magnitude":
-        scores = tiles.pow(2).sum((-1, -2))
-    elif method == "random":
-        scores = torch.rand(gm, gk, generator=generator, device=w.device)
-    else:
-        raise ValueError(f"method must be 'magnitude' or 'random', got {method!r}")
-    keep = _keep_top(scores, sparsity)
+    return padded.reshape(gm, rows, gk, cols).pow(2).sum((1, 3))
+
+
+def _tile_sizes(weight: torch.Tensor, block: Tuple[int, int]) -> torch.Tensor:
+    """Weights per tile of :func:`tile_scores` (edge tiles may be partial)."""
+    rows, cols = block
+    M, K = weight.shape[0], weight[0].numel()
+    gm, gk = -(-M // rows), -(-K // cols)
+    r = torch.full((gm,), rows)
+    r[-1] = M - rows * (gm - 1)
+    c = torch.full((gk,), cols)
+    c[-1] = K - cols * (gk - 1)
+    return r[:, None] * c[None, :]
+
+
+def _expand_tiles(keep: torch.Tensor, block: Tuple[int, int], weight: torch.Tensor) -> torch.Tensor:
+    """A mask of ``weight``'s shape from one keep flag per tile."""
+    rows, cols = block
+    gm, gk = keep.shape
     full = keep[:, None, :, None].expand(gm, rows, gk, cols).reshape(gm * rows, gk * cols)
-    return full[:M, :K].reshape(weight.shape).contiguous()
+    M, K = weight.shape[0], weight[0].numel()
+    return full[:M, :K].reshape(weight.shape).contiguous().to(weight.device)
+
+
+def block_mask(weight: torch.Tensor, sparsity: float, block: Tuple[int, int],
+               method: str = "magnitude", generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Keeps whole ``block = (R, C)`` tiles of a 2-D (or flattened [out, -1]) weight, scored by
+    :func:`tile_scores` (the tile's sum of squares, or random). Edge tiles may be partial."""
+    sparsity = _check_sparsity(sparsity)
+    scores = tile_scores(weight, block, method, generator)
+    return _expand_tiles(_keep_top(scores, sparsity), block, weight)
+
+
+def global_masks(weights: List[torch.Tensor], sparsity: float, pattern: str = "unstructured",
+                 method: str = "magnitude",
+                 generator: Optional[torch.Generator] = None) -> List[torch.Tensor]:
+    """Masks (each of its weight's shape, weights flattened to [out, -1]) from one threshold over
+    the :func:`tile_scores` of all ``weights``, keeping ``round((1 - sparsity) * total)`` weights
+    in all (whole tiles, so possibly a few more): layers with many small weights lose more."""
+    sparsity = _check_sparsity(sparsity)
+    kind, shape = parse_pattern(pattern)
+    if kind == "nm":
+        raise ValueError("global_pruning=True needs an 'unstructured' or 'RxC' block pattern; "
+                         "N:M patterns fix the sparsity of every group of M weights already")
+    block = (1, 1) if kind == "unstructured" else shape
+    scores = [tile_scores(w, block, method, generator) for w in weights]
+    flat = torch.cat([s.reshape(-1).cpu() for s in scores])
+    keep_weights = int(round((1.0 - sparsity) * sum(w.numel() for w in weights)))
+    tile_weights = torch.cat([_tile_sizes(w, block).reshape(-1) for w in weights])
+    order = torch.argsort(flat, descending=True, stable=True)
+    kept = torch.zeros(flat.numel(), dtype=torch.bool)
+    if keep_weights > 0:
+        cum = tile_weights[order].cumsum(0)
+        n_tiles = int(torch.searchsorted(cum, torch.tensor(keep_weights), right=False)) + 1
+        kept[order[:min(n_tiles, flat.numel())]] = True
+    masks, start = [], 0
+    for w, s in zip(weights, scores):
+        masks.append(_expand_tiles(kept[start:start + s.numel()].reshape(s.shape), block, w))
+        start += s.numel()
+    return masks
 
 
 def build_mask(weight: torch.Tensor, sparsity: float, pattern: str = "unstructured",

@@ -1,8 +1,10 @@
 """What every sparse module stores the same way: structure buffers, kept values, bias."""
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Tuple
 
 import torch
 from torch import nn
+
+from ..formats import SparseWeight, require_weight
 
 
 def register_sparse_state(module: nn.Module, buffers: dict, values: torch.Tensor,
@@ -41,15 +43,15 @@ def saved_or_current(module: nn.Module, state_dict, prefix: str, name: str):
     return getattr(module, name) if saved is None else saved
 
 
-def check_loaded_structure(module: nn.Module, prefix: str, weight) -> None:
+def check_loaded_structure(module: nn.Module, prefix: str, weight, pattern: str) -> None:
     """Validates a sparse weight assembled from a state_dict *before* anything is copied, so that
     a corrupt checkpoint raises at load (naming the tensor) and leaves ``module`` as it was."""
     where = prefix[:-1] if prefix else type(module).__name__
     try:
         weight.validate()
     except (ValueError, TypeError, RuntimeError) as e:
-        raise ValueError(f"load_state_dict: the sparse weight of {where!r} in this state_dict is "
-                         f"malformed: {str(e).splitlines()[0]}") from None
+        raise ValueError(f"load_state_dict: the sparse weight of {where!r} in this state_dict "
+                         f"(pattern {pattern!r}) is malformed: {str(e).splitlines()[0]}") from None
 
 
 def check_loaded_bias(module: nn.Module, state_dict, prefix: str, out_dim: int) -> None:
@@ -69,3 +71,85 @@ def check_loaded_shapes(module: nn.Module, state_dict, prefix: str) -> None:
                 and saved.shape != current.shape:
             raise ValueError(f"load_state_dict: {prefix}{name} has shape {tuple(saved.shape)}, "
                              f"this module expects {tuple(current.shape)}")
+
+
+class SparseWeightModule(nn.Module):
+    """A module holding one :class:`~sparse_ext.formats.SparseWeight`: its structure tensors as
+    buffers, its ``values`` as a trainable parameter, and ``bias``. The weight is rebuilt from them
+    on use (:meth:`weight_format`), whatever its format; loading a state_dict checks the weight it
+    would hold before copying anything. Subclasses give :meth:`weight_shape` and their own part of
+    the extra state."""
+
+    def _store_weight(self, weight: SparseWeight, bias: Optional[torch.Tensor],
+                      pattern: Optional[str]) -> None:
+        require_weight(weight).validate()
+        self._weight_type = type(weight)
+        self._weight_config = weight.state_config()
+        self.pattern = weight.pattern if pattern is None else pattern
+        try:
+            described = self._weight_type.config_for(self.pattern, weight.block_rows, weight.shape)
+        except ValueError:
+            described = None
+        if described != self._weight_config:
+            raise ValueError(f"pattern {self.pattern!r} does not describe this {weight!r}")
+        register_sparse_state(self, weight.structure(), weight.values, bias, weight.out_features)
+
+    def weight_shape(self) -> Tuple[int, int]:
+        """The stored weight's [rows, columns]."""
+        raise NotImplementedError
+
+    def weight_format(self) -> SparseWeight:
+        """The weight, sharing storage with this module's parameter and buffers."""
+        tensors = {name: getattr(self, name) for name in self._weight_type.state_names()}
+        return self._weight_type.from_state(tensors, self.weight_shape(), self._weight_config)
+
+    @property
+    def block_rows(self) -> int:
+        return self.weight_format().block_rows
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.weight_format().density
+
+    @property
+    def weight_nbytes(self) -> int:
+        return self.weight_format().nbytes
+
+    def _weight_extra_state(self) -> dict:
+        return {"block_rows": self.block_rows, "pattern": self.pattern,
+                "format": self._weight_type.format_name}
+
+    def _saved_weight_config(self, state) -> dict:
+        """The weight config a state_dict's extra state describes; ValueError when it names
+        another format or disagrees with itself."""
+        saved_format = state.get("format", "csr")  # checkpoints from before N:M have no format
+        if saved_format != self._weight_type.format_name:
+            raise ValueError(f"state_dict holds a {saved_format!r} weight, this module stores "
+                             f"{self._weight_type.format_name!r}: build it with the same pattern "
+                             f"first")
+        return self._weight_type.config_for(state["pattern"], state["block_rows"],
+                                            self.weight_shape())
+
+    def _set_weight_extra_state(self, state) -> None:
+        self._weight_config = self._saved_weight_config(state)
+        self.pattern = state["pattern"]
+
+    def _check_extra_state(self, state) -> None:
+        raise NotImplementedError
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Everything is checked before anything is copied: a corrupt checkpoint raises here and
+        # the module keeps its weight.
+        extra = state_dict.get(prefix + "_extra_state")
+        config, pattern = self._weight_config, self.pattern
+        if extra is not None:
+            self._check_extra_state(extra)
+            config, pattern = self._saved_weight_config(extra), extra["pattern"]
+        names = self._weight_type.state_names()
+        weight = self._weight_type.from_state(
+            {name: saved_or_current(self, state_dict, prefix, name) for name in names},
+            self.weight_shape(), config)
+        check_loaded_structure(self, prefix, weight, pattern)
+        check_loaded_bias(self, state_dict, prefix, self.weight_shape()[0])
+        adopt_saved_sizes(self, state_dict, prefix, names)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

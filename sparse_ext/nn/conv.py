@@ -6,16 +6,15 @@ and kxk convs as direct sparse convolutions, with bias and activation fused into
 Only ``groups=1`` and ``padding_mode="zeros"`` are sparse; depthwise / grouped convolutions stay
 dense ``nn.Conv2d`` (``from_dense`` refuses them so that nothing is silently slow).
 """
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
 
 from .. import ops
-from ..formats import CSRWeight
-from ..prune import block_storage_rows, build_mask, check_block_mask, check_mask, parse_pattern
-from ._stored import (adopt_saved_sizes, check_loaded_bias, check_loaded_structure,
-                      register_sparse_state, saved_or_current)
+from ..formats import SparseWeight, build_weight, format_for
+from ..prune import check_mask
+from ._stored import SparseWeightModule
 
 
 def _pair(v):
@@ -43,21 +42,21 @@ def _activation_name(activation):
     return (lo, hi)
 
 
-class SparseConv2d(nn.Module):
+class SparseConv2d(SparseWeightModule):
     """``act(conv2d(x, W, bias))`` with W sparse, NCHW (channels_last input accepted), groups=1.
 
     Parameters: ``values`` (kept weights, trainable; the pattern is fixed) and ``bias``; buffers:
-    the structure (``offsets``, ``indices``). ``activation`` is None, ``"relu"``, ``"relu6"`` or a
+    the structure of W's format (``offsets``, ``indices``). ``activation`` is None, ``"relu"``, ``"relu6"`` or a
     ``(min, max)`` clamp fused into the kernel's store.
     """
 
-    def __init__(self, weight: CSRWeight, in_channels: int, kernel_size, stride=1, padding=0,
-                 dilation=1, bias: Optional[torch.Tensor] = None, pattern: str = "unstructured",
+    def __init__(self, weight: SparseWeight, in_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, bias: Optional[torch.Tensor] = None, pattern: Optional[str] = None,
                  activation=None):
         super().__init__()
-        if not isinstance(weight, CSRWeight):
-            raise TypeError(f"weight must be a CSRWeight, got {type(weight).__name__}")
-        weight.validate()
+        self._store_weight(weight, bias, pattern)
+        if not weight.has_conv2d:
+            raise NotImplementedError(f"pattern {self.pattern!r} has no convolution kernel")
         self.kernel_size = _pair(kernel_size)
         self.stride = _pair(stride)
         self.dilation = _pair(dilation)
@@ -72,11 +71,7 @@ class SparseConv2d(nn.Module):
         if weight.in_features != self.in_channels * kh * kw:
             raise ValueError(f"weight has {weight.in_features} columns, expected in_channels * kh * kw"
                              f" = {self.in_channels * kh * kw}")
-        self.block_rows = weight.block_rows
-        self.pattern = pattern
         self.activation = _activation_name(activation)
-        register_sparse_state(self, {"offsets": weight.offsets, "indices": weight.indices},
-                              weight.values, bias, self.out_channels)
 
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, sparsity: Optional[float] = None,
@@ -96,29 +91,22 @@ class SparseConv2d(nn.Module):
                              f"{conv.padding_mode!r}")
         if conv.transposed if hasattr(conv, "transposed") else False:
             raise ValueError("transposed convolutions are not supported")
+        if not format_for(pattern).has_conv2d:
+            raise NotImplementedError(f"pattern {pattern!r} has no convolution kernel")
         weight = conv.weight.detach()
         co = weight.shape[0]
         flat = weight.reshape(co, -1)
-        kind, _ = parse_pattern(pattern)
-        if kind == "nm":
-            raise NotImplementedError("N:M patterns are not available for convolutions")
-        block_rows = block_storage_rows(pattern, flat.shape)
-        if mask is None:
-            if sparsity is None:
-                raise ValueError("from_dense needs sparsity=... or mask=...")
-            mask = build_mask(flat, sparsity, pattern, method, generator)
-        else:
+        if mask is not None:
             shape = weight.shape if getattr(mask, "dim", lambda: 0)() == 4 else flat.shape
             mask = check_mask(mask, shape).reshape(co, -1)
-            check_block_mask(mask, pattern)
-        csr = CSRWeight.from_dense(flat, mask, block_rows)
-        return cls(csr, conv.in_channels, conv.kernel_size, conv.stride, conv.padding,
+        sparse = build_weight(flat, pattern, mask=mask, sparsity=sparsity, method=method,
+                              generator=generator)
+        return cls(sparse, conv.in_channels, conv.kernel_size, conv.stride, conv.padding,
                    conv.dilation, conv.bias, pattern, activation)
 
-    def weight_format(self) -> CSRWeight:
+    def weight_shape(self) -> Tuple[int, int]:
         kh, kw = self.kernel_size
-        return CSRWeight(self.offsets, self.indices, self.values,
-                         (self.out_channels, self.in_channels * kh * kw), self.block_rows)
+        return (self.out_channels, self.in_channels * kh * kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         unbatched = x.dim() == 3
@@ -131,10 +119,8 @@ class SparseConv2d(nn.Module):
             raise ValueError(f"x has {x.shape[1]} channels, this weight expects in_channels="
                              f"{self.in_channels} (x shape {list(x.shape)})")
         lo, hi = ops.activation_bounds(self.activation)
-        y = ops.sparse_conv2d_op(x, self.offsets, self.indices, self.values, self.bias,
-                                 self.out_channels, self.in_channels, list(self.kernel_size),
-                                 list(self.stride),
-                                 list(self.padding), list(self.dilation), self.block_rows, lo, hi)
+        y = self.weight_format().conv2d(x, self.bias, self.in_channels, self.kernel_size,
+                                        self.stride, self.padding, self.dilation, lo, hi)
         return y.squeeze(0) if unbatched else y
 
     def to_dense(self) -> nn.Conv2d:
@@ -153,19 +139,11 @@ class SparseConv2d(nn.Module):
         kh, kw = self.kernel_size
         return self.weight_format().to_dense().reshape(self.out_channels, self.in_channels, kh, kw)
 
-    @property
-    def sparsity(self) -> float:
-        return 1.0 - self.weight_format().density
-
-    @property
-    def weight_nbytes(self) -> int:
-        return self.weight_format().nbytes
-
     def get_extra_state(self):
         return {"in_channels": self.in_channels, "out_channels": self.out_channels,
                 "kernel_size": self.kernel_size, "stride": self.stride, "padding": self.padding,
-                "dilation": self.dilation, "block_rows": self.block_rows, "pattern": self.pattern,
-                "activation": self.activation}
+                "dilation": self.dilation, "activation": self.activation,
+                **self._weight_extra_state()}
 
     def _check_extra_state(self, state) -> None:
         keys = {"in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
@@ -178,37 +156,14 @@ class SparseConv2d(nn.Module):
         if saved != mine:
             raise ValueError(f"state_dict is for a conv of (out, in, kernel) {saved}, this module is "
                              f"{mine}")
-        kh, kw = self.kernel_size
-        kind, _ = parse_pattern(state["pattern"])
-        if kind == "nm" or (kind == "block" and block_storage_rows(
-                state["pattern"], (self.out_channels, self.in_channels * kh * kw))
-                != int(state["block_rows"])):
-            raise ValueError(f"state_dict's block_rows {state['block_rows']} does not match its "
-                             f"pattern {state['pattern']!r}")
 
     def set_extra_state(self, state):
         self._check_extra_state(state)
+        self._set_weight_extra_state(state)
         self.stride = tuple(state["stride"])
         self.padding = tuple(state["padding"])
         self.dilation = tuple(state["dilation"])
-        self.block_rows = int(state["block_rows"])
-        self.pattern = state["pattern"]
         self.activation = state["activation"]
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Everything is checked before anything is copied (see SparseLinear).
-        extra = state_dict.get(prefix + "_extra_state")
-        if extra is not None:
-            self._check_extra_state(extra)
-        kh, kw = self.kernel_size
-        weight = CSRWeight(*(saved_or_current(self, state_dict, prefix, n)
-                             for n in ("offsets", "indices", "values")),
-                           (self.out_channels, self.in_channels * kh * kw),
-                           int(extra["block_rows"]) if extra is not None else self.block_rows)
-        check_loaded_structure(self, prefix, weight)
-        check_loaded_bias(self, state_dict, prefix, self.out_channels)
-        adopt_saved_sizes(self, state_dict, prefix, ("offsets", "indices", "values"))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         kh, kw = self.kernel_size

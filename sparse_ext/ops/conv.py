@@ -1,10 +1,12 @@
 """Sparse conv ops: ``sparse_conv2d`` (NCHW, blocked-CSR weight), its fake kernels and autograd."""
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from ..formats import CSRWeight
 from ._registration import check_weight_dim, check_width, lib, register_fake
+
+if TYPE_CHECKING:
+    from ..formats import CSRWeight
 
 
 # Schemas in csrc/registration.cpp; kernels in csrc/kernels/conv. W is a CSRWeight of shape
@@ -43,7 +45,7 @@ def conv_output_size(size, kernel, stride, padding, dilation):
             for i in range(2)]
 
 
-def sparse_conv2d(x: torch.Tensor, weight: CSRWeight, bias: Optional[torch.Tensor] = None,
+def sparse_conv2d(x: torch.Tensor, weight: "CSRWeight", bias: Optional[torch.Tensor] = None,
                   kernel_size=1, stride=1, padding=0, dilation=1, activation=None) -> torch.Tensor:
     """``act(conv2d(x, W, bias))`` for NCHW ``x [B, C_in, H, W]`` (channels_last accepted) and a
     CSRWeight W [out_channels, in_channels * kh * kw]; groups = 1, zero padding."""

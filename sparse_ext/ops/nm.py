@@ -1,13 +1,15 @@
 """N:M ops: ``nm_linear`` (semi-structured weight x activations), its fake kernels and autograd."""
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from ..formats import NMWeight
 from ._registration import check_weight_dim, check_width, lib, register_fake
 
+if TYPE_CHECKING:
+    from ..formats import NMWeight
 
-def nm_linear(x: torch.Tensor, weight: NMWeight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+
+def nm_linear(x: torch.Tensor, weight: "NMWeight", bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x @ W^T + bias`` for ``x [..., in_features]`` and an ``NMWeight`` W."""
     return lib.nm_linear(x, weight.values, weight.metadata, bias, weight.in_features, weight.n,
                          weight.m)

@@ -1,13 +1,17 @@
 """SpMM ops: ``spmm`` (blocked-CSR weight x activations), its fake kernels and autograd."""
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from ..formats import K_BLOCK, CSRWeight
 from ._registration import check_weight_dim, check_width, lib, register_fake
 
+if TYPE_CHECKING:
+    from ..formats import CSRWeight
 
-def spmm(x: torch.Tensor, weight: CSRWeight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+K_BLOCK = 256  # kSpmmKBlock (csrc/kernels/spmm/spmm.h): one byte per column index
+
+
+def spmm(x: torch.Tensor, weight: "CSRWeight", bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x @ W^T + bias`` for ``x [..., in_features]`` and a ``CSRWeight`` W."""
     return lib.spmm(x, weight.offsets, weight.indices, weight.values, bias,
                     weight.out_features, weight.in_features, weight.block_rows)
