@@ -175,3 +175,98 @@ def test_driver_argument_errors():
     with pytest.raises(ValueError, match="at least one batch"):
         pruning.prune_calibrated(model, {"fc1": model.fc1}, {"fc1": 0.5}, "unstructured",
                                  "wanda", [])
+
+
+# ---- through sparsify --------------------------------------------------------------------------
+@pytest.mark.parametrize("method,refine,pattern", [("wanda", None, "unstructured"),
+                                                   ("wanda", "dsnot", "2:4"),
+                                                   ("sparsegpt", None, "unstructured"),
+                                                   ("sparsegpt", None, "4x1")])
+def test_sparsify_with_calibration(method, refine, pattern):
+    import sparse_ext
+
+    model = MLP()
+    dense = MLP()
+    batches = [torch.randn(16, 32) for _ in range(4)]
+    kwargs = {} if ":" in pattern else {"sparsity": 0.5}
+    _, report = sparse_ext.sparsify(model, pattern=pattern, method=method, calibration=batches,
+                                    refine=refine, min_features=0, **kwargs)
+    assert [r.name for r in report.sparsified] == ["fc1", "fc2", "fc3"]
+    for r in report.sparsified:
+        assert r.error is not None and 0 <= r.error < 1
+        assert abs(r.sparsity - 0.5) < 0.03
+    assert "reconstruction error" in str(report)
+    x = torch.randn(8, 32)
+    with torch.no_grad():
+        rel = (model(x) - dense(x)).norm() / dense(x).norm()
+    assert rel < 0.6
+
+
+def test_sparsify_calibration_beats_magnitude():
+    import sparse_ext
+
+    torch.manual_seed(0)
+    scale = torch.linspace(0.05, 4.0, 64)  # a few input features carry most of the signal
+    net = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64))
+    batches = [torch.randn(64, 64) * scale for _ in range(4)]
+    x = torch.randn(256, 64) * scale
+    with torch.no_grad():
+        ref = net(x)
+    errors = {}
+    for method in ("magnitude", "wanda", "sparsegpt"):
+        m = __import__("copy").deepcopy(net)
+        cal = batches if method != "magnitude" else None
+        sparse_ext.sparsify(m, sparsity=0.7, method=method, calibration=cal, min_features=0)
+        with torch.no_grad():
+            errors[method] = float((m(x) - ref).norm() / ref.norm())
+    assert errors["sparsegpt"] < errors["wanda"] < errors["magnitude"]
+
+
+def test_sparsify_owl_allocation_keeps_the_overall_sparsity():
+    import sparse_ext
+
+    model = MLP()
+    batches = [torch.randn(16, 32) for _ in range(2)]
+    _, report = sparse_ext.sparsify(model, sparsity=0.6, method="wanda", calibration=batches,
+                                    allocation="owl", min_features=0)
+    targets = {r.name: r.target for r in report.sparsified}
+    assert len(set(round(t, 6) for t in targets.values())) > 1
+    assert abs(report.sparsity - 0.6) < 0.02
+
+
+def test_sparsify_calibration_hf_bert_dict_inputs():
+    transformers = pytest.importorskip("transformers")
+    import sparse_ext
+
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2,
+                                  num_attention_heads=2, intermediate_size=128)
+    torch.manual_seed(0)
+    model = transformers.BertModel(cfg).eval()
+    batches = [{"input_ids": torch.randint(0, 100, (4, 12)),
+                "attention_mask": torch.ones(4, 12, dtype=torch.long)} for _ in range(3)]
+    with torch.no_grad():
+        ref = model(**batches[0]).last_hidden_state
+        _, report = sparse_ext.sparsify(model, sparsity=0.5, method="sparsegpt",
+                                        calibration=batches, include="encoder.*")
+        out = model(**batches[0]).last_hidden_state
+    assert len(report.sparsified) == 12
+    cos = torch.nn.functional.cosine_similarity(out.flatten(1), ref.flatten(1)).mean()
+    assert cos > 0.8
+
+
+def test_sparsify_calibration_argument_errors():
+    import sparse_ext
+
+    with pytest.raises(ValueError, match="needs calibration"):
+        sparse_ext.sparsify(MLP(), sparsity=0.5, method="wanda")
+    with pytest.raises(ValueError, match="calibration is used by"):
+        sparse_ext.sparsify(MLP(), sparsity=0.5, calibration=[torch.randn(2, 32)])
+    with pytest.raises(ValueError, match="refine"):
+        sparse_ext.sparsify(MLP(), sparsity=0.5, method="sparsegpt", refine="dsnot",
+                            calibration=[torch.randn(2, 32)])
+    with pytest.raises(ValueError, match="allocation must be one of"):
+        sparse_ext.sparsify(MLP(), sparsity=0.5, method="wanda", allocation="best",
+                            calibration=[torch.randn(2, 32)])
+    with pytest.raises(ValueError, match="global_pruning"):
+        sparse_ext.sparsify(MLP(), sparsity=0.5, method="wanda", global_pruning=True,
+                            calibration=[torch.randn(2, 32)])

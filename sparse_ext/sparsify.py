@@ -24,6 +24,11 @@ Which layers are swapped
 Pruning
   * per layer (default): each layer reaches ``sparsity`` on its own
     (``SparseLinear.from_dense(layer, sparsity=, pattern=, method=)``);
+  * with calibration data (``method="wanda"`` or ``"sparsegpt"``, ``calibration=batches``): the
+    layers are pruned one after another on the inputs the already-pruned layers give them
+    (``sparse_ext.pruning``), optionally refined (``refine="dsnot"``) and with the sparsity spread
+    over the layers (``allocation="owl"`` / ``"erk"``); the report gives each layer's
+    reconstruction error;
   * ``global_pruning=True``: one magnitude threshold across all candidate layers (for
     ``"unstructured"`` and block ``"RxC"`` patterns), so overall ``sparsity`` is met exactly and
     layers with many small weights lose more of them. Masks go in via ``from_dense(mask=...)``.
@@ -33,7 +38,7 @@ from typing import Dict, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from . import _layer_speed
+from . import _layer_speed, sparsify_calibrated
 from .prune import _check_sparsity, global_masks, parse_pattern
 from .sparsify_report import LayerReport, SparsifyReport  # noqa: F401  (exported here)
 from .sparsify_select import (Candidate, Patterns, as_linear, conv_class, linear_weight,
@@ -87,7 +92,10 @@ def sparsify(model: nn.Module, sparsity: Union[None, float, Mapping[str, float]]
              global_pruning: bool = False,
              generator: Optional[torch.Generator] = None,
              only_if_faster: bool = False,
-             example_inputs=None) -> Tuple[nn.Module, SparsifyReport]:
+             example_inputs=None,
+             calibration=None,
+             refine: Optional[str] = None,
+             allocation: str = "uniform") -> Tuple[nn.Module, SparsifyReport]:
     """Swaps eligible ``nn.Linear`` (and ``nn.Conv2d`` when ``sparse_ext.SparseConv2d`` exists)
     layers of ``model`` in place for sparse ones; returns ``(model, report)``.
 
@@ -97,7 +105,9 @@ def sparsify(model: nn.Module, sparsity: Union[None, float, Mapping[str, float]]
         glob to sparsity, e.g. ``{"*.attention.*": 0.5, "*": 0.9}``: the first matching key (in
         the dict's order) sets a layer's sparsity; layers matching no key stay dense.
       pattern: ``"unstructured"``, a block shape ``"RxC"`` or ``"N:M"``; passed to ``from_dense``.
-      method: ``"magnitude"`` (default) or ``"random"``.
+      method: ``"magnitude"`` (default), ``"random"``, or with ``calibration``: ``"wanda"``
+        (|W| x input norms, per row) or ``"sparsegpt"`` (inverse-Hessian pruning that also
+        updates the kept weights).
       include / exclude: names or ``fnmatch`` globs (see the module docstring); ``include``
         restricts to and forces the matching layers, ``exclude`` always wins.
       min_features: skip layers whose smaller dimension (``in_features`` or ``out_features``;
@@ -112,6 +122,14 @@ def sparsify(model: nn.Module, sparsity: Union[None, float, Mapping[str, float]]
       example_inputs: what ``model`` takes (a tensor, a tuple of arguments or a dict of keyword
         arguments): with ``only_if_faster``, each layer is timed on the input shape it sees in
         ``model(example_inputs)``. Without it: 16 tokens for linears, a 56x56 image for convs.
+      calibration: for ``method="wanda"`` / ``"sparsegpt"``: an iterable of model inputs (tensors,
+        tuples of arguments, or dicts of keyword arguments as Hugging Face models take them),
+        a few hundred samples in all; run under ``torch.no_grad``.
+      refine: ``"dsnot"`` to refine Wanda's masks by prune-and-grow swaps that lower each row's
+        reconstruction error (N:M groups stay N:M).
+      allocation: how one float ``sparsity`` is spread over the layers with a calibrated method:
+        ``"uniform"`` (default), ``"erk"`` (small layers denser) or ``"owl"`` (layers with more
+        activation outliers denser); the overall sparsity stays ``sparsity``.
 
     The returned ``model`` is the same object, except when ``model`` itself is a single layer,
     which cannot be swapped in place: then it is the new sparse module.
@@ -135,19 +153,27 @@ def sparsify(model: nn.Module, sparsity: Union[None, float, Mapping[str, float]]
             per_layer[key] = _check_sparsity(value)
     elif sparsity is not None:
         sparsity = _check_sparsity(sparsity)
-    if method not in ("magnitude", "random"):
-        raise ValueError(f"method must be 'magnitude' or 'random', got {method!r}")
+    if method not in ("magnitude", "random") + sparsify_calibrated.CALIBRATED:
+        raise ValueError(f"method must be 'magnitude', 'random', 'wanda' or 'sparsegpt', got "
+                         f"{method!r}")
+    sparsify_calibrated.check_arguments(method, calibration, refine, allocation, global_pruning,
+                                        sparsity)
     min_features = parse_min_features(min_features)
 
     report = SparsifyReport(global_pruning=global_pruning)
     report.layers, candidates = select_layers(model, pattern, sparsity, per_layer, include,
                                               exclude, min_features)
+    calibrated_masks, original = {}, {}
+    if method in sparsify_calibrated.CALIBRATED and candidates:
+        original = sparsify_calibrated.snapshot(candidates)
+        calibrated_masks = sparsify_calibrated.prune_candidates(
+            model, candidates, pattern, method, calibration, refine, allocation, sparsity)
     # Convert every candidate; with global pruning, a layer that refuses its mask (a grouped
     # conv, say) leaves the set and the threshold is recomputed over the rest, so the overall
     # sparsity holds for the layers actually swapped.
     converted = {}
     while True:
-        masks = [None] * len(candidates)
+        masks = [calibrated_masks.get(c.name) for c in candidates]
         if global_pruning and candidates:
             masks = global_masks([linear_weight(c.module) for c in candidates], float(sparsity),
                                   pattern, method, generator)
@@ -155,7 +181,8 @@ def sparsify(model: nn.Module, sparsity: Union[None, float, Mapping[str, float]]
         failed = []
         for c, mask in zip(candidates, masks):
             try:
-                converted[c.name] = _convert(c.module, c.kind, mask, c.target, pattern, method,
+                converted[c.name] = _convert(c.module, c.kind, mask, c.target, pattern,
+                                             "magnitude" if mask is not None else method,
                                              generator)
             except NotImplementedError:
                 raise  # the build cannot do this pattern at all: say so, don't skip every layer
@@ -170,6 +197,9 @@ def sparsify(model: nn.Module, sparsity: Union[None, float, Mapping[str, float]]
 
     if only_if_faster:
         _keep_dense_where_slower(model, candidates, converted, example_inputs)
+    if original:  # a layer that stays dense keeps its unpruned weights
+        sparsify_calibrated.restore(candidates, original,
+                                    [c.name for c in candidates if c.name not in converted])
 
     replaced_root = None
     for c in candidates:

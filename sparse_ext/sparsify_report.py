@@ -22,6 +22,7 @@ class LayerReport:
     sparse_bytes: Optional[int] = None  # bytes the sparse kernels read for the weight
     target: Optional[float] = None     # the sparsity asked for (None: set by an N:M pattern)
     speedup: Optional[float] = None    # dense time / sparse time, when only_if_faster measured it
+    error: Optional[float] = None      # relative reconstruction error on the calibration inputs
 
     @property
     def ratio(self) -> Optional[float]:
@@ -105,7 +106,7 @@ class SparsifyReport:
                 f"{r.dense_bytes / 1024:.1f}",
                 f"{r.sparse_bytes / 1024:.1f}" if sparse else "-",
                 f"{r.ratio:.3f}" if sparse and r.ratio is not None else "-",
-                (r.reason or (f"{r.speedup:.2f}x faster than dense here" if r.speedup else ""))
+                (r.reason or _note(r))
                 if sparse else f"skipped: {r.reason}",
             ])
         if self.sparsified:
@@ -156,3 +157,13 @@ def sparse_module_row(name: str, mod: nn.Module, status: str, reason: str = "") 
                        sparsity=weight.zero_fraction(),
                        dense_bytes=_numel(shape) * mod.values.element_size(),
                        sparse_bytes=weight.nbytes)
+
+
+def _note(row: LayerReport) -> str:
+    """What a swapped layer's row adds: its measured speedup, its reconstruction error."""
+    notes = []
+    if row.speedup:
+        notes.append(f"{row.speedup:.2f}x faster than dense here")
+    if row.error is not None:
+        notes.append(f"reconstruction error {row.error:.3g}")
+    return ", ".join(notes)
