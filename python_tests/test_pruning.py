@@ -154,7 +154,7 @@ def test_sequential_driver_prunes_in_execution_order(method, refine):
     seen = []
     out = pruning.prune_calibrated(model, layers, {n: 0.5 for n in layers}, "unstructured", method,
                                    batches, refine=refine, progress=lambda names: seen.extend(names) or names)
-    assert seen == ["fc1", "fc2", "fc3"]
+    assert seen == [["fc1"], ["fc2"], ["fc3"]]  # groups of layers, in execution order
     for name, res in out.items():
         w = layers[name].weight
         assert torch.equal(w != 0, res.mask) or (w[res.mask] == 0).sum() < 3
@@ -270,3 +270,19 @@ def test_sparsify_calibration_argument_errors():
     with pytest.raises(ValueError, match="global_pruning"):
         sparse_ext.sparsify(MLP(), sparsity=0.5, method="wanda", global_pruning=True,
                             calibration=[torch.randn(2, 32)])
+
+
+def test_layers_sharing_an_input_are_grouped():
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+            self.o = nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.o(self.q(x) * self.k(x) + self.v(x))
+
+    model = Attn()
+    layers = dict(model.named_children())
+    groups = pruning.calibrate.execution_groups(model, layers, torch.randn(3, 16))
+    assert groups == [["q", "k", "v"], ["o"]]

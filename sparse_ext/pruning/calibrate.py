@@ -83,39 +83,67 @@ def _run(model: nn.Module, batch) -> None:
         model(batch)
 
 
-def _collect(model, mod, batches, with_hessian, stop=True) -> InputStats:
-    stats = InputStats(weight_matrix(mod).shape[1], with_hessian)
+def _collect(model, mods: List[nn.Module], batches) -> InputStats:
+    """Input statistics of layers that all take the same input, in one pass per batch that stops
+    once the last of them has seen it."""
+    first = mods[0]
+    stats = InputStats(weight_matrix(first).shape[1])
+    seen = set()
 
-    def hook(_m, args):
-        stats.add(_layer_rows(mod, args[0]))
-        if stop:
+    def hook(m, args):
+        if m is first:
+            stats.add(_layer_rows(first, args[0]))
+        seen.add(id(m))
+        if len(seen) == len(mods):
             raise _Stop
 
-    handle = mod.register_forward_pre_hook(hook)
+    handles = [m.register_forward_pre_hook(hook) for m in mods]
     try:
         with torch.no_grad():
             for batch in batches:
+                seen.clear()
                 try:
                     _run(model, batch)
                 except _Stop:
                     pass
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
     return stats
 
 
-def execution_order(model: nn.Module, layers: Mapping[str, nn.Module], batch) -> List[str]:
-    """Layer names in the order the model first calls them (uncalled ones last, by name)."""
-    order: List[str] = []
-    handles = [m.register_forward_pre_hook(lambda _m, _a, n=n: order.append(n) if n not in order else None)
-               for n, m in layers.items()]
+def execution_groups(model: nn.Module, layers: Mapping[str, nn.Module], batch) -> List[List[str]]:
+    """Layer names in the order the model first calls them, consecutive layers that receive the
+    very same input tensor (attention's q, k, v) grouped: they share one pass and one Hessian.
+    Layers the batch never reaches come last, one group each."""
+    calls: List[Tuple[str, torch.Tensor]] = []  # the inputs themselves: ids of freed tensors recur
+    handles = [m.register_forward_pre_hook(
+        lambda _m, a, n=n: calls.append((n, a[0])) if all(c[0] != n for c in calls) else None)
+        for n, m in layers.items()]
     try:
         with torch.no_grad():
             _run(model, batch)
     finally:
         for h in handles:
             h.remove()
-    return order + sorted(n for n in layers if n not in order)
+    groups: List[List[str]] = []
+    last_input = None
+    for name, inputs in calls:
+        shared = (groups and inputs is last_input and
+                  isinstance(layers[name], type(layers[groups[-1][0]])) and
+                  weight_matrix(layers[name]).shape[1] == weight_matrix(layers[groups[-1][0]]).shape[1])
+        if shared:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        last_input = inputs
+    called = {n for n, _ in calls}
+    return groups + [[n] for n in sorted(layers) if n not in called]
+
+
+def execution_order(model: nn.Module, layers: Mapping[str, nn.Module], batch) -> List[str]:
+    """Layer names in the order the model first calls them (uncalled ones last, by name)."""
+    return [n for group in execution_groups(model, layers, batch) for n in group]
 
 
 def _relative(err: torch.Tensor, weight: torch.Tensor, stats: InputStats) -> float:
@@ -153,8 +181,8 @@ def prune_calibrated(model: nn.Module, layers: Mapping[str, nn.Module],
     """Prunes ``layers`` of ``model`` in place (their weights are overwritten with the pruned,
     possibly updated values) and returns each layer's mask and reconstruction error.
 
-    ``sparsity[name]`` is the layer's target (ignored for N:M). ``progress`` wraps the layer
-    iterable (e.g. ``tqdm``)."""
+    ``sparsity[name]`` is the layer's target (ignored for N:M). ``progress`` wraps the iterable
+    of layer groups (e.g. ``tqdm``): layers that take the same input are pruned together."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)} for calibrated pruning, "
                          f"got {method!r}")
@@ -167,22 +195,29 @@ def prune_calibrated(model: nn.Module, layers: Mapping[str, nn.Module],
     batches = list(calibration)
     if not batches:
         raise ValueError("calibration must hold at least one batch of model inputs")
-    names = execution_order(model, layers, batches[0])
+    groups = execution_groups(model, layers, batches[0])
     results: Dict[str, LayerPruning] = {}
-    for name in (progress(names) if progress else names):
-        mod = layers[name]
-        stats = _collect(model, mod, batches, with_hessian=True)  # the error report needs H
-        w = weight_matrix(mod)
-        mask, new_w = METHODS[method](w, stats, sparsity.get(name) or 0.0, pattern)
-        before = None
-        if refine == "dsnot":
-            before = _relative(reconstruction_error(w, mask, stats), w, stats)
-            mask, _ = dsnot(w, stats, mask, pattern)
-        pruned = new_w if new_w is not None else w * mask
-        err = ((w.double() - pruned.double()) @ stats.hessian * (w.double() - pruned.double())).sum(1)
-        results[name] = LayerPruning(mask=mask, error=_relative(err, w, stats),
-                                     error_before_refine=before,
-                                     sparsity=1.0 - float(mask.double().mean()))
-        write_weight_matrix(mod, pruned.to(mod.weight.dtype))
+    for group in (progress(groups) if progress else groups):
+        stats = _collect(model, [layers[n] for n in group], batches)  # the error report needs H
+        for name in group:
+            results[name] = _prune_one(layers[name], stats, sparsity.get(name) or 0.0, pattern,
+                                       method, refine)
         del stats
     return results
+
+
+def _prune_one(mod: nn.Module, stats: InputStats, sparsity: float, pattern: str, method: str,
+               refine: Optional[str]) -> LayerPruning:
+    """Prunes one layer from its input statistics and writes the pruned weights back."""
+    w = weight_matrix(mod)
+    mask, new_w = METHODS[method](w, stats, sparsity, pattern)
+    before = None
+    if refine == "dsnot":
+        before = _relative(reconstruction_error(w, mask, stats), w, stats)
+        mask, _ = dsnot(w, stats, mask, pattern)
+    pruned = new_w if new_w is not None else w * mask
+    diff = w.double() - pruned.double()
+    err = ((diff @ stats.hessian) * diff).sum(1)
+    write_weight_matrix(mod, pruned.to(mod.weight.dtype))
+    return LayerPruning(mask=mask, error=_relative(err, w, stats), error_before_refine=before,
+                        sparsity=1.0 - float(mask.double().mean()))
