@@ -209,7 +209,7 @@ def prune_calibrated(model: nn.Module, layers: Mapping[str, nn.Module],
 def _prune_one(mod: nn.Module, stats: InputStats, sparsity: float, pattern: str, method: str,
                refine: Optional[str]) -> LayerPruning:
     """Prunes one layer from its input statistics and writes the pruned weights back."""
-    w = weight_matrix(mod)
+    w = weight_matrix(mod).clone()  # a view of the parameter, which is overwritten below
     mask, new_w = METHODS[method](w, stats, sparsity, pattern)
     before = None
     if refine == "dsnot":
