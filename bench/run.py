@@ -229,6 +229,10 @@ def _write_outputs(args, result, plugins):
             path = plot(result["rows"], os.path.join(args.out, "speedup_vs_sparsity.png"),
                         result["machine"])
             written += [path] if path else []
+            for name, plugin in plugins.items():  # a family's own picture, where it has one
+                own = [r for r in result["rows"] if r.get("family") == name]
+                if own and hasattr(plugin, "plot"):
+                    written.append(plugin.plot(own, os.path.join(args.out, f"{name}.png")))
     return written
 
 

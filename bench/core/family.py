@@ -21,8 +21,9 @@ A row is a dict with at least ``family``, ``speedup``, ``dense_ms``, ``ours_ms``
 import importlib
 import random
 
-FAMILIES = {name: f"bench.families.{name}" for name in ("spmm", "nm", "conv", "moe", "minilm")}
-# What runs without --families (minilm is an optional workload: it runs when asked for).
+FAMILIES = {name: f"bench.families.{name}"
+            for name in ("spmm", "nm", "conv", "moe", "minilm", "pruning")}
+# What runs without --families (minilm and pruning are optional workloads: they run when asked).
 DEFAULT = {"cpu": ["spmm", "nm", "conv", "moe"], "cuda": ["spmm", "nm", "conv", "moe"]}
 SIZES = ("tiny", "quick", "default", "full")
 
