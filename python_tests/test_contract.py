@@ -186,6 +186,13 @@ def _with(t, index, value):
     return t
 
 
+def _extra(sd, **changes):
+    """The state_dict's extra state (metadata) with ``changes``, encoded as modules save it."""
+    from sparse_ext.nn._stored import decode_extra_state, encode_extra_state
+
+    return encode_extra_state(dict(decode_extra_state(sd["_extra_state"]), **changes))
+
+
 CSR_CORRUPTIONS = {
     "index_out_of_range": (lambda sd, m: {"indices": _with(sd["indices"], _last_block_entry(
         m.weight_format()), 200)}, "indices"),
@@ -196,8 +203,11 @@ CSR_CORRUPTIONS = {
     "values_wrong_length": (lambda sd, m: {"values": sd["values"][:-1].clone()}, "values"),
     "indices_longer": (lambda sd, m: {"indices": torch.cat([sd["indices"], sd["indices"][:1]])},
                        "values|offsets"),
-    "extra_state_shape": (lambda sd, m: {"_extra_state": dict(sd["_extra_state"],
-                                                              shape=(OUT, IN + 1))}, "weight"),
+    "extra_state_shape": (lambda sd, m: {"_extra_state": _extra(sd, shape=[OUT, IN + 1])},
+                          "weight"),
+    "extra_state_garbage": (lambda sd, m: {"_extra_state": torch.tensor([7, 255, 0, 1],
+                                                                        dtype=torch.uint8)},
+                            "extra state"),
 }
 NM_CORRUPTIONS = {
     "metadata_random": (lambda sd, m: {"metadata": torch.randint(
@@ -208,8 +218,7 @@ NM_CORRUPTIONS = {
     "metadata_wrong_shape": (lambda sd, m: {"metadata": sd["metadata"][:, :-1].clone()},
                              "metadata"),
     "values_wrong_shape": (lambda sd, m: {"values": sd["values"][:-1].clone()}, "values"),
-    "extra_state_pattern": (lambda sd, m: {"_extra_state": dict(sd["_extra_state"], pattern="1:4")},
-                            "pattern"),
+    "extra_state_pattern": (lambda sd, m: {"_extra_state": _extra(sd, pattern="1:4")}, "pattern"),
 }
 MOE_CORRUPTIONS = {
     "w1_wrong_shape": (lambda sd, m: {"w1": sd["w1"][:, :-1].clone()}, "w1"),

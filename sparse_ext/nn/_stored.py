@@ -1,10 +1,37 @@
-"""What every sparse module stores the same way: structure buffers, kept values, bias."""
+"""What every sparse module stores the same way: structure buffers, kept values, bias, and the
+shape/pattern metadata as a small tensor."""
+import json
 from typing import Iterable, Optional, Tuple
 
 import torch
 from torch import nn
 
 from ..formats import SparseWeight, require_weight
+
+
+def encode_extra_state(state: dict) -> torch.Tensor:
+    """The module's metadata as a uint8 tensor of UTF-8 JSON, so that a checkpoint is tensors
+    only: safetensors, ``save_pretrained``, ``torch.load(weights_only=True)`` and distributed
+    checkpoints all take it."""
+    data = json.dumps(state, sort_keys=True).encode("utf-8")
+    return torch.tensor(list(data), dtype=torch.uint8)
+
+
+def decode_extra_state(state):
+    """The metadata dict from :func:`encode_extra_state`'s tensor, or a dict as checkpoints
+    written before it hold; ValueError for anything else."""
+    if isinstance(state, dict):
+        return state
+    if isinstance(state, torch.Tensor) and state.dtype == torch.uint8 and state.dim() == 1:
+        try:
+            decoded = json.loads(bytes(state.cpu().tolist()).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:
+            raise ValueError(f"state_dict's extra state is not the sparse module's metadata: "
+                             f"{e}") from None
+        if isinstance(decoded, dict):
+            return decoded
+    raise ValueError(f"state_dict's extra state must be the sparse module's metadata (a uint8 "
+                     f"JSON tensor, or a dict from older checkpoints), got {type(state).__name__}")
 
 
 def register_sparse_state(module: nn.Module, buffers: dict, values: torch.Tensor,
@@ -143,6 +170,7 @@ class SparseWeightModule(nn.Module):
         extra = state_dict.get(prefix + "_extra_state")
         config, pattern = self._weight_config, self.pattern
         if extra is not None:
+            extra = decode_extra_state(extra)
             self._check_extra_state(extra)
             config, pattern = self._saved_weight_config(extra), extra["pattern"]
         names = self._weight_type.state_names()

@@ -14,7 +14,7 @@ from torch import nn
 from .. import ops
 from ..formats import SparseWeight, build_weight, format_for
 from ..prune import check_mask
-from ._stored import SparseWeightModule
+from ._stored import SparseWeightModule, decode_extra_state, encode_extra_state
 
 
 def _pair(v):
@@ -140,10 +140,13 @@ class SparseConv2d(SparseWeightModule):
         return self.weight_format().to_dense().reshape(self.out_channels, self.in_channels, kh, kw)
 
     def get_extra_state(self):
-        return {"in_channels": self.in_channels, "out_channels": self.out_channels,
-                "kernel_size": self.kernel_size, "stride": self.stride, "padding": self.padding,
-                "dilation": self.dilation, "activation": self.activation,
-                **self._weight_extra_state()}
+        return encode_extra_state({
+            "in_channels": self.in_channels, "out_channels": self.out_channels,
+            "kernel_size": list(self.kernel_size), "stride": list(self.stride),
+            "padding": list(self.padding), "dilation": list(self.dilation),
+            "activation": list(self.activation) if isinstance(self.activation, tuple)
+            else self.activation,
+            **self._weight_extra_state()})
 
     def _check_extra_state(self, state) -> None:
         keys = {"in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
@@ -158,12 +161,14 @@ class SparseConv2d(SparseWeightModule):
                              f"{mine}")
 
     def set_extra_state(self, state):
+        state = decode_extra_state(state)
         self._check_extra_state(state)
         self._set_weight_extra_state(state)
         self.stride = tuple(state["stride"])
         self.padding = tuple(state["padding"])
         self.dilation = tuple(state["dilation"])
-        self.activation = state["activation"]
+        act = state["activation"]
+        self.activation = tuple(act) if isinstance(act, list) else act
 
     def extra_repr(self) -> str:
         kh, kw = self.kernel_size

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from ..formats import SparseWeight, build_weight
-from ._stored import SparseWeightModule
+from ._stored import SparseWeightModule, decode_extra_state, encode_extra_state
 
 
 class SparseLinear(SparseWeightModule):
@@ -52,7 +52,8 @@ class SparseLinear(SparseWeightModule):
         return linear
 
     def get_extra_state(self):
-        return {"shape": self.weight_shape(), **self._weight_extra_state()}
+        return encode_extra_state({"shape": list(self.weight_shape()),
+                                   **self._weight_extra_state()})
 
     def _check_extra_state(self, state) -> None:
         if not isinstance(state, dict) or not {"shape", "block_rows", "pattern"} <= set(state):
@@ -63,6 +64,7 @@ class SparseLinear(SparseWeightModule):
                              f"{self.weight_shape()}")
 
     def set_extra_state(self, state):
+        state = decode_extra_state(state)
         self._check_extra_state(state)
         self._set_weight_extra_state(state)
 
