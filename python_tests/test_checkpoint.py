@@ -90,3 +90,50 @@ def test_hf_save_pretrained_of_a_sparsified_model(tmp_path):
     ids = torch.randint(0, 100, (2, 7))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).last_hidden_state, model(ids).last_hidden_state)
+
+
+def _tiny_bert(seed):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2,
+                                  num_attention_heads=2, intermediate_size=128)
+    torch.manual_seed(seed)
+    return transformers.BertModel(cfg).eval()
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4", "4x1"])
+def test_load_sparse_into_a_dense_model_from_save_pretrained(tmp_path, pattern):
+    model = _tiny_bert(0)
+    kwargs = {} if ":" in pattern else {"sparsity": 0.7}
+    sparse_ext.sparsify(model, pattern=pattern, include="encoder.*", **kwargs)
+    model.save_pretrained(tmp_path)
+    fresh = _tiny_bert(1)  # dense, different weights
+    sparse_ext.load_sparse(fresh, tmp_path)
+    assert sum(isinstance(m, SparseLinear) for m in fresh.modules()) == 12
+    ids = torch.randint(0, 100, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids).last_hidden_state, model(ids).last_hidden_state)
+
+
+def test_load_sparse_from_torch_save_with_convs(tmp_path):
+    def net():
+        torch.manual_seed(3)
+        return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 1),
+                             nn.Flatten(), nn.Linear(32 * 16, 64))
+
+    model = net()
+    sparse_ext.sparsify(model, sparsity=0.8, min_features=0)
+    path = tmp_path / "sparse.pt"
+    torch.save(model.state_dict(), path)
+    fresh = net()
+    sparse_ext.load_sparse(fresh, path)
+    x = torch.randn(2, 3, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x))
+
+
+def test_load_sparse_errors():
+    model = nn.Sequential(nn.Linear(64, 64))
+    sd = sparse_ext.sparsify(nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64)), sparsity=0.5,
+                             min_features=0)[0].state_dict()
+    with pytest.raises(KeyError, match="sparse layer '1'"):
+        sparse_ext.load_sparse(model, sd)

@@ -12,6 +12,7 @@ from .formats import CSRWeight, NMWeight
 from .isa import cpu_features, get_isa, set_isa, supported_isas, use_isa
 from .nn import MoELayer, SparseConv, SparseConv2d, SparseLinear, fold_batchnorm, fuse_activations
 from .prune import block_mask, magnitude_mask, nm_mask, parse_pattern, random_mask
+from .checkpoint import load_sparse
 from .sparsify import SparsifyReport, densify, sparsify
 from .tuning import set_tuning, tuning_enabled, use_tuning
 
@@ -31,6 +32,7 @@ __all__ = [
     "densify",
     "fold_batchnorm",
     "fuse_activations",
+    "load_sparse",
     "get_isa",
     "magnitude_mask",
     "nm_mask",
