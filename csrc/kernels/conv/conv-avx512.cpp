@@ -134,14 +134,29 @@ inline uint64_t lane_span(int64_t lo, int64_t hi) {
   return (hi >= 64 ? ~uint64_t(0) : (uint64_t(1) << hi) - 1) & (~uint64_t(0) << lo);
 }
 
+// One input row of a tap: NV vectors at xr (lanes in m[v]) times R weights into the row's R * NV
+// accumulators; masked-off lanes keep the accumulator.
+template <int R, int NV>
+__attribute__((always_inline)) inline void kxk_row(uintptr_t xr, const __mmask16* m,
+                                                   const __m512* wv, __m512* acc) {
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) {
+    const __m512 xv = _mm512_maskz_loadu_ps(m[v], reinterpret_cast<const float*>(xr + 64 * v));
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc[r * NV + v] = _mm512_mask3_fmadd_ps(wv[r], xv, acc[r * NV + v], m[v]);
+  }
+}
+
 // One tap into a tile of exactly ROWS output rows from oy x columns [ox0, ox0 + width)
 // (width <= 16 * NV) x R channels. Accumulators: acc[(row * R + r) * NV + v]. Rows outside the
 // plane occur only for taps near the top and bottom of the image: the other taps run the rows
 // without a check. Addresses are formed in integers: a window may start before its plane row
 // (masked lanes only).
 template <int R, int NV, int ROWS>
-inline void kxk_tap(const float* values, int64_t j, const ConvTap& t, const ConvPlanes& in,
-                    int64_t oy, int64_t ox0, int64_t width, __m512* acc) {
+__attribute__((always_inline)) inline void kxk_tap(const float* values, int64_t j,
+                                                   const ConvTap& t, const ConvPlanes& in,
+                                                   int64_t oy, int64_t ox0, int64_t width,
+                                                   __m512* acc) {
   const int64_t xs = ox0 + t.dx;
   const int64_t lo = std::max<int64_t>(0, -xs), hi = std::min<int64_t>(width, in.wq - xs);
   if (hi <= lo) return;
@@ -156,26 +171,15 @@ inline void kxk_tap(const float* values, int64_t j, const ConvTap& t, const Conv
   const uintptr_t base = reinterpret_cast<uintptr_t>(in.xq) +
                          static_cast<uintptr_t>(t.plane + iy0 * in.wq + xs) * sizeof(float);
   const uintptr_t row_bytes = static_cast<uintptr_t>(in.wq) * sizeof(float);
-  auto one_row = [&](int row) {
-    const uintptr_t xr = base + static_cast<uintptr_t>(row) * row_bytes;
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) {
-      const __m512 xv = _mm512_maskz_loadu_ps(m[v], reinterpret_cast<const float*>(xr + 64 * v));
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
-        __m512& a = acc[(row * R + r) * NV + v];
-        a = _mm512_mask3_fmadd_ps(wv[r], xv, a, m[v]);
-      }
-    }
-  };
   if (iy0 >= 0 && iy0 + ROWS <= in.hq) {
 #pragma GCC unroll 16
-    for (int row = 0; row < ROWS; ++row) one_row(row);
+    for (int row = 0; row < ROWS; ++row)
+      kxk_row<R, NV>(base + row * row_bytes, m, wv, acc + row * R * NV);
   } else {
     const int64_t rlo = -iy0, rhi = in.hq - iy0;
 #pragma GCC unroll 16
     for (int row = 0; row < ROWS; ++row)
-      if (row >= rlo && row < rhi) one_row(row);
+      if (row >= rlo && row < rhi) kxk_row<R, NV>(base + row * row_bytes, m, wv, acc + row * R * NV);
   }
 }
 
