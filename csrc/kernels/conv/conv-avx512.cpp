@@ -241,16 +241,22 @@ void kxk_tile(const SpmmWeight& w, const ConvTap* taps, const ConvPlanes& in, in
     }
 }
 
-// The tile for exactly `rows` (1..ROWS) rows: every tile is compiled for its row count, so no
-// row needs a bound check and no accumulator is idle.
+// The tile for exactly `rows` (1..ROWS) rows and `nv` (1..NV) vectors: every tile is compiled for
+// its size, so no row needs a bound check and no accumulator is idle.
 template <int R, int NV, int ROWS, bool SAFE>
-void kxk_tile_rows(int64_t rows, const SpmmWeight& w, const ConvTap* taps, const ConvPlanes& in,
-                   int64_t j0, int64_t j1, int64_t oy, int64_t ox0, int64_t width, int64_t g,
-                   bool first, bool last, const ConvEpilogue& ep, float* y) {
+void kxk_tile_sized(int64_t rows, int64_t nv, const SpmmWeight& w, const ConvTap* taps,
+                    const ConvPlanes& in, int64_t j0, int64_t j1, int64_t oy, int64_t ox0,
+                    int64_t width, int64_t g, bool first, bool last, const ConvEpilogue& ep,
+                    float* y) {
+  if constexpr (NV > 1) {
+    if (nv < NV)
+      return kxk_tile_sized<R, NV - 1, ROWS, SAFE>(rows, nv, w, taps, in, j0, j1, oy, ox0, width,
+                                                   g, first, last, ep, y);
+  }
   if constexpr (ROWS > 1) {
     if (rows < ROWS)
-      return kxk_tile_rows<R, NV, ROWS - 1, SAFE>(rows, w, taps, in, j0, j1, oy, ox0, width, g, first,
-                                            last, ep, y);
+      return kxk_tile_sized<R, NV, ROWS - 1, SAFE>(rows, nv, w, taps, in, j0, j1, oy, ox0, width,
+                                                   g, first, last, ep, y);
   }
   kxk_tile<R, NV, ROWS, SAFE>(w, taps, in, j0, j1, oy, ox0, width, g, first, last, ep, y);
 }
@@ -288,10 +294,8 @@ void kxk_run(const SpmmWeight& w, const ConvTap* taps, const ConvPlanes& in, int
         for (int64_t p = 0, ox0 = 0, done = 0; p < passes; ++p) {
           const int64_t nv = (vectors - done + (passes - p) - 1) / (passes - p);
           const int64_t width = std::min<int64_t>(16 * nv, OW - ox0);
-          if (nv == NV)
-            kxk_tile_rows<R, NV, ROWS, SAFE>(nrows, w, taps, in, j0, j1, oy, ox0, width, g, first, last, ep, y);
-          else if constexpr (NV > 1)
-            kxk_tile_rows<R, NV - 1, ROWS, SAFE>(nrows, w, taps, in, j0, j1, oy, ox0, width, g, first, last, ep, y);
+          kxk_tile_sized<R, NV, ROWS, SAFE>(nrows, nv, w, taps, in, j0, j1, oy, ox0, width, g,
+                                            first, last, ep, y);
           ox0 += width;
           done += nv;
         }
