@@ -324,8 +324,9 @@ void kxk_avx512(const SpmmWeight& w, const ConvTap* taps, const ConvPlanes& in, 
 // Planes whose pixel count is not a multiple of 16 leave the zmm rows misaligned: every 64-byte
 // load of x splits two cache lines, and on the AVX-512 Xeon the AVX2 tiles were faster there
 // (7x7 and 14x14 planes at 70%: 1.00x and 1.02x of dense vs 0.86x and 0.95x), while 56x56 planes
-// gained (90%: 2.30x -> 3.70x, 70%: 1.32x -> 1.89x). So the kernels serve multiples of 16 only.
-// kxk names: <rows>x<columns> pixels per register tile (the widest) x NR channels.
+// gained (90%: 2.30x -> 3.70x, 70%: 1.32x -> 1.89x). So the 1x1 kernels serve multiples of 16 only
+// (plane_multiple); the kxk kernels serve any plane. kxk names: <rows>x<columns> pixels of the
+// widest register tile x NR channels.
 #define SE_AVX512_CONV(R, NV, MR, KNV, KROWS, KMR)                                     \
   ConvUkernels {                                                                       \
     "f32-spmm-conv1x1-" #MR "x" #R "-avx512", conv1x1_avx512<R, NV>, MR,               \
