@@ -48,6 +48,7 @@ GEOMETRIES = [
     (4, 8, 8, 8, 1, 2, 0, 1),       # strided 1x1 goes through the direct path
     (4, 8, 1, 1, 3, 1, 1, 1),
     (4, 8, 10, 37, 3, (1, 2), (0, 1), (2, 1)),  # rectangular arguments
+    (40, 8, 9, 70, 3, 1, 1, 1),     # two column blocks of taps, rows wider than a register tile
 ]
 
 

@@ -299,6 +299,17 @@ int main() {
         check_case(e, make_shape(c[0], c[1], c[2] + 4, c[3] + 4, c[4], c[5], c[6], 2), density, 0.f,
                    inf, rng);
       }
+    // Wide and tall planes: several column passes of unequal vector counts (70 -> 3 + 2 vectors of
+    // 16, 130 -> 3 x 3), rows cut into blocks of every register-tile height, exact multiples of
+    // 16, two K blocks with padding (partial sums between k-blocks), stride 2 with a 1-lane tail.
+    const int64_t wide[][7] = {{6, 8, 18, 70, 3, 1, 1},  {3, 8, 7, 130, 3, 1, 1}, {40, 8, 9, 33, 3, 1, 1},
+                               {4, 8, 37, 16, 3, 1, 1},  {4, 8, 20, 32, 3, 1, 1}, {6, 8, 34, 34, 3, 2, 1},
+                               {60, 8, 23, 64, 3, 1, 1}};
+    for (const auto& c : wide)
+      check_case(e, make_shape(c[0], c[1], c[2], c[3], c[4], c[5], c[6], 1), 0.3, -inf, inf, rng);
+    // Every last-vector width (k-mask tail of 1..16 lanes), for one and two vectors per row.
+    for (int64_t wd = 1; wd <= 32; ++wd)
+      check_case(e, make_shape(2, 8, 3, wd, 3, 1, 1, 1), 0.5, -inf, inf, rng);
     // Non-finite weights and pixels next to the padding: {C_in, C_out, H, W, k, stride, pad,
     // dilation}. Widths cover one partial tile, several tiles and a partial last tile. The strided
     // sizes are multiples of the stride: otherwise the phase split's zero fill past the image lies
@@ -307,7 +318,8 @@ int main() {
                                    {2, 8, 6, 17, 3, 1, 1, 1},  {3, 8, 9, 12, 5, 1, 1, 1},
                                    {2, 8, 8, 37, 5, 1, 2, 1},  {3, 8, 10, 36, 3, 2, 1, 1},
                                    {3, 8, 9, 21, 3, 1, 1, 2},  {4, 8, 1, 1, 3, 1, 1, 1},
-                                   {8, 16, 1, 57, 1, 1, 0, 1}};
+                                   {8, 16, 1, 57, 1, 1, 0, 1},  {3, 8, 9, 70, 3, 1, 1, 1},
+                                   {40, 8, 6, 20, 3, 1, 1, 1}};
     for (const auto& c : nf_cases)
       check_nonfinite(e, make_shape(c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]), rng);
   }

@@ -46,17 +46,26 @@ std::string conv_check_shape(const ConvShape& s) {
 }
 
 void conv_build_taps(const SpmmWeight& w, const ConvShape& s, ConvTap* taps) {
+  // One tap per weight column (C_in * KH * KW of them), then one table lookup per entry: the
+  // divisions per entry took a third of a 90% 3x3 stride-2 256x256 28x28 conv's time.
   const int64_t KK = s.kernel_h * s.kernel_w;
   const int64_t hq = conv_phase_h(s), wq = conv_phase_w(s);
+  std::vector<ConvTap> by_col(static_cast<size_t>(s.in_channels * KK));
+  for (int64_t kh = 0; kh < s.kernel_h; ++kh)
+    for (int64_t kw = 0; kw < s.kernel_w; ++kw) {
+      const int64_t offy = kh * s.dil_h - s.pad_h, offx = kw * s.dil_w - s.pad_w;
+      const int64_t dy = floor_div(offy, s.stride_h), dx = floor_div(offx, s.stride_w);
+      const int64_t ry = offy - dy * s.stride_h, rx = offx - dx * s.stride_w;
+      for (int64_t ci = 0; ci < s.in_channels; ++ci) {
+        const int64_t plane = (ci * s.stride_h + ry) * s.stride_w + rx;
+        ConvTap& t = by_col[static_cast<size_t>(ci * KK + kh * s.kernel_w + kw)];
+        t.plane = static_cast<int32_t>(plane * hq * wq);
+        t.dy = static_cast<int16_t>(dy);
+        t.dx = static_cast<int16_t>(dx);
+      }
+    }
   for_entries(w, 0, w.groups(), [&](int64_t, int64_t j, int64_t col) {
-    const int64_t ci = col / KK, kh = (col / s.kernel_w) % s.kernel_h, kw = col % s.kernel_w;
-    const int64_t offy = kh * s.dil_h - s.pad_h, offx = kw * s.dil_w - s.pad_w;
-    const int64_t dy = floor_div(offy, s.stride_h), dx = floor_div(offx, s.stride_w);
-    const int64_t ry = offy - dy * s.stride_h, rx = offx - dx * s.stride_w;
-    const int64_t plane = (ci * s.stride_h + ry) * s.stride_w + rx;
-    taps[j].plane = static_cast<int32_t>(plane * hq * wq);
-    taps[j].dy = static_cast<int16_t>(dy);
-    taps[j].dx = static_cast<int16_t>(dx);
+    taps[j] = by_col[static_cast<size_t>(col)];
   });
 }
 

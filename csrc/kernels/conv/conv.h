@@ -61,7 +61,8 @@ struct ConvPlanes {
 
 // kxk ukernel for one image: output rows [oy0, oy1) of the channels of groups [g0, g1).
 //   taps  ConvTap [w.nnz], entry j of the CSR (its R values share the tap)
-//   y     float [C_out, out_h, out_w]
+//   y     float [C_out, out_h, out_w]; only rows [oy0, oy1) of the range's channels are written
+//         (a ukernel may keep partial sums there before it stores the finished values)
 using ConvKxKUkernel = void (*)(const SpmmWeight& w, const ConvTap* taps, const ConvPlanes& in,
                                 int64_t oy0, int64_t oy1, int64_t g0, int64_t g1,
                                 const ConvEpilogue& ep, float* y);
@@ -80,7 +81,7 @@ struct ConvUkernels {
 // Ukernels for an ISA and R (block_rows), or nullptr when not compiled in.
 const ConvUkernels* conv_ukernels(Isa isa, int64_t block_rows);
 const ConvUkernels* conv_ukernels_scalar(int64_t block_rows);
-const ConvUkernels* conv_ukernels_avx512(int64_t block_rows);  // 1x1 only
+const ConvUkernels* conv_ukernels_avx512(int64_t block_rows);
 const ConvUkernels* conv_ukernels_avx2(int64_t block_rows);
 const ConvUkernels* conv_ukernels_neon(int64_t block_rows);
 
