@@ -286,3 +286,23 @@ def test_layers_sharing_an_input_are_grouped():
     layers = dict(model.named_children())
     groups = pruning.calibrate.execution_groups(model, layers, torch.randn(3, 16))
     assert groups == [["q", "k", "v"], ["o"]]
+
+
+def test_padding_positions_are_left_out_of_the_statistics():
+    class Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, inputs, attention_mask):
+            return self.fc(inputs)
+
+    model = Seq()
+    x = torch.randn(2, 5, 8)
+    x[1, 3:] = 100.0  # padding garbage
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[1, 3:] = 0
+    stats = pruning.calibrate._collect(model, [model.fc], [{"inputs": x, "attention_mask": mask}])
+    assert stats.tokens == 8
+    real = torch.cat([x[0], x[1, :3]])
+    torch.testing.assert_close(stats.hessian, (real.double().t() @ real.double()) / 8)

@@ -83,16 +83,35 @@ def _run(model: nn.Module, batch) -> None:
         model(batch)
 
 
+def _token_mask(batch) -> Optional[torch.Tensor]:
+    """The batch's ``attention_mask`` (Hugging Face inputs), whose zeros mark padding."""
+    if isinstance(batch, Mapping):
+        mask = batch.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            return mask
+    return None
+
+
+def _real_tokens(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """``x`` [batch, tokens, features] without its padded positions, when ``mask`` describes it:
+    padding's hidden states are not inputs the layer serves, and they would skew its Hessian."""
+    if mask is None or x.dim() != 3 or tuple(x.shape[:2]) != tuple(mask.shape):
+        return x
+    return x[mask.to(device=x.device).bool()]
+
+
 def _collect(model, mods: List[nn.Module], batches) -> InputStats:
     """Input statistics of layers that all take the same input, in one pass per batch that stops
     once the last of them has seen it."""
     first = mods[0]
     stats = InputStats(weight_matrix(first).shape[1])
     seen = set()
+    current = {"mask": None}
 
     def hook(m, args):
         if m is first:
-            stats.add(_layer_rows(first, args[0]))
+            x = args[0] if isinstance(m, nn.Conv2d) else _real_tokens(args[0], current["mask"])
+            stats.add(_layer_rows(first, x))
         seen.add(id(m))
         if len(seen) == len(mods):
             raise _Stop
@@ -102,6 +121,7 @@ def _collect(model, mods: List[nn.Module], batches) -> InputStats:
         with torch.no_grad():
             for batch in batches:
                 seen.clear()
+                current["mask"] = _token_mask(batch)
                 try:
                     _run(model, batch)
                 except _Stop:
@@ -161,11 +181,15 @@ def allocate(model, layers: Mapping[str, nn.Module], target: float, rule: str, b
         return alloc.erk(shapes, target)
     # OWL: outlier ratios of the dense model's Wanda scores, one pass with norm-only hooks
     stats = {n: InputStats(shapes[n][1], with_hessian=False) for n in layers}
+    current = {"mask": None}
     handles = [m.register_forward_pre_hook(
-        lambda _m, a, n=n, m_=m: stats[n].add(_layer_rows(m_, a[0]))) for n, m in layers.items()]
+        lambda _m, a, n=n, m_=m: stats[n].add(_layer_rows(
+            m_, a[0] if isinstance(m_, nn.Conv2d) else _real_tokens(a[0], current["mask"]))))
+        for n, m in layers.items()]
     try:
         with torch.no_grad():
             for batch in batches:
+                current["mask"] = _token_mask(batch)
                 _run(model, batch)
     finally:
         for h in handles:
