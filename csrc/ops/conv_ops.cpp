@@ -9,6 +9,7 @@
 #include "../kernels/conv/conv.h"
 #include "../kernels/spmm/spmm.h"
 #include "common.h"
+#include "plan.h"
 #include "settings.h"
 #include "conv_args.h"
 #include "spmm_weight.h"
@@ -32,16 +33,29 @@ void check_images(const at::Tensor& x, const char* name) {
   check_conv_images(x, name, &check_cpu, {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble});
 }
 
-// The 1x1 (and fused-epilogue) ukernels for planes of `pixels` pixels: the best tier whose 1x1
-// kernel serves that plane size (plane_multiple).
-const ConvUkernels& ukernels_for(int64_t block_rows, int64_t pixels) {
-  const ConvUkernels* k = lookup_along_chain(active_isa(), [&](Isa isa) -> const ConvUkernels* {
+// The 1x1 candidates for planes of `pixels` pixels: every tier at and below the active one whose
+// 1x1 kernel serves that plane size (plane_multiple), best first.
+std::vector<PlanCandidate<const ConvUkernels*>> pointwise_candidates(int64_t block_rows,
+                                                                   int64_t pixels) {
+  auto out = tier_candidates<const ConvUkernels*>([&](Isa isa) -> const ConvUkernels* {
     const ConvUkernels* t = conv_ukernels(isa, block_rows);
     const bool serves = t != nullptr && (t->plane_multiple <= 1 || pixels % t->plane_multiple == 0);
     return serves ? t : nullptr;
   });
-  TORCH_CHECK(k != nullptr, "no conv kernel for block_rows ", block_rows);
-  return *k;
+  TORCH_CHECK(!out.empty(), "no conv kernel for block_rows ", block_rows);
+  return out;
+}
+
+// What decides between the tiers: the weight (shape, pattern, density), the geometry and the batch.
+std::string conv_plan_key(const char* op, const SpmmWeight& w, const ConvShape& s, int64_t batch) {
+  const double density = w.rows * w.cols == 0 ? 0.0
+                             : static_cast<double>(w.nnz * w.block_rows) / (w.rows * w.cols);
+  auto str = [](int64_t v) { return std::to_string(v); };
+  return plan_key(op, {"R" + str(w.block_rows), str(w.rows) + "x" + str(w.cols),
+                       "d" + str(static_cast<int64_t>(density * 100 + 0.5)),
+                       str(s.kernel_h) + "x" + str(s.kernel_w) + "s" + str(s.stride_h) + "x" +
+                           str(s.stride_w),
+                       str(s.out_h) + "x" + str(s.out_w), "B" + str(plan_bucket(batch))});
 }
 
 // Group ranges balanced by nonzeros plus a per-group constant (bias, clamp, stores).
@@ -110,7 +124,6 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& offsets,
                   static_cast<float>(out_min), static_cast<float>(out_max)};
   // Outputs much larger than the caches are written with streaming stores (see ConvEpilogue).
   ep.stream = B * out_channels * P * int64_t(sizeof(float)) >= stream_bytes();
-  const ConvUkernels& k = ukernels_for(block_rows, P);
   const float* xp = xf.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const int64_t parts = work_parts();
@@ -119,17 +132,21 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& offsets,
     // y[b] = W x[b]: each image is a [C_in, H*W] matrix with contiguous pixel rows. Large planes
     // are split by pixels (each thread streams only its part of x and y; the weights are small and
     // shared), small ones (7x7, 14x14) by output-channel groups balanced by nonzeros.
-    if (P < 128 * parts && split_by_groups) {
-      parallel_ranges(split_groups(w, 8 * block_rows), [&](int64_t g0, int64_t g1) {
-        for (int64_t b = 0; b < B; ++b)
-          k.conv1x1(w, xp + b * C * P, P, 0, P, g0, g1, ep, yp + b * out_channels * P, P);
+    const std::vector<int64_t> bounds = P < 128 * parts && split_by_groups
+                                            ? split_groups(w, 8 * block_rows)
+                                            : split_even(P, parts, 64);
+    const bool by_groups = P < 128 * parts && split_by_groups;
+    run_planned(conv_plan_key("conv1x1", w, s, B), pointwise_candidates(block_rows, P),
+                [&](const ConvUkernels* k) {
+      parallel_ranges(bounds, [&](int64_t i0, int64_t i1) {
+        for (int64_t b = 0; b < B; ++b) {
+          const float* xb = xp + b * C * P;
+          float* yb = yp + b * out_channels * P;
+          if (by_groups) k->conv1x1(w, xb, P, 0, P, i0, i1, ep, yb, P);
+          else k->conv1x1(w, xb, P, i0, i1, 0, w.groups(), ep, yb, P);
+        }
       });
-    } else {
-      parallel_ranges(split_even(P, parts, 64), [&](int64_t p0, int64_t p1) {
-        for (int64_t b = 0; b < B; ++b)
-          k.conv1x1(w, xp + b * C * P, P, p0, p1, 0, w.groups(), ep, yp + b * out_channels * P, P);
-      });
-    }
+    });
     return y.to(x.scalar_type());
   }
   // A stride that does not divide the input leaves zero fill at the end of the phase planes, which
@@ -165,26 +182,23 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& offsets,
   ConvTap* taps = reinterpret_cast<ConvTap*>(taps_buf.data_ptr<uint8_t>());
   conv_build_taps(w, s, taps);
   // A tier may have 1x1 kernels but no kxk one (NEON): the kxk kernel has its own chain.
-  const ConvKxKUkernel kxk = lookup_along_chain(active_isa(), [&](Isa isa) -> ConvKxKUkernel {
+  const auto kxk_candidates = tier_candidates<ConvKxKUkernel>([&](Isa isa) -> ConvKxKUkernel {
     const ConvUkernels* t = conv_ukernels(isa, block_rows);
     return t != nullptr ? t->kxk : nullptr;
   });
+  TORCH_CHECK(!kxk_candidates.empty(), "no kxk conv kernel for block_rows ", block_rows);
   const float* xqp = xq.data_ptr<float>();
-  if (split_by_groups) {
-    parallel_ranges(split_groups(w, 8 * block_rows), [&](int64_t g0, int64_t g1) {
+  const std::vector<int64_t> bounds =
+      split_by_groups ? split_groups(w, 8 * block_rows) : split_even(s.out_h, parts, 1);
+  run_planned(conv_plan_key("conv_kxk", w, s, B), kxk_candidates, [&](ConvKxKUkernel kxk) {
+    parallel_ranges(bounds, [&](int64_t i0, int64_t i1) {
       for (int64_t b = 0; b < B; ++b) {
         const ConvPlanes in{xqp + b * image_q, hq, wq, s.out_h, s.out_w};
-        kxk(w, taps, in, 0, s.out_h, g0, g1, ep, yp + b * out_channels * P);
+        if (split_by_groups) kxk(w, taps, in, 0, s.out_h, i0, i1, ep, yp + b * out_channels * P);
+        else kxk(w, taps, in, i0, i1, 0, w.groups(), ep, yp + b * out_channels * P);
       }
     });
-  } else {
-    parallel_ranges(split_even(s.out_h, parts, 1), [&](int64_t r0, int64_t r1) {
-      for (int64_t b = 0; b < B; ++b) {
-        const ConvPlanes in{xqp + b * image_q, hq, wq, s.out_h, s.out_w};
-        kxk(w, taps, in, r0, r1, 0, w.groups(), ep, yp + b * out_channels * P);
-      }
-    });
-  }
+  });
   return y.to(x.scalar_type());
 }
 
