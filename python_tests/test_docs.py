@@ -130,3 +130,14 @@ def test_ops_reference_lists_every_schema():
         if schema not in text:
             missing.append(schema)
     assert not missing, "docs/ops.md lacks these schemas:\n" + "\n".join(missing)
+
+
+def test_every_op_has_a_docstring_with_its_schema():
+    import torch
+
+    import sparse_ext  # noqa: F401
+
+    for name in dir(torch.ops.sparse_ext):
+        packet = getattr(torch.ops.sparse_ext, name)
+        if isinstance(packet, torch._ops.OpOverloadPacket):
+            assert packet.__doc__ and packet.__doc__.startswith(f"sparse_ext::{name}("), name

@@ -48,3 +48,5 @@ __all__ = [
     "use_isa",
     "use_tuning",
 ]
+
+ops._document_ops()  # after every import above: the op packets are final by now
