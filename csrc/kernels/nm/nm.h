@@ -112,7 +112,7 @@ struct NmUkernels {
   NmSddmmUkernel sddmm;
   // Rows per driver chunk when every token fits one panel, for the tile kernels above (0: the
   // default, kNmRowChunk). With one panel each block of values is used once, so short chunks keep
-  // each row's values a sequential stream instead of 64 streams 8 KB apart.
+  // each row's values closer to one sequential stream (rows are `kept` values apart).
   int64_t one_panel_rows;
 };
 
