@@ -173,9 +173,10 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
       staged = pack_panels(rows, w.padded_cols(), a.nt);
       a.panels = staged.data_ptr<float>();
     }
-    // 64 rows per chunk (the driver's row chunk): every chunk costs the same (fixed slots per
-    // row), and there are enough chunks for a late helper to be absorbed by the others.
-    run_elastic(out_features, 64, [&](int64_t r0, int64_t r1) { nm_run_rows(w, a, k, r0, r1); });
+    // The driver's row chunk per task: every chunk costs the same (fixed slots per row), and
+    // there are enough chunks for a late helper to be absorbed by the others.
+    run_elastic(out_features, kNmRowChunk,
+                [&](int64_t r0, int64_t r1) { nm_run_rows(w, a, k, r0, r1); });
   }
   return y.to(x.scalar_type()).reshape(out_shape);
 }

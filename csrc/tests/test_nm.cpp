@@ -244,8 +244,12 @@ void check_validation() {
 int main() {
   Rng rng(42);
   const int64_t patterns[][2] = {{2, 4}, {1, 4}, {3, 4}, {2, 8}, {1, 8}, {5, 8}, {4, 16}, {1, 16}, {15, 16}};
-  const int64_t shapes[][3] = {{8, 33, 1}, {5, 64, 1}, {16, 300, 1}, {7, 33, 7},
-                               {16, 129, 40}, {9, 700, 65}, {4, 3, 9}, {8, 256, 32}};
+  // rows x cols x tokens: rows not a multiple of the kernels' row tiles (4) or of the driver's
+  // 16-row one-panel chunks (37); cols not a multiple of M or 32; rows with fewer than 16 slots
+  // (cols 3 and 33); several K-blocks with a partial last one (700).
+  const int64_t shapes[][3] = {{8, 33, 1}, {5, 64, 1}, {16, 300, 1}, {42, 72, 1}, {7, 33, 7},
+                               {16, 129, 40}, {9, 700, 65}, {4, 3, 9}, {8, 256, 32},
+                               {37, 200, 5}};
   for (int i = 0; i < nm_registry_size(); ++i) {
     const NmRegistryEntry& e = nm_registry_entry(i);
     if (!isa_supported(e.isa)) continue;

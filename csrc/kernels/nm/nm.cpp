@@ -89,8 +89,7 @@ void nm_run_rows(const NmWeight& w, const NmActivations& a, const NmUkernels& k,
   const int64_t kb_groups = nm_k_block(N, M, NT) / M;
   const int64_t panels = (a.tokens + NT - 1) / NT;
   const int64_t panel_size = w.padded_cols() * NT;
-  // Rows per chunk: the chunk's slice of W (~ rows * kept * 4 B) is reused by every token panel.
-  constexpr int64_t chunk = 64;
+  const int64_t chunk = panels == 1 && k.one_panel_rows > 0 ? k.one_panel_rows : kNmRowChunk;
   std::vector<float> ytile(static_cast<size_t>(chunk * NT));
   for (int64_t c0 = r0; c0 < r1; c0 += chunk) {
     const int64_t c1 = std::min(r1, c0 + chunk);
@@ -172,7 +171,10 @@ NmUkernels nm_ukernels_for(Isa isa, ValueType value_type) {
   for (;;) {
     if (const NmUkernels* t = nm_ukernels(isa, value_type)) {
       if (k.gemv == nullptr) k.gemv_name = t->gemv_name, k.gemv = t->gemv;
-      if (k.tiles[0].fn == nullptr) std::copy(std::begin(t->tiles), std::end(t->tiles), k.tiles);
+      if (k.tiles[0].fn == nullptr) {
+        std::copy(std::begin(t->tiles), std::end(t->tiles), k.tiles);
+        k.one_panel_rows = t->one_panel_rows;
+      }
       if (k.scatter == nullptr)
         k.scatter_name = t->scatter_name, k.scatter = t->scatter, k.scatter_nt = t->scatter_nt;
       if (k.sddmm == nullptr) k.sddmm_name = t->sddmm_name, k.sddmm = t->sddmm;

@@ -110,7 +110,14 @@ struct NmUkernels {
   int64_t scatter_nt;
   const char* sddmm_name;
   NmSddmmUkernel sddmm;
+  // Rows per driver chunk when every token fits one panel, for the tile kernels above (0: the
+  // default, kNmRowChunk). With one panel each block of values is used once, so short chunks keep
+  // each row's values closer to one sequential stream (rows are `kept` values apart).
+  int64_t one_panel_rows;
 };
+
+// Rows per driver chunk: the chunk's slice of W is reused by every token panel.
+constexpr int64_t kNmRowChunk = 64;
 
 // The ukernels for an ISA and value type (f32 or bf16), or nullptr when not compiled in. A tier's
 // entry may leave slots empty (name and function nullptr, no tiles) where the tier below serves.
