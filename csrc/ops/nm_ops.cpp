@@ -13,6 +13,7 @@
 
 #include "../kernels/nm/nm.h"
 #include "common.h"
+#include "plan.h"
 #include "nm_args.h"
 
 namespace sparse_ext {
@@ -35,6 +36,22 @@ NmUkernels ukernels_for(ValueType vt) {
   const NmUkernels k = nm_ukernels_for(active_isa(), vt);
   TORCH_CHECK(k.gemv != nullptr, "no N:M kernel for this value type");
   return k;
+}
+
+// The forward's candidates: each tier's merged entry at and below the active tier whose GEMV or
+// tiles differ from the tier above's, best first (the scalar reference only when alone).
+std::vector<PlanCandidate<NmUkernels>> forward_candidates(ValueType vt) {
+  std::vector<PlanCandidate<NmUkernels>> out;
+  for (Isa isa = active_isa();; isa = isa_fallback(isa)) {
+    const NmUkernels k = nm_ukernels_for(isa, vt);
+    const bool is_new = out.empty() || k.gemv != out.back().value.gemv ||
+                        k.tiles[0].fn != out.back().value.tiles[0].fn;
+    if (k.gemv != nullptr && is_new && (isa != Isa::kScalar || out.empty()))
+      out.push_back({isa_name(isa), k});
+    if (isa == Isa::kScalar) break;
+  }
+  TORCH_CHECK(!out.empty(), "no N:M kernel for this value type");
+  return out;
 }
 
 at::Tensor as_float_rows(const at::Tensor& x, int64_t K) {
@@ -155,28 +172,34 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
   const int64_t T = rows.size(0);
   at::Tensor y = at::empty({T, out_features}, x.options().dtype(at::kFloat));
   if (T > 0 && out_features > 0) {
-    const NmUkernels k = ukernels_for(w.value_type);
     const at::Tensor gcol = gcol_table(w);
-    NmActivations a{};
-    a.tokens = T;
-    a.gcol = gcol.data_ptr<int32_t>();
-    a.bias = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
-    a.y = y.data_ptr<float>();
-    a.ldy = out_features;
-    at::Tensor staged;
-    if (T == 1) {
-      staged = at::zeros({w.padded_cols() + 8}, rows.options());
-      staged.narrow(0, 0, K).copy_(rows[0]);
-      a.x = staged.data_ptr<float>();
-    } else {
-      a.nt = nm_pick_nt(k, T);
-      staged = pack_panels(rows, w.padded_cols(), a.nt);
-      a.panels = staged.data_ptr<float>();
-    }
-    // The driver's row chunk per task: every chunk costs the same (fixed slots per row), and
-    // there are enough chunks for a late helper to be absorbed by the others.
-    run_elastic(out_features, kNmRowChunk,
-                [&](int64_t r0, int64_t r1) { nm_run_rows(w, a, k, r0, r1); });
+    const std::string key = plan_key(
+        "nm", {w.value_type == ValueType::kBF16 ? "bf16" : "f32",
+               std::to_string(n) + ":" + std::to_string(m),
+               std::to_string(out_features) + "x" + std::to_string(K),
+               "N" + std::to_string(plan_bucket(T))});
+    run_planned(key, forward_candidates(w.value_type), [&](const NmUkernels& k) {
+      NmActivations a{};
+      a.tokens = T;
+      a.gcol = gcol.data_ptr<int32_t>();
+      a.bias = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
+      a.y = y.data_ptr<float>();
+      a.ldy = out_features;
+      at::Tensor staged;
+      if (T == 1) {
+        staged = at::zeros({w.padded_cols() + 8}, rows.options());
+        staged.narrow(0, 0, K).copy_(rows[0]);
+        a.x = staged.data_ptr<float>();
+      } else {
+        a.nt = nm_pick_nt(k, T);
+        staged = pack_panels(rows, w.padded_cols(), a.nt);
+        a.panels = staged.data_ptr<float>();
+      }
+      // The driver's row chunk per task: every chunk costs the same (fixed slots per row), and
+      // there are enough chunks for a late helper to be absorbed by the others.
+      run_elastic(out_features, kNmRowChunk,
+                  [&](int64_t r0, int64_t r1) { nm_run_rows(w, a, k, r0, r1); });
+    });
   }
   return y.to(x.scalar_type()).reshape(out_shape);
 }
