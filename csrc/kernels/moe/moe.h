@@ -135,11 +135,17 @@ struct MoeUkernels {
 const MoeUkernels* moe_ukernels(Isa isa, MoeWeightType wt);
 const MoeUkernels* moe_ukernels_scalar(MoeWeightType wt);
 const MoeUkernels* moe_ukernels_avx2(MoeWeightType wt);
+const MoeUkernels* moe_ukernels_avx512(MoeWeightType wt);
 // The AVX2 GEMM entries (moe-gemm-avx2.cpp, x86-64 builds only), MoeGemvUkernel contract.
 void moe_gemm_f32_6x16_avx2(const void* w, int64_t K, int64_t r0, int64_t r1, const float* x,
                             int64_t ldx, int64_t tokens, float* y, int64_t ldy);
 void moe_gemm_bf16_6x16_avx2(const void* w, int64_t K, int64_t r0, int64_t r1, const float* x,
                              int64_t ldx, int64_t tokens, float* y, int64_t ldy);
+// The AVX-512 GEMM entries (moe-gemm-avx512.cpp, x86-64 builds only), MoeGemvUkernel contract.
+void moe_gemm_f32_8x48_avx512(const void* w, int64_t K, int64_t r0, int64_t r1, const float* x,
+                              int64_t ldx, int64_t tokens, float* y, int64_t ldy);
+void moe_gemm_bf16_8x48_avx512(const void* w, int64_t K, int64_t r0, int64_t r1, const float* x,
+                               int64_t ldx, int64_t tokens, float* y, int64_t ldy);
 
 struct MoeRegistryEntry {
   Isa isa;
