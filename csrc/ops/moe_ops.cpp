@@ -6,7 +6,8 @@
 // (expert, output tile) items, the gated activation fused after each gate/up tile. Segments of
 // at most gemv_rows() tokens (decode, small prefill) run the GEMV ukernels, so every touched
 // expert's weights stream once at memory bandwidth; longer segments run the packed-panel GEMM
-// ukernel where the ISA has one (AVX2), else at::mm per expert. fp64 runs at::mm per expert.
+// ukernel where the ISA has one (AVX2, AVX-512), else at::mm per expert. fp64 runs at::mm per
+// expert.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -23,17 +24,15 @@
 namespace sparse_ext {
 namespace {
 
-// Segments with at most this many rows use the GEMV ukernels, longer ones the GEMM ukernel;
-// SPARSE_EXT_MOE_GEMV_ROWS overrides. Measured (AVX2, H 1024, F 2816, 8 experts, two threads,
-// weights streamed from memory): the GEMV path is 1.2-1.5x faster up to 24 rows per expert, 1.2x
-// at 32, even at 48-64; the GEMM runs at 97% of FMA peak from 512 rows (weights in cache).
-int64_t gemv_rows() {
-  static const int64_t value = [] {
+// Segments with at most this many rows use k's GEMV ukernel, longer ones its GEMM: the tier's
+// measured crossover (MoeUkernels::gemv_max_rows: 48 rows on AVX2, 48 fp32 / 24 bf16 weights on
+// AVX-512), or SPARSE_EXT_MOE_GEMV_ROWS when set.
+int64_t gemv_rows(const MoeUkernels* k) {
+  static const int64_t env_value = [] {
     const char* env = std::getenv("SPARSE_EXT_MOE_GEMV_ROWS");
-    const int64_t v = env != nullptr ? std::atoll(env) : int64_t{48};
-    return std::max<int64_t>(v, 0);
+    return env != nullptr ? std::max<int64_t>(std::atoll(env), 0) : int64_t{-1};
   }();
-  return value;
+  return env_value >= 0 ? env_value : k->gemv_max_rows;
 }
 
 // Output rows per item: a multiple of the GEMV's 3-row tile and the GEMM's 16-row panel.
@@ -201,9 +200,12 @@ at::Tensor moe_expert_mlp_cpu(const at::Tensor& x, const at::Tensor& row_token_i
   const MoeWeightType wt2 = w2.scalar_type() == at::kBFloat16 ? MoeWeightType::kBF16
                                                               : MoeWeightType::kF32;
   // Long segments run our GEMM ukernel only where it was written for the active tier; a tier
-  // that falls back to a lower one (avx512 -> avx2) gives them to at::mm, whose BLAS runs the
-  // active tier's code (MKL's AVX-512 GEMM is about 1.6x faster than the AVX2 ukernel on an
-  // AVX-512 Xeon). The GEMV for short segments, bandwidth-bound, takes the fallback ukernel.
+  // that falls back to a lower one gives them to at::mm, whose BLAS runs the active tier's code
+  // (MKL's AVX-512 GEMM is about 1.6x faster than the AVX2 ukernel on an AVX-512 Xeon). The GEMV
+  // for short segments, bandwidth-bound, takes the fallback ukernel. The AVX-512 tier's own 8x48
+  // GEMM against at::mm per expert on the AVX-512 Xeon (expert op, H 1024, F 2816, one thread,
+  // thread CPU time): 1.16x faster at 64 rows per expert, even (+-3%) at 128 and 256 rows, so
+  // there is no crossover to at::mm within the bench's shapes and long segments stay on it.
   const bool own_gemm = active_isa() != Isa::kScalar &&
                         moe_ukernels(active_isa(), wt1) != nullptr &&
                         moe_ukernels(active_isa(), wt2) != nullptr;
@@ -211,10 +213,11 @@ at::Tensor moe_expert_mlp_cpu(const at::Tensor& x, const at::Tensor& row_token_i
       lookup_along_chain(active_isa(), [&](Isa isa) { return moe_ukernels(isa, wt1); });
   const MoeUkernels* k2 =
       lookup_along_chain(active_isa(), [&](Isa isa) { return moe_ukernels(isa, wt2); });
-  const int64_t long_rows = gemv_rows();
+  const int64_t rows1 = gemv_rows(k1), rows2 = gemv_rows(k2);
+  const int64_t long_rows = std::min(rows1, rows2);
   // The ukernel for a segment of n rows: GEMV for decode-size segments, GEMM beyond.
-  auto pick = [long_rows](const MoeUkernels* k, int64_t n) {
-    return n <= long_rows ? k->gemv : k->gemm;
+  auto pick = [](const MoeUkernels* k, int64_t rows, int64_t n) {
+    return n <= rows ? k->gemv : k->gemm;
   };
   std::vector<int64_t> touched;  // experts for the ukernels below
   for (int64_t e = 0; e < a.E; ++e) {
@@ -262,7 +265,7 @@ at::Tensor moe_expert_mlp_cpu(const at::Tensor& x, const at::Tensor& row_token_i
         const int64_t s = item / tiles_f, e = touched[s];
         const int64_t f0 = (item % tiles_f) * kTileF, f1 = std::min(F, f0 + kTileF);
         const int64_t n = o[e + 1] - o[e], tf = f1 - f0;
-        const MoeGemvUkernel mm = pick(k1, n);
+        const MoeGemvUkernel mm = pick(k1, rows1, n);
         const void* we = w1p + e * w1_expert_bytes;
         const int64_t step = chunk_rows(n);
         for (int64_t r0 = 0; r0 < n; r0 += step) {
@@ -284,7 +287,7 @@ at::Tensor moe_expert_mlp_cpu(const at::Tensor& x, const at::Tensor& row_token_i
         while (done1[s].load(std::memory_order_acquire) < tiles_f) std::this_thread::yield();
         const int64_t h0 = (i2 % tiles_h) * kTileH, h1 = std::min(H, h0 + kTileH);
         const int64_t n = o[e + 1] - o[e];
-        const MoeGemvUkernel mm = pick(k2, n);
+        const MoeGemvUkernel mm = pick(k2, rows2, n);
         const int64_t step = chunk_rows(n);
         for (int64_t r0 = 0; r0 < n; r0 += step) {
           const int64_t nc = std::min(step, n - r0);

@@ -129,6 +129,9 @@ struct MoeUkernels {
   // and runs a broadcast register tile. se_<dtype>_moe_gemm_ukernel_<tokens>x<rows>__<isa>.
   const char* gemm_name;
   MoeGemvUkernel gemm;
+  // Segments of at most this many tokens run faster with `gemv` than with `gemm` (the measured
+  // crossover of the two on this tier; the ATen glue switches there).
+  int64_t gemv_max_rows;
 };
 
 // The ukernels for an ISA and weight type, or nullptr when the ISA is not compiled in.
