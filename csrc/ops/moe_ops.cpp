@@ -202,10 +202,10 @@ at::Tensor moe_expert_mlp_cpu(const at::Tensor& x, const at::Tensor& row_token_i
   // Long segments run our GEMM ukernel only where it was written for the active tier; a tier
   // that falls back to a lower one gives them to at::mm, whose BLAS runs the active tier's code
   // (MKL's AVX-512 GEMM is about 1.6x faster than the AVX2 ukernel on an AVX-512 Xeon). The GEMV
-  // for short segments, bandwidth-bound, takes the fallback ukernel. The AVX-512 tier's own 8x48
-  // GEMM against at::mm per expert on the AVX-512 Xeon (expert op, H 1024, F 2816, one thread,
-  // thread CPU time): 1.16x faster at 64 rows per expert, even (+-3%) at 128 and 256 rows, so
-  // there is no crossover to at::mm within the bench's shapes and long segments stay on it.
+  // for short segments, bandwidth-bound, takes the fallback ukernel. Segments past the tier's
+  // gemm_max_rows go to at::mm too: measured on the AVX-512 Xeon (expert op, H 1024, F 2816, one
+  // thread, thread CPU time), its 8x48 GEMM is 1.16x faster than at::mm at 64 rows per expert,
+  // even at 128 and 1.2x slower at 512 (fp32; crossover ~160 rows, bf16 ~384: moe-avx512.cpp).
   const bool own_gemm = active_isa() != Isa::kScalar &&
                         moe_ukernels(active_isa(), wt1) != nullptr &&
                         moe_ukernels(active_isa(), wt2) != nullptr;
@@ -219,11 +219,14 @@ at::Tensor moe_expert_mlp_cpu(const at::Tensor& x, const at::Tensor& row_token_i
   auto pick = [](const MoeUkernels* k, int64_t rows, int64_t n) {
     return n <= rows ? k->gemv : k->gemm;
   };
+  auto past_gemm = [](const MoeUkernels* k, int64_t n) {
+    return k->gemm_max_rows > 0 && n > k->gemm_max_rows;
+  };
   std::vector<int64_t> touched;  // experts for the ukernels below
   for (int64_t e = 0; e < a.E; ++e) {
     const int64_t n = o[e + 1] - o[e];
     if (n == 0) continue;
-    if (n > long_rows && !own_gemm) blas_expert(e);
+    if (n > long_rows && (!own_gemm || past_gemm(k1, n) || past_gemm(k2, n))) blas_expert(e);
     else touched.push_back(e);
   }
   if (touched.empty()) return y;

@@ -301,17 +301,21 @@ void swiglu_avx512(const float* g, const float* u, int64_t n, float* h) {
 // Crossovers, measured on the AVX-512 Xeon (H 1024, F 2816, 8 experts, one thread, thread CPU
 // time of the expert op): fp32 GEMV 1.1-1.4x faster than the GEMM up to 24 rows per expert, even
 // at 32-48, the GEMM 1.1x faster at 64; bf16 GEMV 1.5x faster at 8 rows, even at 24, the GEMM
-// 1.06x faster at 32 and 1.15x at 64 (the bf16 GEMV is compute-bound from ~8 tokens).
+// 1.06x faster at 32 and 1.15x at 64 (the bf16 GEMV is compute-bound from ~8 tokens). The GEMM
+// against at::mm per expert (same setup; bf16 weights converted to fp32 for it): fp32 1.16x
+// faster at 64 rows, even at 128, 1.07x slower at 192 and 1.2-1.27x slower at 512, so segments
+// past 160 rows go to at::mm; bf16 1.28x faster at 128 rows, 1.14x at 256, 1.08x slower at 512:
+// past 384 rows.
 const MoeUkernels kF32 = {"se_f32_moe_gemv_ukernel_3x8__avx512",
                           gemv<MoeWeightType::kF32>, 3, 8,
                           "se_f32_moe_swiglu_ukernel__avx512", swiglu_avx512,
                           "se_f32_moe_gemm_ukernel_8x48__avx512",
-                          moe_gemm_f32_8x48_avx512, 48};
+                          moe_gemm_f32_8x48_avx512, 48, 160};
 const MoeUkernels kBF16 = {"se_bf16_moe_gemv_ukernel_4x4__avx512",
                            gemv<MoeWeightType::kBF16>, 4, 4,
                            "se_f32_moe_swiglu_ukernel__avx512", swiglu_avx512,
                            "se_bf16_moe_gemm_ukernel_8x48__avx512",
-                           moe_gemm_bf16_8x48_avx512, 24};
+                           moe_gemm_bf16_8x48_avx512, 24, 384};
 
 }  // namespace
 

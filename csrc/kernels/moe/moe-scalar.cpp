@@ -36,12 +36,12 @@ const MoeUkernels kF32 = {"se_f32_moe_gemv_ukernel_1x1__scalar",
                           gemv_1x1_scalar<MoeWeightType::kF32>, 1, 1,
                           "se_f32_moe_swiglu_ukernel__scalar", swiglu_scalar,
                           "se_f32_moe_gemm_ukernel_1x1__scalar",
-                          gemv_1x1_scalar<MoeWeightType::kF32>, 48};
+                          gemv_1x1_scalar<MoeWeightType::kF32>, 48, 0};
 const MoeUkernels kBF16 = {"se_bf16_moe_gemv_ukernel_1x1__scalar",
                            gemv_1x1_scalar<MoeWeightType::kBF16>, 1, 1,
                            "se_f32_moe_swiglu_ukernel__scalar", swiglu_scalar,
                            "se_bf16_moe_gemm_ukernel_1x1__scalar",
-                           gemv_1x1_scalar<MoeWeightType::kBF16>, 48};
+                           gemv_1x1_scalar<MoeWeightType::kBF16>, 48, 0};
 
 }  // namespace
 

@@ -132,6 +132,9 @@ struct MoeUkernels {
   // Segments of at most this many tokens run faster with `gemv` than with `gemm` (the measured
   // crossover of the two on this tier; the ATen glue switches there).
   int64_t gemv_max_rows;
+  // Segments longer than this run at::mm (the BLAS GEMM) instead of `gemm`, whose register tile
+  // and per-call packing lose to BLAS's cache blocking there (measured crossover); 0: never.
+  int64_t gemm_max_rows;
 };
 
 // The ukernels for an ISA and weight type, or nullptr when the ISA is not compiled in.
