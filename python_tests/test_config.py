@@ -47,7 +47,7 @@ def test_override_restores_after_an_error():
 
 
 @pytest.mark.parametrize("name,value,error,words", [
-    ("moe_gemv_rows", -1, ValueError, "moe_gemv_rows"),
+    ("moe_gemv_rows", -2, ValueError, "moe_gemv_rows"),
     ("moe_gemv_rows", 2.5, TypeError, "must be an int"),
     ("moe_gemv_rows", True, TypeError, "must be an int"),
     ("nm_cuda_path", "fast", ValueError, "auto, cores, cusparselt, dense"),

@@ -186,10 +186,13 @@ def test_experts_and_combine_vs_reference(device, isa, T, E, k, skew, wdtype):
 @pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
 def test_expert_gemm_partial_panels(isa, wdtype):
     """Segments above the GEMV rows (48) run the GEMM ukernel: segment lengths that end in every
-    tail of its 6-token tile, and H / F whose last 16-column panel is partial (9 to 15 columns),
-    against the float64 per-expert loop."""
+    tail of its token tile (6 tokens on AVX2, 8 on AVX-512), and H / F whose last panel is partial
+    (16-column panels: 9 to 15 columns; 48-column panels: 43 and 29), against the float64
+    per-expert loop."""
     H, Fs = 16 * 2 + 11, 16 + 13           # panels of 16: H ends with 11, 2F = 58 with 10
-    segments = [49, 50, 53, 54, 60, 65]     # 49 + r for every r of a 6-token tile, past 48 rows
+    # Every remainder of a 6-token tile (49, 50, 53, 54, 60, 65) and of an 8-token tile (adds 51,
+    # 55, 56), past 48 rows.
+    segments = [49, 50, 51, 53, 54, 55, 56, 60, 65]
     E = len(segments)
     idx = torch.cat([torch.full((n,), e) for e, n in enumerate(segments)])[:, None]
     T = idx.shape[0]
@@ -730,7 +733,7 @@ def test_ukernel_registry_lists_every_isa():
     assert all(r[2].startswith(("se_f32_moe_gemv_ukernel", "se_bf16_moe_gemv_ukernel")) for r in rows)
     assert all(r[4].startswith(("se_f32_moe_gemm_ukernel", "se_bf16_moe_gemm_ukernel")) for r in rows)
     for isa in sparse_ext.supported_isas():
-        if isa in ("scalar", "avx2"):
+        if isa in ("scalar", "avx2", "avx512"):
             assert isa in isas
 
 

@@ -75,7 +75,7 @@ _DOCS = {
     "conv_stream_mb": "1x1 conv outputs of at least this many MiB are written with non-temporal "
                       "stores (bypassing caches they would only pollute)",
     "moe_gemv_rows": "MoE expert segments of at most this many tokens run the GEMV ukernels, "
-                     "longer ones the GEMM ukernel",
+                     "longer ones the GEMM ukernel (-1: each tier's measured crossover)",
     "nm_cuda_path": "CUDA N:M forward path: auto, or force cores / cusparselt / dense (dense is "
                     "the benchmark's yardstick only)",
 }

@@ -6,7 +6,8 @@
 // (expert, output tile) items, the gated activation fused after each gate/up tile. Segments of
 // at most gemv_rows() tokens (decode, small prefill) run the GEMV ukernels, so every touched
 // expert's weights stream once at memory bandwidth; longer segments run the packed-panel GEMM
-// ukernel where the ISA has one (AVX2), else at::mm per expert. fp64 runs at::mm per expert.
+// ukernel where the ISA has one (AVX2, AVX-512), else at::mm per expert. fp64 runs at::mm per
+// expert.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -19,16 +20,19 @@
 #include "../kernels/moe/moe.h"
 #include "common.h"
 #include "moe_args.h"
+#include "plan.h"
 #include "settings.h"
 
 namespace sparse_ext {
 namespace {
 
-// Segments with at most this many rows use the GEMV ukernels, longer ones the GEMM ukernel (the
-// moe_gemv_rows setting, default 48). Measured (AVX2, H 1024, F 2816, 8 experts, two threads,
-// weights streamed from memory): the GEMV path is 1.2-1.5x faster up to 24 rows per expert, 1.2x
-// at 32, even at 48-64; the GEMM runs at 97% of FMA peak from 512 rows (weights in cache).
-int64_t gemv_rows() { return setting(Setting::kMoeGemvRows); }
+// Segments with at most this many rows use k's GEMV ukernel, longer ones its GEMM: the tier's
+// measured crossover (MoeUkernels::gemv_max_rows: 48 rows on AVX2, 48 fp32 / 24 bf16 weights on
+// AVX-512), unless the moe_gemv_rows setting forces one (>= 0).
+int64_t gemv_rows(const MoeUkernels* k) {
+  const int64_t forced = setting(Setting::kMoeGemvRows);
+  return forced >= 0 ? forced : k->gemv_max_rows;
+}
 
 // Output rows per item: a multiple of the GEMV's 3-row tile and the GEMM's 16-row panel.
 constexpr int64_t kTileF = 48;  // gate (and up) rows per phase-1 item
@@ -194,10 +198,15 @@ at::Tensor moe_expert_mlp_cpu(const at::Tensor& x, const at::Tensor& row_token_i
                                                               : MoeWeightType::kF32;
   const MoeWeightType wt2 = w2.scalar_type() == at::kBFloat16 ? MoeWeightType::kBF16
                                                               : MoeWeightType::kF32;
-  // Long segments run our GEMM ukernel only where it was written for the active tier; a tier
-  // that falls back to a lower one (avx512 -> avx2) gives them to at::mm, whose BLAS runs the
-  // active tier's code (MKL's AVX-512 GEMM is about 1.6x faster than the AVX2 ukernel on an
-  // AVX-512 Xeon). The GEMV for short segments, bandwidth-bound, takes the fallback ukernel.
+  // Segments past the GEMV rows are "long". Two policies for them, timed by the plan cache where
+  // the active tier has its own GEMM ("kernels", the default with tuning off, and "blas": at::mm
+  // per expert). Long segments run our GEMM ukernel only where it was written for the active tier; a tier
+  // that falls back to a lower one gives them to at::mm, whose BLAS runs the active tier's code
+  // (MKL's AVX-512 GEMM is about 1.6x faster than the AVX2 ukernel on an AVX-512 Xeon). The GEMV
+  // for short segments, bandwidth-bound, takes the fallback ukernel. Segments past the tier's
+  // gemm_max_rows go to at::mm too: measured on the AVX-512 Xeon (expert op, H 1024, F 2816, one
+  // thread, thread CPU time), its 8x48 GEMM is 1.16x faster than at::mm at 64 rows per expert,
+  // even at 128 and 1.2x slower at 512 (fp32; crossover ~160 rows, bf16 ~384: moe-avx512.cpp).
   const bool own_gemm = active_isa() != Isa::kScalar &&
                         moe_ukernels(active_isa(), wt1) != nullptr &&
                         moe_ukernels(active_isa(), wt2) != nullptr;
@@ -205,89 +214,110 @@ at::Tensor moe_expert_mlp_cpu(const at::Tensor& x, const at::Tensor& row_token_i
       lookup_along_chain(active_isa(), [&](Isa isa) { return moe_ukernels(isa, wt1); });
   const MoeUkernels* k2 =
       lookup_along_chain(active_isa(), [&](Isa isa) { return moe_ukernels(isa, wt2); });
-  const int64_t long_rows = gemv_rows();
+  const int64_t rows1 = gemv_rows(k1), rows2 = gemv_rows(k2);
+  const int64_t long_rows = std::min(rows1, rows2);
   // The ukernel for a segment of n rows: GEMV for decode-size segments, GEMM beyond.
-  auto pick = [long_rows](const MoeUkernels* k, int64_t n) {
-    return n <= long_rows ? k->gemv : k->gemm;
+  auto pick = [](const MoeUkernels* k, int64_t rows, int64_t n) {
+    return n <= rows ? k->gemv : k->gemm;
   };
-  std::vector<int64_t> touched;  // experts for the ukernels below
-  for (int64_t e = 0; e < a.E; ++e) {
-    const int64_t n = o[e + 1] - o[e];
-    if (n == 0) continue;
-    if (n > long_rows && !own_gemm) blas_expert(e);
-    else touched.push_back(e);
-  }
-  if (touched.empty()) return y;
-  const int64_t H = a.H, F = a.F, F1 = a.F1;
-  const char* w1p = static_cast<const char*>(w1.data_ptr());
-  const char* w2p = static_cast<const char*>(w2.data_ptr());
-  const int64_t w1_expert_bytes = F1 * H * static_cast<int64_t>(w1.element_size());
-  const int64_t w2_expert_bytes = H * F * static_cast<int64_t>(w2.element_size());
-  const float* xsp = xs.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  at::Tensor hbuf = at::empty({a.kept, F}, xs.options());
-  float* hp = hbuf.data_ptr<float>();
-  // A segment runs in ceil(n / kChunk) equal token chunks (257 rows: 129 + 128, not 256 + 1).
-  auto chunk_rows = [](int64_t n) {
-    const int64_t chunks = (n + kChunk - 1) / kChunk;
-    return (n + chunks - 1) / chunks;
+  auto past_gemm = [](const MoeUkernels* k, int64_t n) {
+    return k->gemm_max_rows > 0 && n > k->gemm_max_rows;
   };
-  int64_t chunk = 0;
-  for (int64_t e : touched) chunk = std::max(chunk, chunk_rows(o[e + 1] - o[e]));
+  // Every row of y belongs to one segment and is overwritten by whichever path runs it, so the
+  // plan cache can time both policies for long segments on the real inputs.
+  auto run = [&](bool long_to_blas) {
+    std::vector<int64_t> touched;  // experts for the ukernels below
+    for (int64_t e = 0; e < a.E; ++e) {
+      const int64_t n = o[e + 1] - o[e];
+      if (n == 0) continue;
+      if (n > long_rows && (long_to_blas || past_gemm(k1, n) || past_gemm(k2, n))) blas_expert(e);
+      else touched.push_back(e);
+    }
+    if (touched.empty()) return;
+    const int64_t H = a.H, F = a.F, F1 = a.F1;
+    const char* w1p = static_cast<const char*>(w1.data_ptr());
+    const char* w2p = static_cast<const char*>(w2.data_ptr());
+    const int64_t w1_expert_bytes = F1 * H * static_cast<int64_t>(w1.element_size());
+    const int64_t w2_expert_bytes = H * F * static_cast<int64_t>(w2.element_size());
+    const float* xsp = xs.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    at::Tensor hbuf = at::empty({a.kept, F}, xs.options());
+    float* hp = hbuf.data_ptr<float>();
+    // A segment runs in ceil(n / kChunk) equal token chunks (257 rows: 129 + 128, not 256 + 1).
+    auto chunk_rows = [](int64_t n) {
+      const int64_t chunks = (n + kChunk - 1) / kChunk;
+      return (n + chunks - 1) / chunks;
+    };
+    int64_t chunk = 0;
+    for (int64_t e : touched) chunk = std::max(chunk, chunk_rows(o[e + 1] - o[e]));
 
-  // One parallel region; threads take items from a shared counter (robust to a descheduled or
-  // slower thread). Items [0, items1): phase 1, h[rows of e, f0:f1] = act(x Wg[f0:f1]^T) *
-  // (x Wu[f0:f1]^T). Items [items1, items1 + items2): phase 2, y[rows of e, h0:h1] =
-  // h W_down[h0:h1]^T, which starts once every phase-1 tile of expert e is done.
-  const int64_t tiles_f = (F + kTileF - 1) / kTileF;
-  const int64_t tiles_h = (H + kTileH - 1) / kTileH;
-  const int64_t num_touched = static_cast<int64_t>(touched.size());
-  const int64_t items1 = num_touched * tiles_f, items2 = num_touched * tiles_h;
-  std::atomic<int64_t> next{0};
-  std::vector<std::atomic<int64_t>> done1(static_cast<size_t>(num_touched));
-  for (auto& d : done1) d.store(0);
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), items1 + items2);
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    std::vector<float> g(static_cast<size_t>(chunk * kTileF)), u(g.size());
-    for (;;) {
-      const int64_t item = next.fetch_add(1);
-      if (item >= items1 + items2) break;
-      if (item < items1) {
-        const int64_t s = item / tiles_f, e = touched[s];
-        const int64_t f0 = (item % tiles_f) * kTileF, f1 = std::min(F, f0 + kTileF);
-        const int64_t n = o[e + 1] - o[e], tf = f1 - f0;
-        const MoeGemvUkernel mm = pick(k1, n);
-        const void* we = w1p + e * w1_expert_bytes;
-        const int64_t step = chunk_rows(n);
-        for (int64_t r0 = 0; r0 < n; r0 += step) {
-          const int64_t nc = std::min(step, n - r0);
-          const float* xe = xsp + (o[e] + r0) * H;
-          mm(we, H, f0, f1, xe, H, nc, g.data(), tf);
-          if (a.gated) mm(we, H, F + f0, F + f1, xe, H, nc, u.data(), tf);
-          for (int64_t r = 0; r < nc; ++r) {
-            const float* gr = g.data() + r * tf;
-            const float* ur = a.gated ? u.data() + r * tf : nullptr;
-            float* hr = hp + (o[e] + r0 + r) * F + f0;
-            if (a.act == MoeActivation::kSilu) k1->silu(gr, ur, tf, hr);
-            else moe_activate<float>(a.act, gr, ur, tf, hr);
+    // One parallel region; threads take items from a shared counter (robust to a descheduled or
+    // slower thread). Items [0, items1): phase 1, h[rows of e, f0:f1] = act(x Wg[f0:f1]^T) *
+    // (x Wu[f0:f1]^T). Items [items1, items1 + items2): phase 2, y[rows of e, h0:h1] =
+    // h W_down[h0:h1]^T, which starts once every phase-1 tile of expert e is done.
+    const int64_t tiles_f = (F + kTileF - 1) / kTileF;
+    const int64_t tiles_h = (H + kTileH - 1) / kTileH;
+    const int64_t num_touched = static_cast<int64_t>(touched.size());
+    const int64_t items1 = num_touched * tiles_f, items2 = num_touched * tiles_h;
+    std::atomic<int64_t> next{0};
+    std::vector<std::atomic<int64_t>> done1(static_cast<size_t>(num_touched));
+    for (auto& d : done1) d.store(0);
+    const int64_t workers = std::min<int64_t>(at::get_num_threads(), items1 + items2);
+    at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+      std::vector<float> g(static_cast<size_t>(chunk * kTileF)), u(g.size());
+      for (;;) {
+        const int64_t item = next.fetch_add(1);
+        if (item >= items1 + items2) break;
+        if (item < items1) {
+          const int64_t s = item / tiles_f, e = touched[s];
+          const int64_t f0 = (item % tiles_f) * kTileF, f1 = std::min(F, f0 + kTileF);
+          const int64_t n = o[e + 1] - o[e], tf = f1 - f0;
+          const MoeGemvUkernel mm = pick(k1, rows1, n);
+          const void* we = w1p + e * w1_expert_bytes;
+          const int64_t step = chunk_rows(n);
+          for (int64_t r0 = 0; r0 < n; r0 += step) {
+            const int64_t nc = std::min(step, n - r0);
+            const float* xe = xsp + (o[e] + r0) * H;
+            mm(we, H, f0, f1, xe, H, nc, g.data(), tf);
+            if (a.gated) mm(we, H, F + f0, F + f1, xe, H, nc, u.data(), tf);
+            for (int64_t r = 0; r < nc; ++r) {
+              const float* gr = g.data() + r * tf;
+              const float* ur = a.gated ? u.data() + r * tf : nullptr;
+              float* hr = hp + (o[e] + r0 + r) * F + f0;
+              if (a.act == MoeActivation::kSilu) k1->silu(gr, ur, tf, hr);
+              else moe_activate<float>(a.act, gr, ur, tf, hr);
+            }
+          }
+          done1[s].fetch_add(1, std::memory_order_release);
+        } else {
+          const int64_t i2 = item - items1, s = i2 / tiles_h, e = touched[s];
+          while (done1[s].load(std::memory_order_acquire) < tiles_f) std::this_thread::yield();
+          const int64_t h0 = (i2 % tiles_h) * kTileH, h1 = std::min(H, h0 + kTileH);
+          const int64_t n = o[e + 1] - o[e];
+          const MoeGemvUkernel mm = pick(k2, rows2, n);
+          const int64_t step = chunk_rows(n);
+          for (int64_t r0 = 0; r0 < n; r0 += step) {
+            const int64_t nc = std::min(step, n - r0);
+            mm(w2p + e * w2_expert_bytes, F, h0, h1, hp + (o[e] + r0) * F, F, nc,
+               yp + (o[e] + r0) * H + h0, H);
           }
         }
-        done1[s].fetch_add(1, std::memory_order_release);
-      } else {
-        const int64_t i2 = item - items1, s = i2 / tiles_h, e = touched[s];
-        while (done1[s].load(std::memory_order_acquire) < tiles_f) std::this_thread::yield();
-        const int64_t h0 = (i2 % tiles_h) * kTileH, h1 = std::min(H, h0 + kTileH);
-        const int64_t n = o[e + 1] - o[e];
-        const MoeGemvUkernel mm = pick(k2, n);
-        const int64_t step = chunk_rows(n);
-        for (int64_t r0 = 0; r0 < n; r0 += step) {
-          const int64_t nc = std::min(step, n - r0);
-          mm(w2p + e * w2_expert_bytes, F, h0, h1, hp + (o[e] + r0) * F, F, nc,
-             yp + (o[e] + r0) * H + h0, H);
-        }
       }
-    }
-  });
+    });
+  };
+  bool has_long = false;
+  for (int64_t e = 0; e < a.E; ++e) has_long |= o[e + 1] - o[e] > long_rows;
+  std::vector<PlanCandidate<bool>> policies{{"kernels", false}};
+  if (!own_gemm) policies = {{"blas", true}};
+  else if (has_long) policies.push_back({"blas", true});
+  int64_t longest = 0;
+  for (int64_t e = 0; e < a.E; ++e) longest = std::max(longest, o[e + 1] - o[e]);
+  const std::string key = plan_key(
+      "moe_experts", {wt1 == MoeWeightType::kBF16 ? "bf16" : "f32", "H" + std::to_string(a.H),
+                      "F" + std::to_string(a.F), "E" + std::to_string(a.E),
+                      "rows" + std::to_string(plan_bucket(a.kept)),
+                      "longest" + std::to_string(plan_bucket(longest))});
+  run_planned(key, policies, [&](bool long_to_blas) { run(long_to_blas); });
   return y;
 }
 

@@ -13,7 +13,7 @@ namespace {
 // cuda/nm_cuda.cpp).
 const SettingInfo kInfo[kSettingCount] = {
     {"conv_stream_mb", "SPARSE_EXT_CONV_STREAM_MB", 4, 0, int64_t(1) << 20, nullptr},
-    {"moe_gemv_rows", "SPARSE_EXT_MOE_GEMV_ROWS", 48, 0, int64_t(1) << 30, nullptr},
+    {"moe_gemv_rows", "SPARSE_EXT_MOE_GEMV_ROWS", -1, -1, int64_t(1) << 30, nullptr},
     {"nm_cuda_path", "SPARSE_EXT_NM_CUDA_PATH", 0, 0, 3, "auto,cores,cusparselt,dense"},
 };
 

@@ -11,7 +11,8 @@ namespace sparse_ext {
 
 enum class Setting : int {
   kConvStreamMb = 0,  // 1x1 conv outputs of at least this many MiB use non-temporal stores
-  kMoeGemvRows = 1,   // MoE segments of at most this many rows use the GEMV ukernels
+  kMoeGemvRows = 1,   // MoE segments of at most this many rows use the GEMV ukernels (-1: the
+                      // tier's measured crossover)
   kNmCudaPath = 2,    // CUDA N:M forward path: index into its choices (auto, cores, ...)
 };
 constexpr int kSettingCount = 3;

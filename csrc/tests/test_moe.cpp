@@ -202,8 +202,9 @@ int main() {
     sparse_ext_test::note_covered(isa_name(e.isa), e.kernels->gemv_name);
     sparse_ext_test::note_covered(isa_name(e.isa), e.kernels->silu_name);
     sparse_ext_test::note_covered(isa_name(e.isa), e.kernels->gemm_name);
-    // rows x K x tokens: row-tile remainders (rows % 3, % 4, % 8, % 16), K tails (K % 8, % 16,
-    // K < 8, K = 0), every token-pass split up to 16 and 6-token GEMM tile remainders.
+    // rows x K x tokens: row-tile remainders (rows % 3, % 4, % 8, % 16, % 48), K tails (K % 8,
+    // % 16, % 32, K < 8, K = 0), every token-pass split up to 16, GEMM token-tile remainders
+    // (6 and 8 tokens), and row ranges past one 48-row panel with several 128-wide K blocks.
     const int64_t shapes[][3] = {{1, 1, 1},    {7, 33, 1},   {8, 64, 2},    {9, 100, 3},
                                  {13, 17, 5},  {32, 256, 8}, {5, 1024, 7},  {6, 40, 0},
                                  {40, 48, 1},  {37, 1040, 1}, {64, 20, 1},  {33, 64, 4},
@@ -211,7 +212,8 @@ int main() {
                                  {29, 136, 16}, {2, 24, 13},  {5, 0, 3},    {7, 5, 6},
                                  {9, 24, 1},   {9, 12, 1},   {17, 8, 1},    {19, 15, 10},
                                  {11, 40, 14}, {4, 24, 15},  {48, 1024, 64}, {40, 100, 131},
-                                 {17, 33, 50}, {96, 9, 37}};
+                                 {17, 33, 50}, {96, 9, 37},  {130, 300, 19}, {100, 161, 9},
+                                 {194, 270, 57}};
     int shape_index = 0;
     for (const auto& s : shapes)
       for (bool gemm : {false, true})

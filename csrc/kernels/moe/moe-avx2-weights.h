@@ -9,18 +9,10 @@
 #include <cstdint>
 
 #include "../common/avx2-values.h"
-#include "moe.h"
+#include "moe-weights.h"  // kWeightValueType, kWBytes
 
 namespace sparse_ext {
 namespace {
-
-template <MoeWeightType WT>
-constexpr ValueType kWeightValueType =
-    WT == MoeWeightType::kF32 ? ValueType::kF32 : ValueType::kBF16;
-
-// Bytes per stored weight.
-template <MoeWeightType WT>
-constexpr int64_t kWBytes = WT == MoeWeightType::kF32 ? 4 : 2;
 
 // 8 consecutive weights from index i, as fp32.
 template <MoeWeightType WT>

@@ -30,17 +30,18 @@ void swiglu_scalar(const float* g, const float* u, int64_t n, float* h) {
   moe_activate<float>(MoeActivation::kSilu, g, u, n, h);
 }
 
-// The reference loop serves as both the GEMV and the GEMM entry.
+// The reference loop serves as both the GEMV and the GEMM entry (the glue never runs the scalar
+// tier's GEMM: long segments go to at::mm there), so the crossover is nominal.
 const MoeUkernels kF32 = {"se_f32_moe_gemv_ukernel_1x1__scalar",
                           gemv_1x1_scalar<MoeWeightType::kF32>, 1, 1,
                           "se_f32_moe_swiglu_ukernel__scalar", swiglu_scalar,
                           "se_f32_moe_gemm_ukernel_1x1__scalar",
-                          gemv_1x1_scalar<MoeWeightType::kF32>};
+                          gemv_1x1_scalar<MoeWeightType::kF32>, 48, 0};
 const MoeUkernels kBF16 = {"se_bf16_moe_gemv_ukernel_1x1__scalar",
                            gemv_1x1_scalar<MoeWeightType::kBF16>, 1, 1,
                            "se_f32_moe_swiglu_ukernel__scalar", swiglu_scalar,
                            "se_bf16_moe_gemm_ukernel_1x1__scalar",
-                           gemv_1x1_scalar<MoeWeightType::kBF16>};
+                           gemv_1x1_scalar<MoeWeightType::kBF16>, 48, 0};
 
 }  // namespace
 

@@ -326,6 +326,7 @@ const MoeUkernels* moe_ukernels(Isa isa, MoeWeightType wt) {
   switch (isa) {
     case Isa::kScalar: return moe_ukernels_scalar(wt);
     case Isa::kAvx2: return moe_ukernels_avx2(wt);
+    case Isa::kAvx512: return moe_ukernels_avx512(wt);
     default: return nullptr;
   }
 }

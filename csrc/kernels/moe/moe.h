@@ -129,17 +129,29 @@ struct MoeUkernels {
   // and runs a broadcast register tile. se_<dtype>_moe_gemm_ukernel_<tokens>x<rows>__<isa>.
   const char* gemm_name;
   MoeGemvUkernel gemm;
+  // Segments of at most this many tokens run faster with `gemv` than with `gemm` (the measured
+  // crossover of the two on this tier; the ATen glue switches there).
+  int64_t gemv_max_rows;
+  // Segments longer than this run at::mm (the BLAS GEMM) instead of `gemm`, whose register tile
+  // and per-call packing lose to BLAS's cache blocking there (measured crossover); 0: never.
+  int64_t gemm_max_rows;
 };
 
 // The ukernels for an ISA and weight type, or nullptr when the ISA is not compiled in.
 const MoeUkernels* moe_ukernels(Isa isa, MoeWeightType wt);
 const MoeUkernels* moe_ukernels_scalar(MoeWeightType wt);
 const MoeUkernels* moe_ukernels_avx2(MoeWeightType wt);
+const MoeUkernels* moe_ukernels_avx512(MoeWeightType wt);
 // The AVX2 GEMM entries (moe-gemm-avx2.cpp, x86-64 builds only), MoeGemvUkernel contract.
 void moe_gemm_f32_6x16_avx2(const void* w, int64_t K, int64_t r0, int64_t r1, const float* x,
                             int64_t ldx, int64_t tokens, float* y, int64_t ldy);
 void moe_gemm_bf16_6x16_avx2(const void* w, int64_t K, int64_t r0, int64_t r1, const float* x,
                              int64_t ldx, int64_t tokens, float* y, int64_t ldy);
+// The AVX-512 GEMM entries (moe-gemm-avx512.cpp, x86-64 builds only), MoeGemvUkernel contract.
+void moe_gemm_f32_8x48_avx512(const void* w, int64_t K, int64_t r0, int64_t r1, const float* x,
+                              int64_t ldx, int64_t tokens, float* y, int64_t ldy);
+void moe_gemm_bf16_8x48_avx512(const void* w, int64_t K, int64_t r0, int64_t r1, const float* x,
+                               int64_t ldx, int64_t tokens, float* y, int64_t ldy);
 
 struct MoeRegistryEntry {
   Isa isa;
