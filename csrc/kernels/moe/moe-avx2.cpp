@@ -8,6 +8,7 @@
 // Several tokens: 3 rows x 4 tokens. Measured on Zen 4 (H 1024, F 2816, 8 experts x 8 tokens, two
 // threads) it beats 4x3, 2x4, 2x6, 6x2 and 1x8 by 1.1-1.5x: two passes instead of three for 8
 // tokens, and the 3-row block plus 4 token rows stay in L1 between passes.
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -230,6 +231,10 @@ void swiglu_avx2(const float* g, const float* u, int64_t n, float* h) {
     const __m256 gv = _mm256_loadu_ps(g + i);
     const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv));
     __m256 s = _mm256_div_ps(gv, _mm256_add_ps(one, e));
+    // silu(-inf) is -inf / inf = NaN in the reference and in torch; the clamped exp keeps the
+    // denominator finite, so those lanes are set to NaN.
+    s = _mm256_blendv_ps(s, _mm256_set1_ps(NAN),
+                         _mm256_cmp_ps(gv, _mm256_set1_ps(-INFINITY), _CMP_EQ_OQ));
     if (u != nullptr) s = _mm256_mul_ps(s, _mm256_loadu_ps(u + i));
     _mm256_storeu_ps(h + i, s);
   }

@@ -7,6 +7,7 @@
 // bf16 weights are widened without shuffles (a shift for the even-indexed weights, a mask for the
 // odd ones) against x pre-permuted to that order once per call.
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -293,6 +294,10 @@ void swiglu_avx512(const float* g, const float* u, int64_t n, float* h) {
     const __m512 gv = _mm512_maskz_loadu_ps(mask, g + i);
     const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
     __m512 s = _mm512_div_ps(gv, _mm512_add_ps(one, e));
+    // The clamped exp keeps 1 + e finite, so silu(-inf) would come out -inf where the reference
+    // (and torch) computes -inf / inf = NaN: those lanes are set to NaN.
+    s = _mm512_mask_mov_ps(s, _mm512_cmp_ps_mask(gv, _mm512_set1_ps(-INFINITY), _CMP_EQ_OQ),
+                           _mm512_set1_ps(NAN));
     if (u != nullptr) s = _mm512_mul_ps(s, _mm512_maskz_loadu_ps(mask, u + i));
     _mm512_mask_storeu_ps(h + i, mask, s);
   }
