@@ -244,13 +244,16 @@ void tile(const SpmmWeight& w, const float* xT, int64_t ldx, int64_t g0, int64_t
 // their entries' columns (block base + index, expanded 16 at a time into a small buffer), so the
 // loop exits once per run instead of twice per segment: a 16-token entry is one FMA and those
 // exits dominated. The 256 KiB activation tile stays in L2. Measured at 1 thread, 4096x4096,
-// N = 16: 90% 2.04 -> 1.72 ms, 95% 1.03 -> 0.81 ms; the K-block-outer order measured 2.08 ms
+// N = 16: 90% 1.75 -> 1.51 ms, 95% 1.03 -> 0.81 ms; the K-block-outer order measured 1.8 ms
 // at 90%.
 template <ValueType VT, int NV, int U>
 void tile_row_runs(const SpmmWeight& w, const float* xT, int64_t ldx, int64_t g0, int64_t g1,
                    float* ytile) {
   constexpr int NT = 16 * NV;
   constexpr int64_t kRun = 1024;  // entries per run, more than a segment of distinct columns
+  // Rows averaging this many entries per block (about 80% sparse) take their segments one by one:
+  // at 50% and 70% expanding the columns cost more than the exits (8.0 -> 8.9 ms, 5.2 -> 5.5 ms).
+  constexpr int64_t kLongSegment = 48;
   (void)ldx;
   alignas(64) int32_t cols[kRun + 16];  // + 16: a segment's last store writes a whole vector
   const int64_t KB = w.k_blocks();
@@ -259,12 +262,20 @@ void tile_row_runs(const SpmmWeight& w, const float* xT, int64_t ldx, int64_t g0
 #pragma GCC unroll 32
     for (int i = 0; i < U * NV; ++i) acc[i] = _mm512_setzero_ps();
     const int32_t* seg = w.offsets + g * KB;
+    // Rows of long segments (and the rare segment longer than a run, which only repeated columns
+    // make) go segment by segment, straight from the indices.
+    const bool long_segments = seg[KB] - seg[0] >= kLongSegment * KB;
     for (int64_t kb = 0; kb < KB;) {
       const int64_t run_start = seg[kb];
-      if (seg[kb + 1] - run_start > kRun) {  // only a segment with repeated columns is this long
+      if (long_segments || seg[kb + 1] - run_start > kRun) {
         const float* xb = xT + kb * kSpmmKBlock * NT;
-        for (int64_t j = run_start; j < seg[kb + 1]; ++j)
-          tile_entry<VT, 1, NV>(w, xb + w.indices[j] * NT, j, acc);
+        int64_t j = run_start;
+        for (; j + U <= seg[kb + 1]; j += U) {
+#pragma GCC unroll 8
+          for (int u = 0; u < U; ++u)
+            tile_entry<VT, 1, NV>(w, xb + w.indices[j + u] * NT, j + u, acc + u * NV);
+        }
+        for (; j < seg[kb + 1]; ++j) tile_entry<VT, 1, NV>(w, xb + w.indices[j] * NT, j, acc);
         ++kb;
         continue;
       }
@@ -334,7 +345,7 @@ void sddmm(const SpmmWeight& w, const float* dyT, const float* xT, int64_t ld, i
 #define SE_AVX512_KERNELS_R1(VT, vts)                                                           \
   SpmmUkernels {                                                                             \
     vts "-spmm-1x1-avx512", gemv_r1<VT>, vts "-spmm-64x1-avx512", tile<VT, 1, 4, 2>, 64,          \
-        vts "-spmm-16x1-avx512", tile_row_runs<VT, 1, 4>, 16, vts "-sddmm-1-avx512", sddmm<VT>           \
+        vts "-spmm-16x1-avx512", tile_row_runs<VT, 1, 8>, 16, vts "-sddmm-1-avx512", sddmm<VT>     \
   }
 
 const SpmmUkernels kF32[4] = {
