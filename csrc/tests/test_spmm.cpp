@@ -54,10 +54,9 @@ Built build(int64_t M, int64_t K, int64_t R, double density, Rng& rng) {
   return b;
 }
 
-// Segment (g, kb) gets counts[(g * KB + kb) % counts.size()] entries (clipped to the block's width
-// unless repeat_columns): segment lengths chosen to put 16-entry chunks across 2 and 3 column
-// blocks, after empty blocks, in rows of fewer than 16 entries and in a partial last block.
-// With repeat_columns the columns cycle, so a segment may be longer than its block is wide.
+// Segment (g, kb) gets counts[(g * KB + kb) % counts.size()] entries (clipped to the block's
+// width unless repeat_columns, where the columns cycle so that a segment may be longer than its
+// block is wide).
 Built build_counts(int64_t M, int64_t K, int64_t R, const std::vector<int>& counts,
                    bool repeat_columns, Rng& rng) {
   Built b;
@@ -71,7 +70,8 @@ Built build_counts(int64_t M, int64_t K, int64_t R, const std::vector<int>& coun
       if (!repeat_columns) n = std::min(n, width);
       const int64_t first = static_cast<int64_t>(rng.next() % static_cast<uint64_t>(width));
       for (int64_t e = 0; e < n; ++e) {
-        const int64_t c = repeat_columns ? (first + e) % width : e * width / n;  // sorted, distinct
+        // sorted and distinct unless repeat_columns
+        const int64_t c = repeat_columns ? (first + e) % width : e * width / n;
         b.indices.push_back(static_cast<uint8_t>(c));
         for (int64_t r = 0; r < R; ++r) {
           const uint16_t h = float_to_bf16(rng.uniform());
@@ -173,10 +173,10 @@ void check_entry(const SpmmRegistryEntry& e, int64_t M, int64_t K, int64_t N, do
   check_weight(e, b, M, K, N, what, rng);
 }
 
-// Chunk boundaries of the vector ukernels: segment lengths around 16 (and 0) make 16-entry chunks
-// span 2 and 3 column blocks, follow empty blocks, and end rows of fewer than 16 entries; K = 2000
-// leaves a partial last block (208 columns); the long segments of repeated columns exceed a run
-// of the row-run tile.
+// Chunk boundaries of the vector ukernels: segment lengths around 16 (and 0) make 16-entry
+// chunks span 2 and 3 column blocks, follow empty blocks, and end rows of fewer than 16 entries;
+// K = 2000 leaves a partial last block (208 columns); the long segments of repeated columns
+// exceed a run of the row-run tile.
 void check_segment_lengths(const SpmmRegistryEntry& e, Rng& rng) {
   const std::vector<std::vector<int>> patterns = {
       {15, 1, 0, 17, 3, 0, 0, 2, 31, 16, 5, 9, 33, 0, 7},  // 2- and 3-block chunks, empty blocks
@@ -195,6 +195,16 @@ void check_segment_lengths(const SpmmRegistryEntry& e, Rng& rng) {
   for (int64_t N : {1, 9, 16, 33})
     check_weight(e, build_counts(16, 600, e.block_rows, long_segments, true, rng), 16, 600, N,
                  "repeated columns", rng);
+  // 32 blocks: rows of several runs (40 entries per block), and one long segment in an otherwise
+  // sparse row (1100 repeated columns, then 31 empty blocks).
+  std::vector<int> one_long(32, 0);
+  one_long[0] = 1100;
+  for (int64_t N : {1, 16, 20}) {
+    check_weight(e, build_counts(8, 8000, e.block_rows, {40}, false, rng), 8, 8000, N,
+                 "several runs", rng);
+    check_weight(e, build_counts(8, 8000, e.block_rows, one_long, true, rng), 8, 8000, N,
+                 "one long segment", rng);
+  }
 }
 
 void check_validation() {

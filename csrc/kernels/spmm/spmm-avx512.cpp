@@ -64,7 +64,8 @@ inline void prefetch_entries(const SpmmWeight& w, int64_t j) {
   if (j + kGemvPrefetch >= w.nnz) return;
   constexpr int64_t bytes = VT == ValueType::kF32 ? 4 : 2;
   _mm_prefetch(static_cast<const char*>(w.values) + (j + kGemvPrefetch) * R * bytes, _MM_HINT_T0);
-  if ((j & 63) < 16) _mm_prefetch(reinterpret_cast<const char*>(w.indices + j + kGemvPrefetch), _MM_HINT_T0);
+  if ((j & 63) < 16)  // one line of indices per 64 entries
+    _mm_prefetch(reinterpret_cast<const char*>(w.indices + j + kGemvPrefetch), _MM_HINT_T0);
 }
 
 // R = 1: gather 16 activations per chunk.
@@ -78,8 +79,9 @@ void gemv_r1(const SpmmWeight& w, const float* x, int64_t g0, int64_t g1, float*
     int64_t j = columns.seg[0];
     for (; j + 16 <= jend; j += 16) {
       prefetch_entries<VT, 1>(w, j);
-      const __m512i col = columns(j, _mm512_cvtepu8_epi32(
-                                         _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.indices + j))));
+      const __m512i idx =
+          _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.indices + j)));
+      const __m512i col = columns(j, idx);
       acc0 = _mm512_fmadd_ps(load16_values<VT>(w.values, j), _mm512_i32gather_ps(col, x, 4), acc0);
       std::swap(acc0, acc1);
     }
