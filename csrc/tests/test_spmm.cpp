@@ -1,6 +1,7 @@
 // SpMM ukernels: every registry entry against a dense reference computed here, plus validation
 // of malformed structures.
 #include <algorithm>
+#include <cstdio>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -53,11 +54,40 @@ Built build(int64_t M, int64_t K, int64_t R, double density, Rng& rng) {
   return b;
 }
 
-void check_entry(const SpmmRegistryEntry& e, int64_t M, int64_t K, int64_t N, double density,
-                 Rng& rng) {
+// Segment (g, kb) gets counts[(g * KB + kb) % counts.size()] entries (clipped to the block's
+// width unless repeat_columns, where the columns cycle so that a segment may be longer than its
+// block is wide).
+Built build_counts(int64_t M, int64_t K, int64_t R, const std::vector<int>& counts,
+                   bool repeat_columns, Rng& rng) {
+  Built b;
+  const int64_t G = M / R, KB = (K + kSpmmKBlock - 1) / kSpmmKBlock;
+  b.dense.assign(static_cast<size_t>(M * K), 0.f);
+  b.offsets.push_back(0);
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t kb = 0; kb < KB; ++kb) {
+      const int64_t width = std::min<int64_t>(kSpmmKBlock, K - kb * kSpmmKBlock);
+      int64_t n = counts[static_cast<size_t>(g * KB + kb) % counts.size()];
+      if (!repeat_columns) n = std::min(n, width);
+      const int64_t first = static_cast<int64_t>(rng.next() % static_cast<uint64_t>(width));
+      for (int64_t e = 0; e < n; ++e) {
+        // sorted and distinct unless repeat_columns
+        const int64_t c = repeat_columns ? (first + e) % width : e * width / n;
+        b.indices.push_back(static_cast<uint8_t>(c));
+        for (int64_t r = 0; r < R; ++r) {
+          const uint16_t h = float_to_bf16(rng.uniform());
+          b.values_bf16.push_back(h);
+          b.values_f32.push_back(bf16_to_float(h));
+          b.dense[(g * R + r) * K + kb * kSpmmKBlock + c] += bf16_to_float(h);
+        }
+      }
+      b.offsets.push_back(static_cast<int32_t>(b.indices.size()));
+    }
+  return b;
+}
+
+void check_weight(const SpmmRegistryEntry& e, const Built& b, int64_t M, int64_t K, int64_t N,
+                  const char* what, Rng& rng) {
   const int64_t R = e.block_rows;
-  if (M % R) return;
-  Built b = build(M, K, R, density, rng);
   SpmmWeight w = b.weight(e.value_type);
   w.rows = M;
   w.cols = K;
@@ -101,9 +131,9 @@ void check_entry(const SpmmRegistryEntry& e, int64_t M, int64_t K, int64_t N, do
   spmm_run_groups(w, a, *e.kernels, G / 2, G);
   const double err = sparse_ext_test::max_rel_error(y.data(), ref.data(), y.size());
   SE_EXPECT(err < 1e-4 * std::max<double>(1.0, std::sqrt(static_cast<double>(K))),
-            "%s/%s M=%ld K=%ld N=%ld R=%ld density=%.2f: error %g", isa_name(e.isa),
+            "%s/%s M=%ld K=%ld N=%ld R=%ld %s: error %g", isa_name(e.isa),
             N == 1 ? e.kernels->gemv_name : e.kernels->tile_name, (long)M, (long)K, (long)N,
-            (long)R, density, err);
+            (long)R, what, err);
 
   // SDDMM against the dense product dy^T x at stored positions.
   if (N > 1) {
@@ -131,6 +161,49 @@ void check_entry(const SpmmRegistryEntry& e, int64_t M, int64_t K, int64_t N, do
     SE_EXPECT(derr < 1e-4 * std::max<double>(1.0, std::sqrt(static_cast<double>(N))),
               "%s sddmm M=%ld K=%ld N=%ld R=%ld: error %g", isa_name(e.isa), (long)M, (long)K,
               (long)N, (long)R, derr);
+  }
+}
+
+void check_entry(const SpmmRegistryEntry& e, int64_t M, int64_t K, int64_t N, double density,
+                 Rng& rng) {
+  if (M % e.block_rows) return;
+  const Built b = build(M, K, e.block_rows, density, rng);
+  char what[32];
+  std::snprintf(what, sizeof what, "density=%.2f", density);
+  check_weight(e, b, M, K, N, what, rng);
+}
+
+// Chunk boundaries of the vector ukernels: segment lengths around 16 (and 0) make 16-entry
+// chunks span 2 and 3 column blocks, follow empty blocks, and end rows of fewer than 16 entries;
+// K = 2000 leaves a partial last block (208 columns); the long segments of repeated columns
+// exceed a run of the row-run tile.
+void check_segment_lengths(const SpmmRegistryEntry& e, Rng& rng) {
+  const std::vector<std::vector<int>> patterns = {
+      {15, 1, 0, 17, 3, 0, 0, 2, 31, 16, 5, 9, 33, 0, 7},  // 2- and 3-block chunks, empty blocks
+      {1, 0, 0, 2, 0, 3, 0, 0},                           // rows of fewer than 16 entries
+      {0, 0, 0, 0, 0, 0, 0, 0, 16},                       // one full chunk in one block
+      {256, 256, 200, 13},                                // dense blocks and a short tail
+  };
+  for (const auto& counts : patterns)
+    for (int64_t N : {1, 7, 16, 40, 65}) {
+      const int64_t M = 24;
+      if (sparse_ext_test::small_sizes() && N > 16) continue;
+      check_weight(e, build_counts(M, 2000, e.block_rows, counts, false, rng), M, 2000, N,
+                   "segment lengths", rng);
+    }
+  const std::vector<int> long_segments = {1100, 0, 3, 1500};
+  for (int64_t N : {1, 9, 16, 33})
+    check_weight(e, build_counts(16, 600, e.block_rows, long_segments, true, rng), 16, 600, N,
+                 "repeated columns", rng);
+  // 32 blocks: rows of several runs (40 entries per block), and one long segment in an otherwise
+  // sparse row (1100 repeated columns, then 31 empty blocks).
+  std::vector<int> one_long(32, 0);
+  one_long[0] = 1100;
+  for (int64_t N : {1, 16, 20}) {
+    check_weight(e, build_counts(8, 8000, e.block_rows, {40}, false, rng), 8, 8000, N,
+                 "several runs", rng);
+    check_weight(e, build_counts(8, 8000, e.block_rows, one_long, true, rng), 8, 8000, N,
+                 "one long segment", rng);
   }
 }
 
@@ -197,6 +270,7 @@ int main() {
       if (sparse_ext_test::small_sizes() && s[0] * s[1] * s[2] > 100000) continue;
       for (double density : {0.0, 0.05, 0.5, 1.0}) check_entry(e, s[0], s[1], s[2], density, rng);
     }
+    check_segment_lengths(e, rng);
     const char* isa = isa_name(e.isa);
     sparse_ext_test::note_covered(isa, e.kernels->gemv_name);
     sparse_ext_test::note_covered(isa, e.kernels->tile_name);

@@ -47,11 +47,10 @@ std::string spmm_validate(const SpmmWeight& w) {
 void spmm_run_groups(const SpmmWeight& w, const SpmmActivations& a, const SpmmUkernels& k,
                      int64_t g0, int64_t g1) {
   const int64_t R = w.block_rows;
-  if (a.tokens == 1) {
-    std::vector<float> y(static_cast<size_t>(w.rows == 0 ? 1 : w.rows));
-    k.gemv(w, a.x, g0, g1, y.data());
-    for (int64_t m = g0 * R; m < g1 * R; ++m)
-      a.y[m] = y[m] + (a.bias != nullptr ? a.bias[m] : 0.f);
+  if (a.tokens == 1) {  // y is one row of M: the ukernel writes the range's rows in place
+    k.gemv(w, a.x, g0, g1, a.y);
+    if (a.bias != nullptr)
+      for (int64_t m = g0 * R; m < g1 * R; ++m) a.y[m] += a.bias[m];
     return;
   }
   const int64_t NT = spmm_tile_cols_for(k, a.tokens);
