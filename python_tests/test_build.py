@@ -91,12 +91,15 @@ def test_set_isa_rejects_unknown_and_unsupported():
             se.set_isa(unsupported[0])
 
 
-def test_registry_lists_every_compiled_variant():
-    rows = se._C.spmm_registry()
-    names = {r[4] for r in rows}
-    assert "f32-spmm-8x1-scalar" in names
+@pytest.mark.parametrize("registry,name_column,scalar_name,avx2_name", [
+    ("spmm_registry", 4, "f32-spmm-8x1-scalar", "f32-spmm-32x1-avx2"),
+    ("conv_registry", 2, "f32-spmm-conv1x1-8x1-scalar", "f32-spmm-conv1x1-64x1-avx2"),
+])
+def test_registry_lists_every_compiled_variant(registry, name_column, scalar_name, avx2_name):
+    names = {r[name_column] for r in getattr(se._C, registry)()}
+    assert scalar_name in names
     if "avx2" in se.supported_isas():
-        assert "f32-spmm-32x1-avx2" in names
+        assert avx2_name in names
 
 
 def test_ops_reference_lists_every_schema():

@@ -379,13 +379,9 @@ def test_module_on_device_trains(device):
         torch.testing.assert_close(x.grad.double(), xr.grad, atol=1e-3, rtol=1e-3)
 
 
-def test_registry_lists_every_isa():
-    rows = sparse_ext._C.conv_registry()
-    names = {r[2] for r in rows}
-    assert "f32-spmm-conv1x1-8x1-scalar" in names
-    if "avx2" in sparse_ext.supported_isas():
-        assert "f32-spmm-conv1x1-64x1-avx2" in names
-    assert {r[1] for r in rows} == {1, 2, 4, 8}
+def test_registry_covers_every_block_rows():
+    # Which ukernels each ISA registers is checked with the other registries in test_build.py.
+    assert {r[1] for r in sparse_ext._C.conv_registry()} == {1, 2, 4, 8}
 
 
 def test_streaming_store_path(isa):

@@ -39,6 +39,17 @@ def _batch(batch_shape, generator, dtype, K):
     return torch.randn(shape, generator=generator).to(dtype)
 
 
+def _check_sparse_linear(sl, x, isa):
+    """``sl(x)`` on ``isa`` against the reference of its dense twin (x's dtype kept)."""
+    dense = sl.to_dense()
+    bias = None if dense.bias is None else dense.bias.to(x.dtype)
+    with se.use_isa(isa), torch.no_grad():
+        ours = sl(x)
+        same_dtype = F.linear(x, dense.weight.to(x.dtype), bias)
+    assert ours.shape == x.shape[:-1] + (sl.out_features,)
+    _check(ours, linear_reference(x, dense.weight, dense.bias), same_dtype, x.dtype)
+
+
 def _tile_multiple(pattern, rows, cols):
     """The drawn sizes rounded up to whole tiles of a block pattern "RxC" (which must tile the
     weight); other patterns take any size."""
@@ -67,12 +78,7 @@ def test_sparse_linear_csr(M, K, batch, sparsity, pattern, bias, dtype, isa, see
     x = _batch(batch, g, dtype, K)
     if noncontig and x.dim() >= 2:
         x = x.transpose(0, -1).contiguous().transpose(0, -1)
-    dense = sl.to_dense()
-    with se.use_isa(isa), torch.no_grad():
-        ours = sl(x)
-        same_dtype = F.linear(x, dense.weight.to(dtype), None if dense.bias is None else dense.bias.to(dtype))
-    assert ours.shape == tuple(batch) + (M,)
-    _check(ours, linear_reference(x, dense.weight, dense.bias), same_dtype, dtype)
+    _check_sparse_linear(sl, x, isa)
 
 
 @FUZZ
@@ -88,14 +94,9 @@ def test_sparse_linear_nm(M, K, batch, nm, bias, dtype, isa, seed):
     sl = se.SparseLinear.from_dense(lin, pattern=f"{n}:{m}").to(dtype)
     assert isinstance(sl.weight_format(), se.NMWeight)
     x = _batch(batch, g, dtype, K)
-    dense = sl.to_dense()
-    kept = (dense.weight != 0).reshape(M, -1).sum(-1)
+    kept = (sl.to_dense().weight != 0).reshape(M, -1).sum(-1)
     assert bool((kept <= n * -(-K // m)).all())
-    with se.use_isa(isa), torch.no_grad():
-        ours = sl(x)
-        same_dtype = F.linear(x, dense.weight.to(dtype), None if dense.bias is None else dense.bias.to(dtype))
-    assert ours.shape == tuple(batch) + (M,)
-    _check(ours, linear_reference(x, dense.weight, dense.bias), same_dtype, dtype)
+    _check_sparse_linear(sl, x, isa)
 
 
 @FUZZ

@@ -251,20 +251,18 @@ def test_expert_activations(device, isa, activation, gated):
     w1 = torch.randn(E, (2 if gated else 1) * Fs, H) * 0.3
     w2 = torch.randn(E, H, Fs) * 0.3
     w, idx = _random_routing(T, E, k, skew=1)  # expert 1: 170 rows (BLAS path), others small
-    row_token, offsets, inverse = ops.moe_permute(idx.to(device), E)
-    out = ops.moe_combine(ops.moe_expert_mlp(x.to(device), row_token, offsets, w1.to(device),
-                                             w2.to(device), activation, gated),
-                          w.to(device), inverse)
-    ref = moe_experts_reference(x, w, idx, w1, w2, activation, gated)
-    assert_close_to_reference(out.cpu(), ref, floor=1e-4)
+
+    def check(x, w, idx):
+        row_token, offsets, inverse = ops.moe_permute(idx.to(device), E)
+        out = ops.moe_combine(ops.moe_expert_mlp(x.to(device), row_token, offsets, w1.to(device),
+                                                 w2.to(device), activation, gated),
+                              w.to(device), inverse)
+        ref = moe_experts_reference(x, w, idx, w1, w2, activation, gated)
+        assert_close_to_reference(out.cpu(), ref, floor=1e-4)
+
+    check(x, w, idx)
     # Decode-size call (every segment small: the CUDA GEMV kernels without a host read).
-    xs, ws, idxs = x[:3], w[:3], idx[:3]
-    row_token, offsets, inverse = ops.moe_permute(idxs.to(device), E)
-    out = ops.moe_combine(ops.moe_expert_mlp(xs.to(device), row_token, offsets, w1.to(device),
-                                             w2.to(device), activation, gated),
-                          ws.to(device), inverse)
-    ref = moe_experts_reference(xs, ws, idxs, w1, w2, activation, gated)
-    assert_close_to_reference(out.cpu(), ref, floor=1e-4)
+    check(x[:3], w[:3], idx[:3])
 
 
 @pytest.mark.parametrize("T,cap", [(30, 5), (6, 2)])

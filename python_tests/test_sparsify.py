@@ -339,12 +339,17 @@ def test_sparsified_mlp_matches_masked_dense():
     torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
 
 
+def _sparsified_output(model, sparsity, x):
+    """Sparsifies ``model`` in place at ``sparsity`` and returns its output on ``x``."""
+    sparsify(model, sparsity=sparsity)
+    with torch.no_grad():
+        return model(x)
+
+
 def test_densify_round_trip():
     model = Net()
-    sparsify(model, sparsity=0.7)
     x = torch.randn(4, 64)
-    with torch.no_grad():
-        y_sparse = model(x)
+    y_sparse = _sparsified_output(model, 0.7, x)
     out = densify(model)
     assert out is model
     assert sparse_names(model) == []
@@ -401,10 +406,9 @@ def test_fp16_skipped_and_no_bias_and_odd_sizes():
 
 def test_torch_compile_fullgraph():
     model = mlp()
-    sparsify(model, sparsity=0.9)
     x = torch.randn(3, 64)
+    eager = _sparsified_output(model, 0.9, x)
     with torch.no_grad():
-        eager = model(x)
         compiled = torch.compile(model, fullgraph=True)
         torch.testing.assert_close(compiled(x), eager)
 

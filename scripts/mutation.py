@@ -148,16 +148,23 @@ def code_mask(text):
 OPEN, CLOSE = "([{", ")]}"
 
 
-def match_close(m, i):
-    """Index of the bracket closing the one at m[i] (same kind, nesting of all kinds counted)."""
+def bracket_depths(m, start, stop=None):
+    """(index, depth) for each character of m[start:stop], depth being the number of brackets (of
+    any kind) open from ``start`` up to and including that character."""
     depth = 0
-    for k in range(i, len(m)):
+    for k in range(start, len(m) if stop is None else stop):
         if m[k] in OPEN:
             depth += 1
         elif m[k] in CLOSE:
             depth -= 1
-            if depth == 0:
-                return k
+        yield k, depth
+
+
+def match_close(m, i):
+    """Index of the bracket closing the one at m[i] (same kind, nesting of all kinds counted)."""
+    for k, depth in bracket_depths(m, i):
+        if depth == 0 and m[k] in CLOSE:
+            return k
     return -1
 
 
@@ -166,13 +173,9 @@ def split_args(m, open_i):
     close = match_close(m, open_i)
     if close < 0:
         return []
-    args, depth, start = [], 0, open_i + 1
-    for k in range(open_i + 1, close):
-        if m[k] in OPEN:
-            depth += 1
-        elif m[k] in CLOSE:
-            depth -= 1
-        elif m[k] == "," and depth == 0:
+    args, start = [], open_i + 1
+    for k, depth in bracket_depths(m, open_i + 1, close):
+        if m[k] == "," and depth == 0:
             args.append((start, k))
             start = k + 1
     args.append((start, close))
@@ -214,15 +217,10 @@ def statement_end(m, i):
             if e:
                 return statement_end(m, end + e.end())
         return end
-    depth = 0
-    for k in range(i, len(m)):
-        if m[k] in OPEN:
-            depth += 1
-        elif m[k] in CLOSE:
-            depth -= 1
-            if depth < 0:
-                return -1
-        elif m[k] == ";" and depth == 0:
+    for k, depth in bracket_depths(m, i):
+        if depth < 0:
+            return -1
+        if m[k] == ";" and depth == 0:
             return k + 1
     return -1
 
@@ -900,31 +898,16 @@ def main(argv=None):
             tag = m.id.replace("/", "_").replace(":", "_").replace("#", "_")
             run.progress("[%d/%d] %s  %s -> %s" % (i, len(mutants), m.id, m.old[:50], m.new[:50]))
             b = baseline.get(m.family, {})
-            rc, out, dt = run.build_cmake([m.family], "%s.cmake.log" % tag)
-            if rc != 0:
-                m.result = dict(status="did not compile", where="cmake",
-                                error=_first_error(out), seconds=round(time.time() - t, 1))
-                run.progress("    did not compile")
+            rc, out, _ = run.build_cmake([m.family], "%s.cmake.log" % tag)
+            if _did_not_compile(m, run, rc, out, "cmake", t):
                 continue
-            ct = min(args.timeout, max(120, 5 * b["ctest_s"])) if b else args.timeout
-            rc, out, dt_c = run.ctest(m.family, ct, "%s.ctest.log" % tag)
-            caught, detail = ctest_verdict(rc, out)
-            m.result = dict(status="ran", ctest_caught=caught, ctest_detail=detail,
-                            ctest_s=round(dt_c, 1))
-            run.progress("    ctest: %s %s" % (yes(caught), detail))
+            m.result = dict(status="ran")
+            _run_suite(m, run, "ctest", b, args.timeout, tag)
             if not args.ctest_only:
-                rc, out, dt = run.build_ext("%s.ext.log" % tag)
-                if rc != 0:
-                    m.result = dict(status="did not compile", where="extension",
-                                    error=_first_error(out), seconds=round(time.time() - t, 1))
-                    run.progress("    extension did not compile")
+                rc, out, _ = run.build_ext("%s.ext.log" % tag)
+                if _did_not_compile(m, run, rc, out, "extension", t):
                     continue
-                pt = min(args.timeout, max(120, 5 * b["pytest_s"])) if b else args.timeout
-                rc, out, dt_p = run.pytest(m.family, pt, "%s.pytest.log" % tag)
-                caught, detail = pytest_verdict(rc, out)
-                m.result.update(pytest_caught=caught, pytest_detail=detail,
-                                pytest_s=round(dt_p, 1))
-                run.progress("    pytest: %s %s" % (yes(caught), detail))
+                _run_suite(m, run, "pytest", b, args.timeout, tag)
             m.result["seconds"] = round(time.time() - t, 1)
     except KeyboardInterrupt:
         print("interrupted; results so far:")
@@ -968,6 +951,32 @@ def main(argv=None):
                      m.result.get("status") == "ran" and not m.result.get("ctest_caught")
                      and not m.result.get("pytest_caught")]
     return 1 if seeded_missed else 0
+
+
+def _did_not_compile(m, run, rc, out, where, started):
+    """Whether mutant ``m``'s build at ``where`` ("cmake" or "extension") failed, recorded on
+    ``m``: the compiler rejected it and no test runs."""
+    if rc == 0:
+        return False
+    m.result = dict(status="did not compile", where=where, error=_first_error(out),
+                    seconds=round(time.time() - started, 1))
+    run.progress("    did not compile (%s)" % where)
+    return True
+
+
+_VERDICTS = {"ctest": ctest_verdict, "pytest": pytest_verdict}
+
+
+def _run_suite(m, run, suite, baseline, max_timeout, tag):
+    """Runs test ``suite`` ("ctest" or "pytest") on mutant ``m`` and records whether it caught
+    it; the timeout is 5x the unmutated run's (at least 120 s, at most ``max_timeout``)."""
+    seconds = baseline.get(suite + "_s")
+    timeout = min(max_timeout, max(120, 5 * seconds)) if seconds is not None else max_timeout
+    rc, out, dt = getattr(run, suite)(m.family, timeout, "%s.%s.log" % (tag, suite))
+    caught, detail = _VERDICTS[suite](rc, out)
+    m.result.update({suite + "_caught": caught, suite + "_detail": detail,
+                     suite + "_s": round(dt, 1)})
+    run.progress("    %s: %s %s" % (suite, yes(caught), detail))
 
 
 def _first_error(out):

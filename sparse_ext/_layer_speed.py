@@ -11,6 +11,8 @@ from typing import Dict, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
+from ._model_inputs import call_model, forward_pre_hooks
+
 DEFAULT_TOKENS = 16
 DEFAULT_IMAGE = 56
 
@@ -20,23 +22,14 @@ def capture_input_shapes(model: nn.Module, modules: Mapping[str, nn.Module],
     """The shape of the first input each of ``modules`` receives in ``model(example_inputs)``
     (a tensor, a tuple of positional arguments, or a dict of keyword arguments)."""
     shapes: Dict[str, Tuple[int, ...]] = {}
-    handles = []
+    hooks = []
     for name, mod in modules.items():
         def hook(_mod, args, name=name):
             if name not in shapes and args and isinstance(args[0], torch.Tensor):
                 shapes[name] = tuple(args[0].shape)
-        handles.append(mod.register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            if isinstance(example_inputs, Mapping):
-                model(**example_inputs)
-            elif isinstance(example_inputs, tuple):
-                model(*example_inputs)
-            else:
-                model(example_inputs)
-    finally:
-        for h in handles:
-            h.remove()
+        hooks.append((mod, hook))
+    with forward_pre_hooks(hooks), torch.no_grad():
+        call_model(model, example_inputs)
     return shapes
 
 

@@ -15,6 +15,7 @@ import warnings
 from typing import Any, Callable, Dict, NamedTuple, Optional
 
 from . import _C, isa, tuning
+from ._scoped_setting import scoped_setting
 
 __all__ = ["describe", "get", "names", "override", "set"]
 
@@ -133,14 +134,11 @@ def set(name: str, value: Any) -> None:  # noqa: A001  (the module's verb, as in
 @contextlib.contextmanager
 def override(**values):
     """Context manager: the given settings inside the block, the previous values afterwards."""
-    previous = {name: get(name) for name in values}
-    try:
+    with contextlib.ExitStack() as stack:
         for name, value in values.items():
-            set(name, value)
+            setting = _lookup(name)
+            stack.enter_context(scoped_setting(setting.get, setting.set, setting.check(value)))
         yield
-    finally:
-        for name, value in previous.items():
-            _lookup(name).set(value)
 
 
 def describe() -> str:

@@ -5,10 +5,10 @@ Chosen once at import from the CPU's features (the best of avx512, avx2, neon, s
 time (tests use that to cover every compiled path). A family without ukernels for the chosen tier
 runs the best tier below it (avx512 -> avx2 -> scalar, neon -> scalar).
 """
-import contextlib
 import warnings
 
 from . import _C
+from ._scoped_setting import scoped_setting
 
 _env_error = _C.isa_env_error()
 if _env_error:
@@ -36,12 +36,6 @@ def set_isa(name: str) -> None:
     _C.set_isa(name)
 
 
-@contextlib.contextmanager
 def use_isa(name: str):
     """Context manager: run the enclosed code on ISA ``name``, then restore the previous one."""
-    previous = get_isa()
-    set_isa(name)
-    try:
-        yield
-    finally:
-        set_isa(previous)
+    return scoped_setting(get_isa, set_isa, name)

@@ -14,7 +14,6 @@ timing. An AVX-512 kernel that loses to the AVX2 one on some CPU is therefore si
 A corrupt or foreign cache file is ignored and rewritten; processes writing at once serialize on a
 lock file and keep each other's entries.
 """
-import contextlib
 import hashlib
 import os
 import platform
@@ -24,6 +23,7 @@ from typing import Optional
 import torch
 
 from . import _C
+from ._scoped_setting import scoped_setting
 
 __all__ = ["clear_plan_cache", "default_plan_cache_path", "plan_cache_path", "plan_cache_stats",
            "plan_choice", "set_plan_cache_path", "set_tuning", "tuning_enabled", "use_tuning"]
@@ -70,15 +70,9 @@ def tuning_enabled() -> bool:
     return _C.plan_tuning()
 
 
-@contextlib.contextmanager
 def use_tuning(enabled: bool):
     """Context manager: tuning on or off inside the block, then back to what it was."""
-    previous = tuning_enabled()
-    set_tuning(enabled)
-    try:
-        yield
-    finally:
-        set_tuning(previous)
+    return scoped_setting(tuning_enabled, set_tuning, enabled)
 
 
 def set_plan_cache_path(path: Optional[str]) -> None:

@@ -1,10 +1,12 @@
-"""What the two sparse-weight x activations families (SpMM, N:M) share: their case labels and the
-setup of a CUDA case (the layer at the case's dtype, its inputs, the fp64 reference output)."""
+"""What the two sparse-weight x activations families (SpMM, N:M) share: their case labels, the
+setup of a CUDA case (the layer at the case's dtype, its inputs, the fp64 reference output) and
+the third-party baseline timed next to it."""
 import torch
 import torch.nn.functional as F
 
 import sparse_ext as se
 from bench.common import short_dtype
+from bench.core.accuracy import max_err, short
 
 
 def label(row, sparsity=True):
@@ -46,3 +48,24 @@ def fake_graph_extras(case, dense_ms, ours_ms):
         return {}
     return dict(dense_graph_ms=dense_ms / 2, ours_graph_ms=ours_ms / 3,
                 speedup_graph=1.5 * dense_ms / ours_ms)
+
+
+def add_baseline(row, fns, name, build, reference):
+    """Appends third-party baseline ``name``'s call (``build()`` makes it) to ``fns`` and records
+    its output's error against ``reference``; when this build, device or dtype lacks it, records
+    why instead and leaves ``fns`` as it was."""
+    try:
+        call = build()
+        row[f"{name}_max_abs_err"] = max_err(call(), reference)
+    except Exception as exc:  # noqa: BLE001  recorded, the case goes on without the baseline
+        row[f"{name}_error"] = short(exc)
+        return
+    fns.append(call)
+
+
+def record_baseline_speed(row, name, times):
+    """The baseline's time and our speedup over it, when :func:`add_baseline` added it (the third
+    of ``times``, after dense and ours)."""
+    if len(times) > 2:
+        row[f"{name}_ms"] = times[2]
+        row[f"vs_{name}"] = times[2] / times[1]

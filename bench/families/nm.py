@@ -10,8 +10,8 @@ import torch.nn.functional as F
 import sparse_ext as se
 from bench.common import (CACHE_MODES, LLM_SHAPES, cache_modes, cold_copies, copies_of, geomean,
                           rotating)
-from bench.core.accuracy import (correctness, max_err, record_errors, record_graph_times,
-                                 record_speed, short)
+from bench.core.accuracy import (correctness, record_errors, record_graph_times, record_speed,
+                                 short)
 from bench.core.targets import check, report
 from bench.core.timer import Timer
 from bench.families import linear
@@ -222,22 +222,18 @@ def measure_cuda(case, ctx):
         record_errors(row, layer(x), F.linear(x, wd), ref)
         fns = [lambda: F.linear(x, wd), lambda: layer(x)]
         if case["pattern"] == "2:4":
-            try:  # PyTorch's own 2:4 (cuSPARSELt or CUTLASS); needs CUDA fp16/bf16
+            def torch_2of4():  # PyTorch's own 2:4 (cuSPARSELt or CUTLASS); needs CUDA fp16/bf16
                 from torch.sparse import to_sparse_semi_structured
 
                 wss = to_sparse_semi_structured(wd)
                 row["torch_2of4_backend"] = type(wss).__name__
-                row["torch_2of4_max_abs_err"] = max_err(F.linear(x, wss), ref)
-                fns.append(lambda: F.linear(x, wss))
-            except Exception as exc:  # noqa: BLE001  missing on this build/device/dtype
-                row["torch_2of4_error"] = short(exc)
+                return lambda: F.linear(x, wss)
+            linear.add_baseline(row, fns, "torch_2of4", torch_2of4, ref)
         times = timer(fns)
         record_graph_times(row, ctx, fns[0], fns[1])
         _path_times(row, timer, fns[1])
     record_speed(row, times[0], times[1], 2.0 * M * K * case["tokens"])
-    if len(times) > 2:
-        row["torch_2of4_ms"] = times[2]
-        row["vs_torch_2of4"] = times[2] / times[1]
+    linear.record_baseline_speed(row, "torch_2of4", times)
     return row
 
 

@@ -14,8 +14,7 @@ import torch.nn.functional as F
 import sparse_ext as se
 from bench.common import (CACHE_MODES, LLM_SHAPES, cache_modes, cold_copies, copies_of, geomean,
                           rotating)
-from bench.core.accuracy import (correctness, max_err, record_errors, record_graph_times,
-                                 record_speed, short)
+from bench.core.accuracy import correctness, record_errors, record_graph_times, record_speed
 from bench.core.targets import check, report
 from bench.core.timer import Timer
 from bench.families import linear
@@ -263,21 +262,18 @@ def measure_cuda(case, ctx):
         record_errors(row, ours_out, dense_out, ref)
         del ours_out, dense_out
         fns = [lambda: F.linear(x, wd), lambda: layer(x)]
-        try:  # cuSPARSE through torch.sparse CSR: W @ x^T -> [M, N]
+
+        def cusparse():  # cuSPARSE through torch.sparse CSR: W @ x^T -> [M, N]
             with warnings.catch_warnings():   # "Sparse CSR tensor support is in beta state"
                 warnings.simplefilter("ignore", UserWarning)
                 wcsr = wd.to_sparse_csr()
             xt = x.t().contiguous()
-            row["cusparse_max_abs_err"] = max_err(torch.mm(wcsr, xt), ref.t())
-            fns.append(lambda: torch.mm(wcsr, xt))
-        except Exception as exc:  # noqa: BLE001  baseline unavailable for this dtype/device
-            row["cusparse_error"] = short(exc)
+            return lambda: torch.mm(wcsr, xt)
+        linear.add_baseline(row, fns, "cusparse", cusparse, ref.t())
         times = ctx["timer"](fns)
         record_graph_times(row, ctx, fns[0], fns[1])
     record_speed(row, times[0], times[1], 2.0 * M * K * case["tokens"])
-    if len(times) > 2:
-        row["cusparse_ms"] = times[2]
-        row["vs_cusparse"] = times[2] / times[1]
+    linear.record_baseline_speed(row, "cusparse", times)
     return row
 
 

@@ -164,6 +164,15 @@ class SparseWeightModule(nn.Module):
     def _check_extra_state(self, state) -> None:
         raise NotImplementedError
 
+    def _set_module_extra_state(self, state) -> None:
+        """Restores a subclass's own metadata from a checked extra state (none by default)."""
+
+    def set_extra_state(self, state):
+        state = decode_extra_state(state)
+        self._check_extra_state(state)
+        self._set_weight_extra_state(state)
+        self._set_module_extra_state(state)
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Everything is checked before anything is copied: a corrupt checkpoint raises here and
         # the module keeps its weight.

@@ -14,7 +14,7 @@ from torch import nn
 from .. import ops
 from ..formats import SparseWeight, build_weight, format_for
 from ..prune import check_mask
-from ._stored import SparseWeightModule, decode_extra_state, encode_extra_state
+from ._stored import SparseWeightModule, encode_extra_state
 
 
 def _pair(v):
@@ -160,10 +160,7 @@ class SparseConv2d(SparseWeightModule):
             raise ValueError(f"state_dict is for a conv of (out, in, kernel) {saved}, this module is "
                              f"{mine}")
 
-    def set_extra_state(self, state):
-        state = decode_extra_state(state)
-        self._check_extra_state(state)
-        self._set_weight_extra_state(state)
+    def _set_module_extra_state(self, state) -> None:
         self.stride = tuple(state["stride"])
         self.padding = tuple(state["padding"])
         self.dilation = tuple(state["dilation"])

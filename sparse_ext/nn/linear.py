@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from ..formats import SparseWeight, build_weight
-from ._stored import SparseWeightModule, decode_extra_state, encode_extra_state
+from ._stored import SparseWeightModule, encode_extra_state
 
 
 class SparseLinear(SparseWeightModule):
@@ -62,11 +62,6 @@ class SparseLinear(SparseWeightModule):
         if tuple(state["shape"]) != self.weight_shape():
             raise ValueError(f"state_dict is for a {tuple(state['shape'])} weight, this module is "
                              f"{self.weight_shape()}")
-
-    def set_extra_state(self, state):
-        state = decode_extra_state(state)
-        self._check_extra_state(state)
-        self._set_weight_extra_state(state)
 
     def extra_repr(self) -> str:
         dense_bytes = self.out_features * self.in_features * self.values.element_size()

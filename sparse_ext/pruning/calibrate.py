@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._model_inputs import call_model, forward_pre_hooks
 from ..prune import parse_pattern
 from . import allocation as alloc
 from .dsnot import dsnot, reconstruction_error
@@ -74,15 +75,6 @@ def _layer_rows(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-def _run(model: nn.Module, batch) -> None:
-    if isinstance(batch, Mapping):
-        model(**batch)
-    elif isinstance(batch, tuple):
-        model(*batch)
-    else:
-        model(batch)
-
-
 def _token_mask(batch) -> Optional[torch.Tensor]:
     """The batch's ``attention_mask`` (Hugging Face inputs), whose zeros mark padding."""
     if isinstance(batch, Mapping):
@@ -116,19 +108,14 @@ def _collect(model, mods: List[nn.Module], batches) -> InputStats:
         if len(seen) == len(mods):
             raise _Stop
 
-    handles = [m.register_forward_pre_hook(hook) for m in mods]
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                seen.clear()
-                current["mask"] = _token_mask(batch)
-                try:
-                    _run(model, batch)
-                except _Stop:
-                    pass
-    finally:
-        for h in handles:
-            h.remove()
+    with forward_pre_hooks((m, hook) for m in mods), torch.no_grad():
+        for batch in batches:
+            seen.clear()
+            current["mask"] = _token_mask(batch)
+            try:
+                call_model(model, batch)
+            except _Stop:
+                pass
     return stats
 
 
@@ -137,15 +124,11 @@ def execution_groups(model: nn.Module, layers: Mapping[str, nn.Module], batch) -
     very same input tensor (attention's q, k, v) grouped: they share one pass and one Hessian.
     Layers the batch never reaches come last, one group each."""
     calls: List[Tuple[str, torch.Tensor]] = []  # the inputs themselves: ids of freed tensors recur
-    handles = [m.register_forward_pre_hook(
-        lambda _m, a, n=n: calls.append((n, a[0])) if all(c[0] != n for c in calls) else None)
-        for n, m in layers.items()]
-    try:
-        with torch.no_grad():
-            _run(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
+    hooks = [(m, lambda _m, a, n=n:
+              calls.append((n, a[0])) if all(c[0] != n for c in calls) else None)
+             for n, m in layers.items()]
+    with forward_pre_hooks(hooks), torch.no_grad():
+        call_model(model, batch)
     groups: List[List[str]] = []
     last_input = None
     for name, inputs in calls:
@@ -182,18 +165,13 @@ def allocate(model, layers: Mapping[str, nn.Module], target: float, rule: str, b
     # OWL: outlier ratios of the dense model's Wanda scores, one pass with norm-only hooks
     stats = {n: InputStats(shapes[n][1], with_hessian=False) for n in layers}
     current = {"mask": None}
-    handles = [m.register_forward_pre_hook(
-        lambda _m, a, n=n, m_=m: stats[n].add(_layer_rows(
-            m_, a[0] if isinstance(m_, nn.Conv2d) else _real_tokens(a[0], current["mask"]))))
-        for n, m in layers.items()]
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                current["mask"] = _token_mask(batch)
-                _run(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
+    hooks = [(m, lambda _m, a, n=n, m_=m: stats[n].add(_layer_rows(
+                 m_, a[0] if isinstance(m_, nn.Conv2d) else _real_tokens(a[0], current["mask"]))))
+             for n, m in layers.items()]
+    with forward_pre_hooks(hooks), torch.no_grad():
+        for batch in batches:
+            current["mask"] = _token_mask(batch)
+            call_model(model, batch)
     ratios = {n: alloc.outlier_ratio(weight_matrix(layers[n]), stats[n]) for n in layers}
     return alloc.owl(ratios, {n: math.prod(s) for n, s in shapes.items()}, target)
 
