@@ -13,6 +13,7 @@ from .isa import cpu_features, get_isa, set_isa, supported_isas, use_isa
 from .nn import MoELayer, SparseConv, SparseConv2d, SparseLinear, fold_batchnorm, fuse_activations
 from .prune import block_mask, magnitude_mask, nm_mask, parse_pattern, random_mask
 from .checkpoint import load_sparse
+from .moe_swap import swap_moe
 from .sparsify import SparsifyReport, densify, sparsify
 from .tuning import set_tuning, tuning_enabled, use_tuning
 
@@ -43,6 +44,7 @@ __all__ = [
     "set_tuning",
     "sparsify",
     "supported_isas",
+    "swap_moe",
     "tuning",
     "tuning_enabled",
     "use_isa",

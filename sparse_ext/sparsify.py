@@ -41,6 +41,7 @@ from torch import nn
 from . import _layer_speed, sparsify_calibrated
 from .prune import _check_sparsity, global_masks, parse_pattern
 from .sparsify_report import LayerReport, SparsifyReport  # noqa: F401  (exported here)
+from .sparsify_report import moe_report_rows
 from .sparsify_select import (Candidate, Patterns, as_linear, conv_class, linear_weight,
                               parse_min_features, select_layers, sparse_types)
 
@@ -95,7 +96,8 @@ def sparsify(model: nn.Module, sparsity: Union[None, float, Mapping[str, float]]
              example_inputs=None,
              calibration=None,
              refine: Optional[str] = None,
-             allocation: str = "uniform") -> Tuple[nn.Module, SparsifyReport]:
+             allocation: str = "uniform",
+             moe: bool = False) -> Tuple[nn.Module, SparsifyReport]:
     """Swaps eligible ``nn.Linear`` (and ``nn.Conv2d`` when ``sparse_ext.SparseConv2d`` exists)
     layers of ``model`` in place for sparse ones; returns ``(model, report)``.
 
@@ -127,6 +129,9 @@ def sparsify(model: nn.Module, sparsity: Union[None, float, Mapping[str, float]]
         a few hundred samples in all; run under ``torch.no_grad``.
       refine: ``"dsnot"`` to refine Wanda's masks by prune-and-grow swaps that lower each row's
         reconstruction error (N:M groups stay N:M).
+      moe: swap every Hugging Face sparse MoE block (Mixtral, Qwen2-MoE) for a
+        ``sparse_ext.MoELayer`` first (same weights; sparse dispatch, dense experts). Without it
+        such blocks are left as they are; either way the report has a row for each.
       allocation: how one float ``sparsity`` is spread over the layers with a calibrated method:
         ``"uniform"`` (default), ``"erk"`` (small layers denser) or ``"owl"`` (layers with more
         activation outliers denser); the overall sparsity stays ``sparsity``.
@@ -161,8 +166,10 @@ def sparsify(model: nn.Module, sparsity: Union[None, float, Mapping[str, float]]
     min_features = parse_min_features(min_features)
 
     report = SparsifyReport(global_pruning=global_pruning)
+    moe_rows = moe_report_rows(model, swap=moe)
     report.layers, candidates = select_layers(model, pattern, sparsity, per_layer, include,
                                               exclude, min_features)
+    report.layers = moe_rows + report.layers
     calibrated_masks, original = {}, {}
     if method in sparsify_calibrated.CALIBRATED and candidates:
         original = sparsify_calibrated.snapshot(candidates)

@@ -15,7 +15,7 @@ class LayerReport:
     kind: str                          # "Linear" or "Conv2d"
     shape: Tuple[int, ...]             # the weight's shape
     pattern: str
-    status: str                        # "sparse", "skipped" or "already sparse"
+    status: str                        # "sparse", "skipped", "already sparse" or "moe"
     reason: str = ""                   # why skipped ("" when swapped)
     sparsity: Optional[float] = None   # fraction of zero weights reached (None when skipped)
     dense_bytes: int = 0               # dense weight bytes (bias not counted)
@@ -69,6 +69,11 @@ class SparsifyReport:
         return [r for r in self.layers if r.status == "skipped"]
 
     @property
+    def moe_blocks(self) -> List[LayerReport]:
+        """Hugging Face MoE blocks seen: swapped for MoELayer (status "moe") or left as they are."""
+        return [r for r in self.layers if r.kind == "MoE"]
+
+    @property
     def already_sparse(self) -> List[LayerReport]:
         """Layers that were sparse_ext modules before the call (left as they are)."""
         return [r for r in self.layers if r.status == "already sparse"]
@@ -98,7 +103,7 @@ class SparsifyReport:
                    "ratio", "note"]
         rows = []
         for r in self.layers:
-            sparse = r.status != "skipped"
+            sparse = r.status not in ("skipped", "moe")
             rows.append([
                 r.name or "<root>", r.kind, "x".join(str(s) for s in r.shape),
                 r.pattern if sparse else "-",
@@ -107,7 +112,7 @@ class SparsifyReport:
                 f"{r.sparse_bytes / 1024:.1f}" if sparse else "-",
                 f"{r.ratio:.3f}" if sparse and r.ratio is not None else "-",
                 (r.reason or _note(r))
-                if sparse else f"skipped: {r.reason}",
+                if sparse else r.reason if r.status == "moe" else f"skipped: {r.reason}",
             ])
         if self.sparsified:
             ratio = self.sparse_bytes / self.dense_bytes if self.dense_bytes else 0.0
@@ -167,3 +172,25 @@ def _note(row: LayerReport) -> str:
     if row.error is not None:
         notes.append(f"reconstruction error {row.error:.3g}")
     return ", ".join(notes)
+
+
+def moe_report_rows(model: nn.Module, swap: bool) -> List[LayerReport]:
+    """A row per Hugging Face sparse MoE block of ``model``, swapping each for a MoELayer first
+    when ``swap`` (its experts stay dense: their bytes count as dense in every total)."""
+    from .moe_swap import find_moe_blocks, swap_moe
+
+    blocks = find_moe_blocks(model)
+    rows = []
+    for name, block in blocks:
+        experts = block.experts
+        params = sum(p.numel() * p.element_size() for p in experts.parameters())
+        e = block.gate.weight.shape[0]
+        top_k = getattr(block, "top_k", None) or getattr(block.gate, "top_k", "?")
+        rows.append(LayerReport(
+            name=name, kind="MoE", shape=(e,), pattern=f"top-{top_k}",
+            status="moe" if swap else "skipped", dense_bytes=params,
+            reason=("swapped for sparse_ext.MoELayer (sparse dispatch, dense experts)" if swap
+                    else "MoE block left as it is: sparsify(moe=True) swaps it for MoELayer")))
+    if swap:
+        swap_moe(model)
+    return rows

@@ -158,6 +158,7 @@ class MoELayer(nn.Module):
 
         kw = dict(dtype=dtype, device=device)
         self.router = nn.Linear(hidden_size, num_experts, bias=False, **kw)
+        self.router_logits_tap: Optional[nn.Module] = None  # set by from_hf (see there)
         f1 = 2 * ffn_size if gated else ffn_size
         self.w1 = nn.Parameter(torch.empty(self.num_local_experts, f1, hidden_size, **kw))
         self.w2 = nn.Parameter(torch.empty(self.num_local_experts, hidden_size, ffn_size, **kw))
@@ -209,6 +210,8 @@ class MoELayer(nn.Module):
         x2 = x.reshape(-1, self.hidden_size)
         logits, weights, indices = self.route(x2)
         self._router_logits, self._topk_indices = logits, indices
+        if self.router_logits_tap is not None:
+            self.router_logits_tap(logits)
         row_token, offsets, inverse = ops.moe_permute(indices, self.num_experts,
                                                       self.capacity(x2.shape[0]))
         if self.process_group is None:
@@ -327,6 +330,7 @@ class MoELayer(nn.Module):
                     shared_expert_size=shared_size, shared_expert_gate=shared_gate is not None,
                     router_jitter=float(getattr(block, "jitter_noise", 0.0) or 0.0),
                     dtype=w1.dtype, device=w1.device)
+        layer.router_logits_tap = _router_logits_tap(gate)
         with torch.no_grad():
             layer.router.weight.copy_(router_weight)
             layer.w1.copy_(w1)
@@ -345,6 +349,29 @@ class MoELayer(nn.Module):
                 f"gated={self.gated}, norm_topk_prob={self.norm_topk_prob}, scoring={self.scoring!r}, "
                 f"capacity_factor={self.capacity_factor}, local_experts={self.num_local_experts}, "
                 f"dtype={self.w1.dtype}")
+
+
+def _router_logits_tap(gate: nn.Module) -> Optional[nn.Module]:
+    """A parameter-free module of the HF router's own class whose forward hands the router logits
+    through, or None when the router is a plain ``nn.Linear`` (older transformers return the
+    logits from the block instead). Hugging Face models collect ``output_router_logits`` with
+    forward hooks on modules of the router class (the load-balancing loss reads them); calling
+    this tap with our logits lets those hooks see them."""
+    router_cls = type(gate)
+    if router_cls is nn.Linear or not issubclass(router_cls, nn.Module):
+        return None
+    tap_cls = type(f"{router_cls.__name__}LogitsTap", (router_cls,), {
+        "__init__": lambda self: nn.Module.__init__(self),
+        "forward": lambda self, logits: (logits, None, None),
+        "__doc__": "The router logits of a sparse_ext MoELayer, as the HF router returns them.",
+    })
+    tap = tap_cls()
+    # A model that already ran with output_router_logits has its hooks on the replaced router:
+    # the tap shares the router's hook tables, so those hooks (and any added later) see it.
+    for table in ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
+        if hasattr(gate, table):
+            setattr(tap, table, getattr(gate, table))
+    return tap
 
 
 def _hf_activation_name(module_or_fn, config=None) -> str:
