@@ -60,23 +60,26 @@ class SparsifyReport:
     def __contains__(self, name) -> bool:
         return any(row.name == name for row in self.layers)
 
+    def _with_status(self, status: str) -> List[LayerReport]:
+        return [r for r in self.layers if r.status == status]
+
     @property
     def sparsified(self) -> List[LayerReport]:
-        return [r for r in self.layers if r.status == "sparse"]
+        return self._with_status("sparse")
 
     @property
     def skipped(self) -> List[LayerReport]:
-        return [r for r in self.layers if r.status == "skipped"]
+        return self._with_status("skipped")
+
+    @property
+    def already_sparse(self) -> List[LayerReport]:
+        """Layers that were sparse_ext modules before the call (left as they are)."""
+        return self._with_status("already sparse")
 
     @property
     def moe_blocks(self) -> List[LayerReport]:
         """Hugging Face MoE blocks seen: swapped for MoELayer (status "moe") or left as they are."""
         return [r for r in self.layers if r.kind == "MoE"]
-
-    @property
-    def already_sparse(self) -> List[LayerReport]:
-        """Layers that were sparse_ext modules before the call (left as they are)."""
-        return [r for r in self.layers if r.status == "already sparse"]
 
     @property
     def dense_bytes(self) -> int:
