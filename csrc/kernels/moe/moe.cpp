@@ -322,7 +322,9 @@ template void moe_activate_backward<double>(MoeActivation, const double*, const 
                                             const double*, int64_t, double*, double*);
 
 // ---- Registry ----------------------------------------------------------------------------------
-const MoeUkernels* moe_ukernels(Isa isa, MoeWeightType wt) {
+const MoeUkernels* moe_ukernels(Isa isa, ValueType wt) {
+  // Expert weights are stored as f32 or bf16 only; the per-ISA tables know no other type.
+  if (wt != ValueType::kF32 && wt != ValueType::kBF16) return nullptr;
   switch (isa) {
     case Isa::kScalar: return moe_ukernels_scalar(wt);
     case Isa::kAvx2: return moe_ukernels_avx2(wt);
@@ -337,7 +339,7 @@ const std::vector<MoeRegistryEntry>& registry() {
   static const std::vector<MoeRegistryEntry> entries = [] {
     std::vector<MoeRegistryEntry> out;
     for (Isa isa : kAllIsas)
-      for (MoeWeightType wt : {MoeWeightType::kF32, MoeWeightType::kBF16}) {
+      for (ValueType wt : {ValueType::kF32, ValueType::kBF16}) {
         const MoeUkernels* k = moe_ukernels(isa, wt);
         if (k != nullptr) out.push_back({isa, wt, k});
       }
