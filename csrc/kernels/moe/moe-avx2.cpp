@@ -246,15 +246,15 @@ void swiglu_avx2(const float* g, const float* u, int64_t n, float* h) {
 // threads, weights from memory) the GEMV is 1.2-1.5x faster than the GEMM up to 24 rows per
 // expert, 1.2x at 32, even at 48-64. No crossover to at::mm: there the GEMM ukernel beats MKL's
 // per-expert GEMMs at every length (~195 against 130-165 GFLOP/s on two cores).
-const MoeUkernels kF32 = {"se_f32_moe_gemv_ukernel_3x4__avx2_fma",
+const MoeUkernels kF32 = {"f32-moegemv-3x4-avx2",
                           gemv_3x4<ValueType::kF32>, 3, 4,
-                          "se_f32_moe_swiglu_ukernel__avx2_fma", swiglu_avx2,
-                          "se_f32_moe_gemm_ukernel_6x16__avx2_fma",
+                          "f32-swiglu-8x1-avx2", swiglu_avx2,
+                          "f32-moegemm-6x16-avx2",
                           moe_gemm_f32_6x16_avx2, 48, 0};
-const MoeUkernels kBF16 = {"se_bf16_moe_gemv_ukernel_3x4__avx2_fma",
+const MoeUkernels kBF16 = {"bf16-moegemv-3x4-avx2",
                            gemv_3x4<ValueType::kBF16>, 3, 4,
-                           "se_f32_moe_swiglu_ukernel__avx2_fma", swiglu_avx2,
-                           "se_bf16_moe_gemm_ukernel_6x16__avx2_fma",
+                           "f32-swiglu-8x1-avx2", swiglu_avx2,
+                           "bf16-moegemm-6x16-avx2",
                            moe_gemm_bf16_6x16_avx2, 48, 0};
 
 }  // namespace

@@ -311,15 +311,15 @@ void swiglu_avx512(const float* g, const float* u, int64_t n, float* h) {
 // faster at 64 rows, even at 128, 1.07x slower at 192 and 1.2-1.27x slower at 512, so segments
 // past 160 rows go to at::mm; bf16 1.28x faster at 128 rows, 1.14x at 256, 1.08x slower at 512:
 // past 384 rows.
-const MoeUkernels kF32 = {"se_f32_moe_gemv_ukernel_3x8__avx512",
+const MoeUkernels kF32 = {"f32-moegemv-3x8-avx512",
                           gemv<ValueType::kF32>, 3, 8,
-                          "se_f32_moe_swiglu_ukernel__avx512", swiglu_avx512,
-                          "se_f32_moe_gemm_ukernel_8x48__avx512",
+                          "f32-swiglu-16x1-avx512", swiglu_avx512,
+                          "f32-moegemm-8x48-avx512",
                           moe_gemm_f32_8x48_avx512, 48, 160};
-const MoeUkernels kBF16 = {"se_bf16_moe_gemv_ukernel_4x4__avx512",
+const MoeUkernels kBF16 = {"bf16-moegemv-4x4-avx512",
                            gemv<ValueType::kBF16>, 4, 4,
-                           "se_f32_moe_swiglu_ukernel__avx512", swiglu_avx512,
-                           "se_bf16_moe_gemm_ukernel_8x48__avx512",
+                           "f32-swiglu-16x1-avx512", swiglu_avx512,
+                           "bf16-moegemm-8x48-avx512",
                            moe_gemm_bf16_8x48_avx512, 24, 384};
 
 }  // namespace

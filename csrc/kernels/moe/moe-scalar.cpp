@@ -32,15 +32,15 @@ void swiglu_scalar(const float* g, const float* u, int64_t n, float* h) {
 
 // The reference loop serves as both the GEMV and the GEMM entry (the glue never runs the scalar
 // tier's GEMM: long segments go to at::mm there), so the crossover is nominal.
-const MoeUkernels kF32 = {"se_f32_moe_gemv_ukernel_1x1__scalar",
+const MoeUkernels kF32 = {"f32-moegemv-1x1-scalar",
                           gemv_1x1_scalar<ValueType::kF32>, 1, 1,
-                          "se_f32_moe_swiglu_ukernel__scalar", swiglu_scalar,
-                          "se_f32_moe_gemm_ukernel_1x1__scalar",
+                          "f32-swiglu-1x1-scalar", swiglu_scalar,
+                          "f32-moegemm-1x1-scalar",
                           gemv_1x1_scalar<ValueType::kF32>, 48, 0};
-const MoeUkernels kBF16 = {"se_bf16_moe_gemv_ukernel_1x1__scalar",
+const MoeUkernels kBF16 = {"bf16-moegemv-1x1-scalar",
                            gemv_1x1_scalar<ValueType::kBF16>, 1, 1,
-                           "se_f32_moe_swiglu_ukernel__scalar", swiglu_scalar,
-                           "se_bf16_moe_gemm_ukernel_1x1__scalar",
+                           "f32-swiglu-1x1-scalar", swiglu_scalar,
+                           "bf16-moegemm-1x1-scalar",
                            gemv_1x1_scalar<ValueType::kBF16>, 48, 0};
 
 }  // namespace

@@ -118,14 +118,14 @@ using MoeGemvUkernel = void (*)(const void* w, int64_t K, int64_t r0, int64_t r1
 using MoeSiluUkernel = void (*)(const float* g, const float* u, int64_t n, float* h);
 
 struct MoeUkernels {
-  const char* gemv_name;  // XNNPACK style: se_<dtype>_moe_gemv_ukernel_<MR>x<NR>__<isa>
+  const char* gemv_name;  // <dtype>-moegemv-<rows>x<tokens>-<isa>
   MoeGemvUkernel gemv;
   int64_t mr;  // weight rows per register tile
   int64_t nr;  // tokens per register tile
-  const char* silu_name;  // se_f32_moe_swiglu_ukernel__<isa>
+  const char* silu_name;  // f32-swiglu-<width>x1-<isa>
   MoeSiluUkernel silu;
   // Same contract as gemv, for long segments (prefill): packs W's rows into panels once per call
-  // and runs a broadcast register tile. se_<dtype>_moe_gemm_ukernel_<tokens>x<rows>__<isa>.
+  // and runs a broadcast register tile. <dtype>-moegemm-<tokens>x<rows>-<isa>.
   const char* gemm_name;
   MoeGemvUkernel gemm;
   // Segments of at most this many tokens run faster with `gemv` than with `gemm` (the measured
