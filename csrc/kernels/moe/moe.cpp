@@ -7,6 +7,8 @@
 #include <cstring>
 #include <vector>
 
+#include "../common/registry.h"
+
 namespace sparse_ext {
 
 // ---- Routing -----------------------------------------------------------------------------------
@@ -335,22 +337,17 @@ const MoeUkernels* moe_ukernels(Isa isa, ValueType wt) {
 
 namespace {
 
-const std::vector<MoeRegistryEntry>& registry() {
-  static const std::vector<MoeRegistryEntry> entries = [] {
-    std::vector<MoeRegistryEntry> out;
+const UkernelRegistry<MoeRegistryEntry>& registry() {
+  static const UkernelRegistry<MoeRegistryEntry> entries([](auto add) {
     for (Isa isa : kAllIsas)
-      for (ValueType wt : {ValueType::kF32, ValueType::kBF16}) {
-        const MoeUkernels* k = moe_ukernels(isa, wt);
-        if (k != nullptr) out.push_back({isa, wt, k});
-      }
-    return out;
-  }();
+      for (ValueType wt : {ValueType::kF32, ValueType::kBF16}) add({isa, wt, moe_ukernels(isa, wt)});
+  });
   return entries;
 }
 
 }  // namespace
 
-int moe_registry_size() { return static_cast<int>(registry().size()); }
-const MoeRegistryEntry& moe_registry_entry(int i) { return registry()[static_cast<size_t>(i)]; }
+int moe_registry_size() { return registry().size(); }
+const MoeRegistryEntry& moe_registry_entry(int i) { return registry().entry(i); }
 
 }  // namespace sparse_ext
