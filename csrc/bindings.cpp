@@ -101,7 +101,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     for (int i = 0; i < sparse_ext::moe_registry_size(); ++i) {
       const auto& e = sparse_ext::moe_registry_entry(i);
       rows.emplace_back(sparse_ext::isa_name(e.isa),
-                        e.weight_type == sparse_ext::MoeWeightType::kF32 ? "float32" : "bfloat16",
+                        e.weight_type == sparse_ext::ValueType::kF32 ? "float32" : "bfloat16",
                         e.kernels->gemv_name, e.kernels->silu_name, e.kernels->gemm_name);
     }
     return rows;

@@ -93,7 +93,7 @@ def test_set_isa_rejects_unknown_and_unsupported():
 
 @pytest.mark.parametrize("registry,name_column,scalar_name,avx2_name", [
     ("spmm_registry", 4, "f32-spmm-8x1-scalar", "f32-spmm-32x1-avx2"),
-    ("conv_registry", 2, "f32-spmm-conv1x1-8x1-scalar", "f32-spmm-conv1x1-64x1-avx2"),
+    ("conv_registry", 2, "f32-conv1x1-8x1-scalar", "f32-conv1x1-64x1-avx2"),
 ])
 def test_registry_lists_every_compiled_variant(registry, name_column, scalar_name, avx2_name):
     names = {r[name_column] for r in getattr(se._C, registry)()}

@@ -194,10 +194,10 @@ at::Tensor moe_expert_mlp_cpu(const at::Tensor& x, const at::Tensor& row_token_i
     return y;
   }
 
-  const MoeWeightType wt1 = w1.scalar_type() == at::kBFloat16 ? MoeWeightType::kBF16
-                                                              : MoeWeightType::kF32;
-  const MoeWeightType wt2 = w2.scalar_type() == at::kBFloat16 ? MoeWeightType::kBF16
-                                                              : MoeWeightType::kF32;
+  const ValueType wt1 = w1.scalar_type() == at::kBFloat16 ? ValueType::kBF16
+                                                              : ValueType::kF32;
+  const ValueType wt2 = w2.scalar_type() == at::kBFloat16 ? ValueType::kBF16
+                                                              : ValueType::kF32;
   // Segments past the GEMV rows are "long". Two policies for them, timed by the plan cache where
   // the active tier has its own GEMM ("kernels", the default with tuning off, and "blas": at::mm
   // per expert). Long segments run our GEMM ukernel only where it was written for the active tier; a tier
@@ -313,7 +313,7 @@ at::Tensor moe_expert_mlp_cpu(const at::Tensor& x, const at::Tensor& row_token_i
   int64_t longest = 0;
   for (int64_t e = 0; e < a.E; ++e) longest = std::max(longest, o[e + 1] - o[e]);
   const std::string key = plan_key(
-      "moe_experts", {wt1 == MoeWeightType::kBF16 ? "bf16" : "f32", "H" + std::to_string(a.H),
+      "moe_experts", {wt1 == ValueType::kBF16 ? "bf16" : "f32", "H" + std::to_string(a.H),
                       "F" + std::to_string(a.F), "E" + std::to_string(a.E),
                       "rows" + std::to_string(plan_bucket(a.kept)),
                       "longest" + std::to_string(plan_bucket(longest))});

@@ -28,7 +28,7 @@ void check_gemv(const MoeRegistryEntry& e, bool gemm, int64_t rows, int64_t K, i
     wb[i] = float_to_bf16(rng.uniform());
     wf[i] = bf16_to_float(wb[i]);  // same numbers in both types
   }
-  const void* w = e.weight_type == MoeWeightType::kF32 ? static_cast<const void*>(wf.data())
+  const void* w = e.weight_type == ValueType::kF32 ? static_cast<const void*>(wf.data())
                                                        : static_cast<const void*>(wb.data());
   const int64_t ldx = pad ? K + 3 : K;
   std::vector<float> x(static_cast<size_t>(tokens * ldx));

@@ -8,8 +8,8 @@
 
 #include <cstdint>
 
-#include "../spmm/spmm.h"  // ValueType
 #include "bf16.h"
+#include "value_type.h"
 #include "values.h"  // load1_value
 
 namespace sparse_ext {

@@ -5,8 +5,8 @@
 
 #include <cstdint>
 
-#include "../spmm/spmm.h"  // ValueType
 #include "bf16.h"
+#include "value_type.h"
 
 namespace sparse_ext {
 namespace {

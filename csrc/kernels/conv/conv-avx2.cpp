@@ -293,8 +293,8 @@ void kxk_avx2(const SpmmWeight& w, const ConvTap* taps, const ConvPlanes& in, in
 
 // kxk names: <rows>x<columns> pixels per register tile x NR channels.
 #define SE_AVX2_CONV(R, NV, MR, KNV, KROWS, KMR) \
-  ConvUkernels { "f32-spmm-conv1x1-" #MR "x" #R "-avx2", conv1x1_avx2<R, NV>, MR, \
-                 "f32-spconv-kxk-" #KROWS "x" #KMR "x" #R "-avx2", kxk_avx2<R, KNV, KROWS> }
+  ConvUkernels { "f32-conv1x1-" #MR "x" #R "-avx2", conv1x1_avx2<R, NV>, MR, \
+                 "f32-convkxk-" #KROWS "x" #KMR "x" #R "-avx2", kxk_avx2<R, KNV, KROWS> }
 
 const ConvUkernels kAvx2[4] = {SE_AVX2_CONV(1, 8, 64, 4, 2, 32), SE_AVX2_CONV(2, 4, 32, 2, 2, 16),
                                SE_AVX2_CONV(4, 2, 16, 1, 2, 8), SE_AVX2_CONV(8, 1, 8, 1, 1, 8)};

@@ -329,8 +329,8 @@ void kxk_avx512(const SpmmWeight& w, const ConvTap* taps, const ConvPlanes& in, 
 // widest register tile x NR channels.
 #define SE_AVX512_CONV(R, NV, MR, KNV, KROWS, KMR)                                     \
   ConvUkernels {                                                                       \
-    "f32-spmm-conv1x1-" #MR "x" #R "-avx512", conv1x1_avx512<R, NV>, MR,               \
-        "f32-spconv-kxk-" #KROWS "x" #KMR "x" #R "-avx512", kxk_avx512<R, KNV>, 16     \
+    "f32-conv1x1-" #MR "x" #R "-avx512", conv1x1_avx512<R, NV>, MR,               \
+        "f32-convkxk-" #KROWS "x" #KMR "x" #R "-avx512", kxk_avx512<R, KNV>, 16     \
   }
 
 static_assert(kxk_rows(1, 4) == 6 && kxk_rows(2, 4) == 3 && kxk_rows(4, 2) == 3 &&

@@ -81,7 +81,7 @@ void conv1x1_neon(const SpmmWeight& w, const float* x, int64_t ldx, int64_t p0, 
 }
 
 #define SE_NEON_CONV(R, NV, MR) \
-  ConvUkernels { "f32-spmm-conv1x1-" #MR "x" #R "-neonfma", conv1x1_neon<R, NV>, MR, nullptr, nullptr }
+  ConvUkernels { "f32-conv1x1-" #MR "x" #R "-neon", conv1x1_neon<R, NV>, MR, nullptr, nullptr }
 
 const ConvUkernels kNeon[4] = {SE_NEON_CONV(1, 8, 32), SE_NEON_CONV(2, 4, 16),
                                SE_NEON_CONV(4, 4, 16), SE_NEON_CONV(8, 2, 8)};

@@ -77,8 +77,8 @@ void kxk_scalar(const SpmmWeight& w, const ConvTap* taps, const ConvPlanes& in, 
 }
 
 #define SE_SCALAR_CONV(R) \
-  ConvUkernels { "f32-spmm-conv1x1-8x" #R "-scalar", conv1x1_scalar<R>, kScalarMR, \
-                 "f32-spconv-kxk-1x" #R "-scalar", kxk_scalar<R> }
+  ConvUkernels { "f32-conv1x1-8x" #R "-scalar", conv1x1_scalar<R>, kScalarMR, \
+                 "f32-convkxk-1x" #R "-scalar", kxk_scalar<R> }
 
 const ConvUkernels kScalar[4] = {SE_SCALAR_CONV(1), SE_SCALAR_CONV(2), SE_SCALAR_CONV(4),
                                  SE_SCALAR_CONV(8)};

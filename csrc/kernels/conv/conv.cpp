@@ -6,6 +6,8 @@
 #include <cstring>
 #include <vector>
 
+#include "../common/registry.h"
+
 namespace sparse_ext {
 
 namespace {
@@ -192,18 +194,11 @@ template void conv_grad_values_ref<double>(const SpmmWeight&, const ConvShape&, 
 
 namespace {
 
-std::vector<ConvRegistryEntry> build_registry() {
-  std::vector<ConvRegistryEntry> entries;
-  for (Isa isa : kAllIsas)
-    for (int64_t R : {1, 2, 4, 8}) {
-      const ConvUkernels* k = conv_ukernels(isa, R);
-      if (k != nullptr) entries.push_back({isa, R, k});
-    }
-  return entries;
-}
-
-const std::vector<ConvRegistryEntry>& registry() {
-  static const std::vector<ConvRegistryEntry> entries = build_registry();
+const UkernelRegistry<ConvRegistryEntry>& registry() {
+  static const UkernelRegistry<ConvRegistryEntry> entries([](auto add) {
+    for (Isa isa : kAllIsas)
+      for (int64_t R : {1, 2, 4, 8}) add({isa, R, conv_ukernels(isa, R)});
+  });
   return entries;
 }
 
@@ -219,7 +214,7 @@ const ConvUkernels* conv_ukernels(Isa isa, int64_t block_rows) {
   }
 }
 
-int conv_registry_size() { return static_cast<int>(registry().size()); }
-const ConvRegistryEntry& conv_registry_entry(int i) { return registry()[static_cast<size_t>(i)]; }
+int conv_registry_size() { return registry().size(); }
+const ConvRegistryEntry& conv_registry_entry(int i) { return registry().entry(i); }
 
 }  // namespace sparse_ext

@@ -24,6 +24,7 @@
 #include <string>
 
 #include "../common/isa.h"
+#include "../common/value_type.h"
 #include "../spmm/spmm.h"
 
 namespace sparse_ext {

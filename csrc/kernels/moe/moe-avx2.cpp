@@ -14,7 +14,7 @@
 #include <vector>
 
 #include "../common/bf16.h"
-#include "../spmm/spmm.h"  // ValueType, for common/avx2-values.h (included under the pragma)
+#include "../common/value_type.h"  // for common/avx2-values.h (included under the pragma)
 #include "moe.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -35,7 +35,7 @@ namespace {
 // pf: the next row block; this pass prefetches its rows m with m % pf_mod == pf_rem into L2
 // (T1: measured 1.1-1.2x faster than into L1 here, which leaves the L1 miss buffers to the
 // passes' own loads).
-template <MoeWeightType WT, int MR, int NR>
+template <ValueType WT, int MR, int NR>
 inline void tile(const void* w, int64_t K, int64_t r, const float* x, int64_t ldx, float* y,
                  int64_t ldy, const char* pf, int pf_mod = 1, int pf_rem = 0) {
   __m256 acc[MR][NR];
@@ -69,7 +69,7 @@ inline void tile(const void* w, int64_t K, int64_t r, const float* x, int64_t ld
 // chains hide the FMA latency while the weight rows stream. The next row block (pf) is prefetched
 // into L2: measured 1.1x (fp32) and 1.2x (bf16) more bandwidth than the hardware prefetchers or
 // prefetches into L1 reach alone.
-template <MoeWeightType WT, int MR>
+template <ValueType WT, int MR>
 inline void tile_1tok(const void* w, int64_t K, int64_t r, const float* x, float* y,
                       const char* pf) {
   __m256 acc0[MR], acc1[MR];
@@ -77,7 +77,7 @@ inline void tile_1tok(const void* w, int64_t K, int64_t r, const float* x, float
   int64_t c = 0;
   for (; c + 16 <= K; c += 16) {
     const __m256 x0 = _mm256_loadu_ps(x + c), x1 = _mm256_loadu_ps(x + c + 8);
-    if (pf != nullptr && (WT == MoeWeightType::kF32 || (c & 16) == 0))
+    if (pf != nullptr && (WT == ValueType::kF32 || (c & 16) == 0))
       for (int m = 0; m < MR; ++m) _mm_prefetch(pf + ((m * K + c) * kWBytes<WT>), _MM_HINT_T1);
     for (int m = 0; m < MR; ++m) {
       acc0[m] = _mm256_fmadd_ps(load8_weight<WT>(w, (r + m) * K + c), x0, acc0[m]);
@@ -132,7 +132,7 @@ inline void tile_1tok_bf16_unpack(const uint16_t* w, int64_t K, int64_t r, const
 // are prefetched spread over the passes (pass i takes rows m % passes == i) so memory keeps
 // streaming while later passes compute from L1.
 constexpr int kPassTokens = 4;
-template <MoeWeightType WT, int MR>
+template <ValueType WT, int MR>
 inline void rows_all_tokens(const void* w, int64_t K, int64_t r, const float* x, int64_t ldx,
                             int64_t tokens, float* y, int64_t ldy, const char* pf) {
   const int64_t passes = (tokens + kPassTokens - 1) / kPassTokens;
@@ -155,12 +155,12 @@ inline void rows_all_tokens(const void* w, int64_t K, int64_t r, const float* x,
 
 // Entry: rows [r0, r1) of W [rows, K] (f32 | bf16, row stride K) against x float [tokens, ldx];
 // writes y float [tokens, ldy] at columns r - r0.
-template <MoeWeightType WT>
+template <ValueType WT>
 void gemv_3x4(const void* w, int64_t K, int64_t r0, int64_t r1, const float* x, int64_t ldx,
               int64_t tokens, float* y, int64_t ldy) {
   const char* base = static_cast<const char*>(w);
   int64_t r = r0;
-  if constexpr (WT == MoeWeightType::kBF16) {
+  if constexpr (WT == ValueType::kBF16) {
     if (tokens == 1 && K >= 16) {
       // xp: x permuted per 16-block to the unpack order [0..3, 8..11, 4..7, 12..15].
       std::vector<float> xp(static_cast<size_t>(K / 16 * 16));
@@ -246,21 +246,21 @@ void swiglu_avx2(const float* g, const float* u, int64_t n, float* h) {
 // threads, weights from memory) the GEMV is 1.2-1.5x faster than the GEMM up to 24 rows per
 // expert, 1.2x at 32, even at 48-64. No crossover to at::mm: there the GEMM ukernel beats MKL's
 // per-expert GEMMs at every length (~195 against 130-165 GFLOP/s on two cores).
-const MoeUkernels kF32 = {"se_f32_moe_gemv_ukernel_3x4__avx2_fma",
-                          gemv_3x4<MoeWeightType::kF32>, 3, 4,
-                          "se_f32_moe_swiglu_ukernel__avx2_fma", swiglu_avx2,
-                          "se_f32_moe_gemm_ukernel_6x16__avx2_fma",
+const MoeUkernels kF32 = {"f32-moegemv-3x4-avx2",
+                          gemv_3x4<ValueType::kF32>, 3, 4,
+                          "f32-swiglu-8x1-avx2", swiglu_avx2,
+                          "f32-moegemm-6x16-avx2",
                           moe_gemm_f32_6x16_avx2, 48, 0};
-const MoeUkernels kBF16 = {"se_bf16_moe_gemv_ukernel_3x4__avx2_fma",
-                           gemv_3x4<MoeWeightType::kBF16>, 3, 4,
-                           "se_f32_moe_swiglu_ukernel__avx2_fma", swiglu_avx2,
-                           "se_bf16_moe_gemm_ukernel_6x16__avx2_fma",
+const MoeUkernels kBF16 = {"bf16-moegemv-3x4-avx2",
+                           gemv_3x4<ValueType::kBF16>, 3, 4,
+                           "f32-swiglu-8x1-avx2", swiglu_avx2,
+                           "bf16-moegemm-6x16-avx2",
                            moe_gemm_bf16_6x16_avx2, 48, 0};
 
 }  // namespace
 
-const MoeUkernels* moe_ukernels_avx2(MoeWeightType wt) {
-  return wt == MoeWeightType::kF32 ? &kF32 : &kBF16;
+const MoeUkernels* moe_ukernels_avx2(ValueType wt) {
+  return wt == ValueType::kF32 ? &kF32 : &kBF16;
 }
 
 }  // namespace sparse_ext
@@ -269,7 +269,7 @@ const MoeUkernels* moe_ukernels_avx2(MoeWeightType wt) {
 #else
 
 namespace sparse_ext {
-const MoeUkernels* moe_ukernels_avx2(MoeWeightType) { return nullptr; }
+const MoeUkernels* moe_ukernels_avx2(ValueType) { return nullptr; }
 }  // namespace sparse_ext
 
 #endif

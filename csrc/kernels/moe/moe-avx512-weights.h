@@ -1,4 +1,4 @@
-// Expert weight loads (fp32 or bf16, keyed by MoeWeightType) for the MoE AVX-512 kernel files,
+// Expert weight loads (fp32 or bf16, keyed by ValueType) for the MoE AVX-512 kernel files,
 // moe-avx512.cpp and moe-gemm-avx512.cpp: the shared value loads of common/avx512-values.h under
 // the MoE weight type. Same rules as avx512-values.h: include it only inside an AVX-512 file's
 // target pragma region, after all standard headers (anonymous namespace).
@@ -9,15 +9,15 @@
 #include <cstdint>
 
 #include "../common/avx512-values.h"
-#include "moe-weights.h"  // kWeightValueType, kWBytes
+#include "moe-weights.h"  // kWBytes
 
 namespace sparse_ext {
 namespace {
 
 // 16 consecutive weights from index i as fp32; lanes outside `mask` are zero and not read.
-template <MoeWeightType WT>
+template <ValueType WT>
 inline __m512 load16_weight(const void* w, int64_t i, __mmask16 mask = 0xFFFF) {
-  return load16_values<kWeightValueType<WT>>(w, i, mask);
+  return load16_values<WT>(w, i, mask);
 }
 
 // The first n lanes of 32 (n <= 32), for 16-bit masked loads.

@@ -12,7 +12,7 @@
 #include <vector>
 
 #include "../common/bf16.h"
-#include "../spmm/spmm.h"  // ValueType, for common/avx512-values.h (included under the pragma)
+#include "../common/value_type.h"  // for common/avx512-values.h (included under the pragma)
 #include "moe.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -165,17 +165,17 @@ inline void tile_bf16(const uint16_t* w, int64_t K, int64_t r, const float* xs, 
 // in L2, 8 tokens, K 1024): fp32 3 x 8 (87 GFLOP/s) beats 4 x 6, 4 x 5, 4 x 8 and 2 x 8 (78-84);
 // bf16 4 x 4 (two passes for 8 tokens, 81-85) beats 2 x 8 and 3 x 6 (56-59), whose two widened
 // vectors per row leave fewer registers for accumulators.
-template <MoeWeightType WT>
-constexpr int kTileRows = WT == MoeWeightType::kF32 ? 3 : 4;
+template <ValueType WT>
+constexpr int kTileRows = WT == ValueType::kF32 ? 3 : 4;
 // Token pass sizes: at most kPassTokens per pass, passes as equal as possible (fp32, 9 tokens:
 // 5 + 4, not 8 + 1: a 1-token pass has only MR FMA chains and runs latency-bound).
-template <MoeWeightType WT>
-constexpr int kPassTokens = WT == MoeWeightType::kF32 ? 8 : 4;
+template <ValueType WT>
+constexpr int kPassTokens = WT == ValueType::kF32 ? 8 : 4;
 
-template <MoeWeightType WT, int MR, int NR>
+template <ValueType WT, int MR, int NR>
 inline void tile(const void* w, int64_t K, int64_t r, const float* x, int64_t ldx, float* y,
                  int64_t ldy, const char* pf, int pf_mod, int pf_rem) {
-  if constexpr (WT == MoeWeightType::kF32)
+  if constexpr (WT == ValueType::kF32)
     tile_f32<MR, NR>(static_cast<const float*>(w), K, r, x, ldx, y, ldy, pf, pf_mod, pf_rem);
   else
     tile_bf16<MR, NR>(static_cast<const uint16_t*>(w), K, r, x, ldx, y, ldy, pf, pf_mod, pf_rem);
@@ -184,7 +184,7 @@ inline void tile(const void* w, int64_t K, int64_t r, const float* x, int64_t ld
 // Rows [r, r + MR) against all tokens, in ceil(tokens / kPassTokens) passes; `pf` (the next row
 // block, or null) is prefetched spread over the passes so memory keeps streaming while later passes
 // compute from L1. x: fp32 rows (f32 weights) or even_odd_order rows (bf16 weights), stride ldx.
-template <MoeWeightType WT, int MR>
+template <ValueType WT, int MR>
 inline void rows_all_tokens(const void* w, int64_t K, int64_t r, const float* x, int64_t ldx,
                             int64_t tokens, float* y, int64_t ldy, const char* pf) {
   const int64_t passes = (tokens + kPassTokens<WT> - 1) / kPassTokens<WT>;
@@ -212,7 +212,7 @@ inline void rows_all_tokens(const void* w, int64_t K, int64_t r, const float* x,
 
 // Entry (MoeGemvUkernel): rows [r0, r1) of W [rows, K] (f32 | bf16, row stride K) against
 // x float [tokens, ldx]; writes y float [tokens, ldy] at columns r - r0.
-template <MoeWeightType WT>
+template <ValueType WT>
 void gemv(const void* w, int64_t K, int64_t r0, int64_t r1, const float* x, int64_t ldx,
           int64_t tokens, float* y, int64_t ldy) {
   if (r1 <= r0 || tokens <= 0) return;
@@ -221,7 +221,7 @@ void gemv(const void* w, int64_t K, int64_t r0, int64_t r1, const float* x, int6
   // bf16: x rows in even_odd_order, per-thread scratch kept for the thread's lifetime.
   const float* xk = x;
   int64_t ldk = ldx;
-  if constexpr (WT == MoeWeightType::kBF16) {
+  if constexpr (WT == ValueType::kBF16) {
     thread_local std::vector<float> scratch;
     ldk = (K + 31) / 32 * 32;
     if (scratch.size() < static_cast<size_t>(tokens * ldk))
@@ -235,7 +235,7 @@ void gemv(const void* w, int64_t K, int64_t r0, int64_t r1, const float* x, int6
     for (; r < r1; r += MR) {
       const char* pf = r + 2 * MR <= r1 ? base + (r + MR) * row_bytes : nullptr;
       float* yr = y + (r - r0);
-      if constexpr (WT == MoeWeightType::kF32) {
+      if constexpr (WT == ValueType::kF32) {
         const float* wf = static_cast<const float*>(w);
         switch (std::min<int64_t>(MR, r1 - r)) {
           case 4: rows_1tok_f32<4>(wf, K, r, x, yr, pf); break;
@@ -311,15 +311,15 @@ void swiglu_avx512(const float* g, const float* u, int64_t n, float* h) {
 // faster at 64 rows, even at 128, 1.07x slower at 192 and 1.2-1.27x slower at 512, so segments
 // past 160 rows go to at::mm; bf16 1.28x faster at 128 rows, 1.14x at 256, 1.08x slower at 512:
 // past 384 rows.
-const MoeUkernels kF32 = {"se_f32_moe_gemv_ukernel_3x8__avx512",
-                          gemv<MoeWeightType::kF32>, 3, 8,
-                          "se_f32_moe_swiglu_ukernel__avx512", swiglu_avx512,
-                          "se_f32_moe_gemm_ukernel_8x48__avx512",
+const MoeUkernels kF32 = {"f32-moegemv-3x8-avx512",
+                          gemv<ValueType::kF32>, 3, 8,
+                          "f32-swiglu-16x1-avx512", swiglu_avx512,
+                          "f32-moegemm-8x48-avx512",
                           moe_gemm_f32_8x48_avx512, 48, 160};
-const MoeUkernels kBF16 = {"se_bf16_moe_gemv_ukernel_4x4__avx512",
-                           gemv<MoeWeightType::kBF16>, 4, 4,
-                           "se_f32_moe_swiglu_ukernel__avx512", swiglu_avx512,
-                           "se_bf16_moe_gemm_ukernel_8x48__avx512",
+const MoeUkernels kBF16 = {"bf16-moegemv-4x4-avx512",
+                           gemv<ValueType::kBF16>, 4, 4,
+                           "f32-swiglu-16x1-avx512", swiglu_avx512,
+                           "bf16-moegemm-8x48-avx512",
                            moe_gemm_bf16_8x48_avx512, 24, 384};
 
 }  // namespace
@@ -327,8 +327,8 @@ const MoeUkernels kBF16 = {"se_bf16_moe_gemv_ukernel_4x4__avx512",
 #undef SE_ROW_SUMS
 #undef SE_UNROLL
 
-const MoeUkernels* moe_ukernels_avx512(MoeWeightType wt) {
-  return wt == MoeWeightType::kF32 ? &kF32 : &kBF16;
+const MoeUkernels* moe_ukernels_avx512(ValueType wt) {
+  return wt == ValueType::kF32 ? &kF32 : &kBF16;
 }
 
 }  // namespace sparse_ext
@@ -337,7 +337,7 @@ const MoeUkernels* moe_ukernels_avx512(MoeWeightType wt) {
 #else
 
 namespace sparse_ext {
-const MoeUkernels* moe_ukernels_avx512(MoeWeightType) { return nullptr; }
+const MoeUkernels* moe_ukernels_avx512(ValueType) { return nullptr; }
 }  // namespace sparse_ext
 
 #endif

@@ -16,7 +16,7 @@
 #include <vector>
 
 #include "../common/bf16.h"
-#include "../spmm/spmm.h"  // ValueType, for moe-avx2-weights.h (included under the pragma)
+#include "../common/value_type.h"  // for moe-avx2-weights.h (included under the pragma)
 #include "moe.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -57,7 +57,7 @@ inline void transpose8(__m256 v[8]) {
 }
 
 // panel float [K][16]: panel[k * 16 + j] = W[r + j, k] for j < rows (<= 16), 0 for j >= rows.
-template <MoeWeightType WT>
+template <ValueType WT>
 void pack_panel(const void* w, int64_t K, int64_t r, int64_t rows, float* panel) {
   for (int half = 0; half < 2; ++half) {
     const int64_t j0 = half * 8;
@@ -110,7 +110,7 @@ inline void panel_tile(const float* panel, int64_t K, const float* x, int64_t ld
   }
 }
 
-template <MoeWeightType WT>
+template <ValueType WT>
 void gemm_6x16(const void* w, int64_t K, int64_t r0, int64_t r1, const float* x, int64_t ldx,
                int64_t tokens, float* y, int64_t ldy) {
   if (r1 <= r0 || tokens <= 0) return;
@@ -148,12 +148,12 @@ void gemm_6x16(const void* w, int64_t K, int64_t r0, int64_t r1, const float* x,
 
 void moe_gemm_f32_6x16_avx2(const void* w, int64_t K, int64_t r0, int64_t r1, const float* x,
                             int64_t ldx, int64_t tokens, float* y, int64_t ldy) {
-  gemm_6x16<MoeWeightType::kF32>(w, K, r0, r1, x, ldx, tokens, y, ldy);
+  gemm_6x16<ValueType::kF32>(w, K, r0, r1, x, ldx, tokens, y, ldy);
 }
 
 void moe_gemm_bf16_6x16_avx2(const void* w, int64_t K, int64_t r0, int64_t r1, const float* x,
                              int64_t ldx, int64_t tokens, float* y, int64_t ldy) {
-  gemm_6x16<MoeWeightType::kBF16>(w, K, r0, r1, x, ldx, tokens, y, ldy);
+  gemm_6x16<ValueType::kBF16>(w, K, r0, r1, x, ldx, tokens, y, ldy);
 }
 
 }  // namespace sparse_ext

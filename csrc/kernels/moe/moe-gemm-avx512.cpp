@@ -18,7 +18,7 @@
 #include <cstring>
 
 #include "../common/bf16.h"
-#include "../spmm/spmm.h"  // ValueType, for moe-avx512-weights.h (included under the pragma)
+#include "../common/value_type.h"  // for moe-avx512-weights.h (included under the pragma)
 #include "moe.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -74,7 +74,7 @@ inline void transpose16(__m512 v[16]) {
 // block float [kc][48]: block[k * 48 + j] = W[r + j, k0 + k] for j < rows (<= 48), k < kc;
 // columns j >= rows of vectors that hold a row are zero, vectors past ceil(rows / 16) unwritten.
 // Loads are k-masked: nothing past row r + rows - 1 or column k0 + kc - 1 is read.
-template <MoeWeightType WT>
+template <ValueType WT>
 void pack_block(const void* w, int64_t K, int64_t r, int64_t rows, int64_t k0, int64_t kc,
                 float* block) {
   for (int64_t j0 = 0; j0 < rows; j0 += 16) {
@@ -138,7 +138,7 @@ inline void block_tokens(const float* block, int64_t kc, const float* x, int64_t
   }
 }
 
-template <MoeWeightType WT>
+template <ValueType WT>
 void gemm_8x48(const void* w, int64_t K, int64_t r0, int64_t r1, const float* x, int64_t ldx,
                int64_t tokens, float* y, int64_t ldy) {
   if (r1 <= r0 || tokens <= 0) return;
@@ -167,12 +167,12 @@ void gemm_8x48(const void* w, int64_t K, int64_t r0, int64_t r1, const float* x,
 
 void moe_gemm_f32_8x48_avx512(const void* w, int64_t K, int64_t r0, int64_t r1, const float* x,
                               int64_t ldx, int64_t tokens, float* y, int64_t ldy) {
-  gemm_8x48<MoeWeightType::kF32>(w, K, r0, r1, x, ldx, tokens, y, ldy);
+  gemm_8x48<ValueType::kF32>(w, K, r0, r1, x, ldx, tokens, y, ldy);
 }
 
 void moe_gemm_bf16_8x48_avx512(const void* w, int64_t K, int64_t r0, int64_t r1, const float* x,
                                int64_t ldx, int64_t tokens, float* y, int64_t ldy) {
-  gemm_8x48<MoeWeightType::kBF16>(w, K, r0, r1, x, ldx, tokens, y, ldy);
+  gemm_8x48<ValueType::kBF16>(w, K, r0, r1, x, ldx, tokens, y, ldy);
 }
 
 }  // namespace sparse_ext

@@ -5,9 +5,9 @@
 namespace sparse_ext {
 namespace {
 
-template <MoeWeightType WT>
+template <ValueType WT>
 inline float load_weight(const void* w, int64_t i) {
-  if constexpr (WT == MoeWeightType::kF32) {
+  if constexpr (WT == ValueType::kF32) {
     return static_cast<const float*>(w)[i];
   } else {
     return bf16_to_float(static_cast<const uint16_t*>(w)[i]);
@@ -15,7 +15,7 @@ inline float load_weight(const void* w, int64_t i) {
 }
 
 // w [rows, K] (f32 | bf16), x float [tokens, ldx], y float [tokens, ldy]; rows [r0, r1).
-template <MoeWeightType WT>
+template <ValueType WT>
 void gemv_1x1_scalar(const void* w, int64_t K, int64_t r0, int64_t r1, const float* x, int64_t ldx,
                      int64_t tokens, float* y, int64_t ldy) {
   for (int64_t r = r0; r < r1; ++r)
@@ -32,21 +32,21 @@ void swiglu_scalar(const float* g, const float* u, int64_t n, float* h) {
 
 // The reference loop serves as both the GEMV and the GEMM entry (the glue never runs the scalar
 // tier's GEMM: long segments go to at::mm there), so the crossover is nominal.
-const MoeUkernels kF32 = {"se_f32_moe_gemv_ukernel_1x1__scalar",
-                          gemv_1x1_scalar<MoeWeightType::kF32>, 1, 1,
-                          "se_f32_moe_swiglu_ukernel__scalar", swiglu_scalar,
-                          "se_f32_moe_gemm_ukernel_1x1__scalar",
-                          gemv_1x1_scalar<MoeWeightType::kF32>, 48, 0};
-const MoeUkernels kBF16 = {"se_bf16_moe_gemv_ukernel_1x1__scalar",
-                           gemv_1x1_scalar<MoeWeightType::kBF16>, 1, 1,
-                           "se_f32_moe_swiglu_ukernel__scalar", swiglu_scalar,
-                           "se_bf16_moe_gemm_ukernel_1x1__scalar",
-                           gemv_1x1_scalar<MoeWeightType::kBF16>, 48, 0};
+const MoeUkernels kF32 = {"f32-moegemv-1x1-scalar",
+                          gemv_1x1_scalar<ValueType::kF32>, 1, 1,
+                          "f32-swiglu-1x1-scalar", swiglu_scalar,
+                          "f32-moegemm-1x1-scalar",
+                          gemv_1x1_scalar<ValueType::kF32>, 48, 0};
+const MoeUkernels kBF16 = {"bf16-moegemv-1x1-scalar",
+                           gemv_1x1_scalar<ValueType::kBF16>, 1, 1,
+                           "f32-swiglu-1x1-scalar", swiglu_scalar,
+                           "bf16-moegemm-1x1-scalar",
+                           gemv_1x1_scalar<ValueType::kBF16>, 48, 0};
 
 }  // namespace
 
-const MoeUkernels* moe_ukernels_scalar(MoeWeightType wt) {
-  return wt == MoeWeightType::kF32 ? &kF32 : &kBF16;
+const MoeUkernels* moe_ukernels_scalar(ValueType wt) {
+  return wt == ValueType::kF32 ? &kF32 : &kBF16;
 }
 
 }  // namespace sparse_ext

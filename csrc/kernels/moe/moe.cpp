@@ -7,6 +7,8 @@
 #include <cstring>
 #include <vector>
 
+#include "../common/registry.h"
+
 namespace sparse_ext {
 
 // ---- Routing -----------------------------------------------------------------------------------
@@ -322,7 +324,9 @@ template void moe_activate_backward<double>(MoeActivation, const double*, const 
                                             const double*, int64_t, double*, double*);
 
 // ---- Registry ----------------------------------------------------------------------------------
-const MoeUkernels* moe_ukernels(Isa isa, MoeWeightType wt) {
+const MoeUkernels* moe_ukernels(Isa isa, ValueType wt) {
+  // Expert weights are stored as f32 or bf16 only; the per-ISA tables know no other type.
+  if (wt != ValueType::kF32 && wt != ValueType::kBF16) return nullptr;
   switch (isa) {
     case Isa::kScalar: return moe_ukernels_scalar(wt);
     case Isa::kAvx2: return moe_ukernels_avx2(wt);
@@ -333,22 +337,17 @@ const MoeUkernels* moe_ukernels(Isa isa, MoeWeightType wt) {
 
 namespace {
 
-const std::vector<MoeRegistryEntry>& registry() {
-  static const std::vector<MoeRegistryEntry> entries = [] {
-    std::vector<MoeRegistryEntry> out;
+const UkernelRegistry<MoeRegistryEntry>& registry() {
+  static const UkernelRegistry<MoeRegistryEntry> entries([](auto add) {
     for (Isa isa : kAllIsas)
-      for (MoeWeightType wt : {MoeWeightType::kF32, MoeWeightType::kBF16}) {
-        const MoeUkernels* k = moe_ukernels(isa, wt);
-        if (k != nullptr) out.push_back({isa, wt, k});
-      }
-    return out;
-  }();
+      for (ValueType wt : {ValueType::kF32, ValueType::kBF16}) add({isa, wt, moe_ukernels(isa, wt)});
+  });
   return entries;
 }
 
 }  // namespace
 
-int moe_registry_size() { return static_cast<int>(registry().size()); }
-const MoeRegistryEntry& moe_registry_entry(int i) { return registry()[static_cast<size_t>(i)]; }
+int moe_registry_size() { return registry().size(); }
+const MoeRegistryEntry& moe_registry_entry(int i) { return registry().entry(i); }
 
 }  // namespace sparse_ext

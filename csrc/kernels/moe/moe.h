@@ -14,6 +14,7 @@
 #include <string>
 
 #include "../common/isa.h"
+#include "../common/value_type.h"
 
 namespace sparse_ext {
 
@@ -105,8 +106,6 @@ void moe_activate_backward(MoeActivation act, const S* g, const S* u, const S* d
                            S* dg, S* du);
 
 // ---- Expert GEMV ukernels (decode-size segments) ------------------------------------------------
-enum class MoeWeightType : int { kF32 = 0, kBF16 = 1 };
-
 // Rows [r0, r1) of a row-major weight W [rows, K] against a few tokens:
 //   y[n * ldy + (r - r0)] = sum_{c < K} W[r, c] * x[n * ldx + c]   for n < tokens
 //   w  f32 | bf16 [rows, K] (row stride K)   x  float [tokens, ldx]   y  float [tokens, ldy]
@@ -119,14 +118,14 @@ using MoeGemvUkernel = void (*)(const void* w, int64_t K, int64_t r0, int64_t r1
 using MoeSiluUkernel = void (*)(const float* g, const float* u, int64_t n, float* h);
 
 struct MoeUkernels {
-  const char* gemv_name;  // XNNPACK style: se_<dtype>_moe_gemv_ukernel_<MR>x<NR>__<isa>
+  const char* gemv_name;  // <dtype>-moegemv-<rows>x<tokens>-<isa>
   MoeGemvUkernel gemv;
   int64_t mr;  // weight rows per register tile
   int64_t nr;  // tokens per register tile
-  const char* silu_name;  // se_f32_moe_swiglu_ukernel__<isa>
+  const char* silu_name;  // f32-swiglu-<width>x1-<isa>
   MoeSiluUkernel silu;
   // Same contract as gemv, for long segments (prefill): packs W's rows into panels once per call
-  // and runs a broadcast register tile. se_<dtype>_moe_gemm_ukernel_<tokens>x<rows>__<isa>.
+  // and runs a broadcast register tile. <dtype>-moegemm-<tokens>x<rows>-<isa>.
   const char* gemm_name;
   MoeGemvUkernel gemm;
   // Segments of at most this many tokens run faster with `gemv` than with `gemm` (the measured
@@ -137,11 +136,12 @@ struct MoeUkernels {
   int64_t gemm_max_rows;
 };
 
-// The ukernels for an ISA and weight type, or nullptr when the ISA is not compiled in.
-const MoeUkernels* moe_ukernels(Isa isa, MoeWeightType wt);
-const MoeUkernels* moe_ukernels_scalar(MoeWeightType wt);
-const MoeUkernels* moe_ukernels_avx2(MoeWeightType wt);
-const MoeUkernels* moe_ukernels_avx512(MoeWeightType wt);
+// The ukernels for an ISA and weight type (kF32 or kBF16), or nullptr when the ISA is not compiled
+// in or the type is kF64.
+const MoeUkernels* moe_ukernels(Isa isa, ValueType wt);
+const MoeUkernels* moe_ukernels_scalar(ValueType wt);
+const MoeUkernels* moe_ukernels_avx2(ValueType wt);
+const MoeUkernels* moe_ukernels_avx512(ValueType wt);
 // The AVX2 GEMM entries (moe-gemm-avx2.cpp, x86-64 builds only), MoeGemvUkernel contract.
 void moe_gemm_f32_6x16_avx2(const void* w, int64_t K, int64_t r0, int64_t r1, const float* x,
                             int64_t ldx, int64_t tokens, float* y, int64_t ldy);
@@ -155,7 +155,7 @@ void moe_gemm_bf16_8x48_avx512(const void* w, int64_t K, int64_t r0, int64_t r1,
 
 struct MoeRegistryEntry {
   Isa isa;
-  MoeWeightType weight_type;
+  ValueType weight_type;
   const MoeUkernels* kernels;
 };
 int moe_registry_size();

@@ -451,7 +451,7 @@ void sddmm(const NmWeight& w, const float* dyT, const float* xT, int64_t ld, con
          {vts "-nmmm-16x1-avx2", tile<VT, 2, 4>, 16},                                 \
          {vts "-nmmm-32x1-avx2", tile<VT, 4, 2>, 32},                                 \
          {vts "-nmmm-64x1-avx2", tile<VT, 8, 1>, 64}},                                \
-        vts "-nmscatter-32x1-avx2", scatter<VT>, 8 * kScatterNv, vts "-nmsddmm-avx2", \
+        vts "-nmscatter-32x1-avx2", scatter<VT>, 8 * kScatterNv, vts "-nmsddmm-1x1-avx2", \
         sddmm<VT>                                                                     \
   }
 

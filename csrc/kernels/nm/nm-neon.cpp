@@ -183,7 +183,7 @@ void sddmm(const NmWeight& w, const float* dyT, const float* xT, int64_t ld, con
          {vts "-nmmm-16x1-neon", tile<VT, 4, 2>, 16},                                 \
          {vts "-nmmm-32x1-neon", tile<VT, 8, 1>, 32},                                 \
          {nullptr, nullptr, 0}},                                                      \
-        vts "-nmscatter-16x1-neon", scatter<VT>, 4 * kScatterNv, vts "-nmsddmm-neon", \
+        vts "-nmscatter-16x1-neon", scatter<VT>, 4 * kScatterNv, vts "-nmsddmm-1x1-neon", \
         sddmm<VT>                                                                     \
   }
 

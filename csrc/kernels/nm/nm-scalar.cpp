@@ -91,7 +91,7 @@ constexpr NmUkernels kScalarKernels = {
     VT == ValueType::kF32 ? "f32-nmscatter-8x1-scalar" : "bf16-nmscatter-8x1-scalar",
     scatter_scalar<VT>,
     kScalarNt,
-    VT == ValueType::kF32 ? "f32-nmsddmm-scalar" : "bf16-nmsddmm-scalar",
+    VT == ValueType::kF32 ? "f32-nmsddmm-1x1-scalar" : "bf16-nmsddmm-1x1-scalar",
     sddmm_scalar<VT>};
 
 }  // namespace

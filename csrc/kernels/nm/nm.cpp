@@ -5,6 +5,8 @@
 #include <cstring>
 #include <vector>
 
+#include "../common/registry.h"
+
 namespace sparse_ext {
 
 std::string nm_check_shape(const NmWeight& w) {
@@ -139,18 +141,11 @@ void nm_grad_input_groups(const NmWeight& w, const float* dyP, int64_t tokens, c
 
 namespace {
 
-std::vector<NmRegistryEntry> build_registry() {
-  std::vector<NmRegistryEntry> entries;
-  for (Isa isa : kAllIsas)
-    for (ValueType vt : {ValueType::kF32, ValueType::kBF16}) {
-      const NmUkernels* k = nm_ukernels(isa, vt);
-      if (k != nullptr) entries.push_back({isa, vt, k});
-    }
-  return entries;
-}
-
-const std::vector<NmRegistryEntry>& registry() {
-  static const std::vector<NmRegistryEntry> entries = build_registry();
+const UkernelRegistry<NmRegistryEntry>& registry() {
+  static const UkernelRegistry<NmRegistryEntry> entries([](auto add) {
+    for (Isa isa : kAllIsas)
+      for (ValueType vt : {ValueType::kF32, ValueType::kBF16}) add({isa, vt, nm_ukernels(isa, vt)});
+  });
   return entries;
 }
 
@@ -184,7 +179,7 @@ NmUkernels nm_ukernels_for(Isa isa, ValueType value_type) {
   }
 }
 
-int nm_registry_size() { return static_cast<int>(registry().size()); }
-const NmRegistryEntry& nm_registry_entry(int i) { return registry()[static_cast<size_t>(i)]; }
+int nm_registry_size() { return registry().size(); }
+const NmRegistryEntry& nm_registry_entry(int i) { return registry().entry(i); }
 
 }  // namespace sparse_ext

@@ -20,7 +20,8 @@
 #include <string>
 
 #include "../common/isa.h"
-#include "../spmm/spmm.h"  // ValueType
+#include "../common/value_type.h"
+#include "../spmm/spmm.h"
 
 namespace sparse_ext {
 

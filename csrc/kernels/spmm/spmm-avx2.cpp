@@ -186,13 +186,13 @@ void sddmm(const SpmmWeight& w, const float* dyT, const float* xT, int64_t ld, i
 #define SE_AVX2_KERNELS(VT, vts, R, GEMV, NT, NV, U)                                    \
   SpmmUkernels {                                                                        \
     vts "-spmm-1x" #R "-avx2", GEMV, vts "-spmm-" #NT "x" #R "-avx2", tile<VT, R, NV, U>, NT, \
-        nullptr, nullptr, 0, vts "-sddmm-" #R "-avx2", sddmm<VT>                            \
+        nullptr, nullptr, 0, vts "-sddmm-1x" #R "-avx2", sddmm<VT>                            \
   }
 // R = 1 adds a 16-token tile: for N <= 16 the 32-wide tile would compute half zeros.
 #define SE_AVX2_KERNELS_R1(VT, vts)                                                         \
   SpmmUkernels {                                                                         \
     vts "-spmm-1x1-avx2", gemv_r1<VT>, vts "-spmm-32x1-avx2", tile<VT, 1, 4, 2>, 32,          \
-        vts "-spmm-16x1-avx2", tile<VT, 1, 2, 4>, 16, vts "-sddmm-1-avx2", sddmm<VT>           \
+        vts "-spmm-16x1-avx2", tile<VT, 1, 2, 4>, 16, vts "-sddmm-1x1-avx2", sddmm<VT>           \
   }
 
 const SpmmUkernels kF32[4] = {

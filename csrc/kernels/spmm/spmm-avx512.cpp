@@ -341,13 +341,13 @@ void sddmm(const SpmmWeight& w, const float* dyT, const float* xT, int64_t ld, i
 #define SE_AVX512_KERNELS(VT, vts, R, GEMV, NT, NV, U)                                        \
   SpmmUkernels {                                                                              \
     vts "-spmm-1x" #R "-avx512", GEMV, vts "-spmm-" #NT "x" #R "-avx512", tile<VT, R, NV, U>, NT, \
-        nullptr, nullptr, 0, vts "-sddmm-" #R "-avx512", sddmm<VT>                               \
+        nullptr, nullptr, 0, vts "-sddmm-1x" #R "-avx512", sddmm<VT>                               \
   }
 // R = 1: a 64-token tile, and a 16-token one for N <= 16 (the decode-batch sizes).
 #define SE_AVX512_KERNELS_R1(VT, vts)                                                           \
   SpmmUkernels {                                                                             \
     vts "-spmm-1x1-avx512", gemv_r1<VT>, vts "-spmm-64x1-avx512", tile<VT, 1, 4, 2>, 64,          \
-        vts "-spmm-16x1-avx512", tile_row_runs<VT, 1, 8>, 16, vts "-sddmm-1-avx512", sddmm<VT>     \
+        vts "-spmm-16x1-avx512", tile_row_runs<VT, 1, 8>, 16, vts "-sddmm-1x1-avx512", sddmm<VT>     \
   }
 
 const SpmmUkernels kF32[4] = {

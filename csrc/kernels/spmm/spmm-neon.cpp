@@ -188,13 +188,13 @@ void sddmm(const SpmmWeight& w, const float* dyT, const float* xT, int64_t ld, i
 #define SE_NEON_KERNELS(VT, vts, R, GEMV, NT, NV, U)                                           \
   SpmmUkernels {                                                                               \
     vts "-spmm-1x" #R "-neon", GEMV, vts "-spmm-" #NT "x" #R "-neon", tile<VT, R, NV, U>, NT, \
-        nullptr, nullptr, 0, vts "-sddmm-" #R "-neon", sddmm<VT>                                \
+        nullptr, nullptr, 0, vts "-sddmm-1x" #R "-neon", sddmm<VT>                                \
   }
 // R = 1 adds an 8-token tile: for N <= 8 the 16-wide tile would compute half zeros.
 #define SE_NEON_KERNELS_R1(VT, vts)                                                    \
   SpmmUkernels {                                                                       \
     vts "-spmm-1x1-neon", gemv_r1<VT>, vts "-spmm-16x1-neon", tile<VT, 1, 4, 2>, 16,   \
-        vts "-spmm-8x1-neon", tile<VT, 1, 2, 4>, 8, vts "-sddmm-1-neon", sddmm<VT>     \
+        vts "-spmm-8x1-neon", tile<VT, 1, 2, 4>, 8, vts "-sddmm-1x1-neon", sddmm<VT>     \
   }
 
 const SpmmUkernels kF32[4] = {

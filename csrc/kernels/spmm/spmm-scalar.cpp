@@ -71,7 +71,7 @@ constexpr SpmmUkernels kScalarKernels = {
     VT == ValueType::kF32 ? "f32-spmm-1x1-scalar" : "bf16-spmm-1x1-scalar", gemv_scalar<VT>,
     VT == ValueType::kF32 ? "f32-spmm-8x1-scalar" : "bf16-spmm-8x1-scalar", tile_scalar<VT>,
     kScalarTileCols, nullptr, nullptr, 0,
-    VT == ValueType::kF32 ? "f32-sddmm-scalar" : "bf16-sddmm-scalar", sddmm_scalar<VT>};
+    VT == ValueType::kF32 ? "f32-sddmm-1x1-scalar" : "bf16-sddmm-1x1-scalar", sddmm_scalar<VT>};
 
 }  // namespace
 

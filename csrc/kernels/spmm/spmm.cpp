@@ -5,6 +5,8 @@
 #include <cstring>
 #include <vector>
 
+#include "../common/registry.h"
+
 namespace sparse_ext {
 
 std::string spmm_validate(const SpmmWeight& w) {
@@ -108,19 +110,12 @@ void spmm_transpose_structure(const SpmmWeight& w, int32_t* offsets_t, uint8_t* 
 
 namespace {
 
-std::vector<SpmmRegistryEntry> build_registry() {
-  std::vector<SpmmRegistryEntry> entries;
-  for (Isa isa : kAllIsas)
-    for (ValueType vt : {ValueType::kF32, ValueType::kBF16})
-      for (int64_t R : {1, 2, 4, 8}) {
-        const SpmmUkernels* k = spmm_ukernels(isa, vt, R);
-        if (k != nullptr) entries.push_back({isa, vt, R, k});
-      }
-  return entries;
-}
-
-const std::vector<SpmmRegistryEntry>& registry() {
-  static const std::vector<SpmmRegistryEntry> entries = build_registry();
+const UkernelRegistry<SpmmRegistryEntry>& registry() {
+  static const UkernelRegistry<SpmmRegistryEntry> entries([](auto add) {
+    for (Isa isa : kAllIsas)
+      for (ValueType vt : {ValueType::kF32, ValueType::kBF16})
+        for (int64_t R : {1, 2, 4, 8}) add({isa, vt, R, spmm_ukernels(isa, vt, R)});
+  });
   return entries;
 }
 
@@ -136,7 +131,7 @@ const SpmmUkernels* spmm_ukernels(Isa isa, ValueType value_type, int64_t block_r
   }
 }
 
-int spmm_registry_size() { return static_cast<int>(registry().size()); }
-const SpmmRegistryEntry& spmm_registry_entry(int i) { return registry()[static_cast<size_t>(i)]; }
+int spmm_registry_size() { return registry().size(); }
+const SpmmRegistryEntry& spmm_registry_entry(int i) { return registry().entry(i); }
 
 }  // namespace sparse_ext

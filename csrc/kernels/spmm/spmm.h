@@ -16,12 +16,11 @@
 #include <string>
 
 #include "../common/isa.h"
+#include "../common/value_type.h"
 
 namespace sparse_ext {
 
 constexpr int kSpmmKBlock = 256;
-
-enum class ValueType : int { kF32 = 0, kBF16 = 1, kF64 = 2 };
 
 struct SpmmWeight {
   int64_t rows;         // M
