@@ -42,19 +42,14 @@ def _pruned_dense(pattern):
 
 
 def _reference_compress(net, fmt):
-    """The checkpoint the reference library writes (its own compressor classes)."""
-    ct = pytest.importorskip("compressed_tensors.compressors.sparse_compressors.sparse_bitmask")
-    ct24 = pytest.importorskip(
-        "compressed_tensors.compressors.sparse_compressors.sparse_24_bitmask")
-    state = {}
-    for name, tensor in net.state_dict().items():
-        layer = name.rpartition(".")[0]
-        if name.endswith(".weight") and layer in ("fc1", "fc2"):
-            cls = ct24.Sparse24BitMaskTensor if fmt == "sparse-24-bitmask" else ct.BitmaskTensor
-            state.update(cls.from_dense(tensor).dict(name, device="cpu"))
-        else:
-            state[name] = tensor
-    return state
+    """The state dict the reference library's compressor writes for the pruned fc1 and fc2."""
+    compressors = pytest.importorskip("compressed_tensors.compressors")
+    config = pytest.importorskip("compressed_tensors.config")
+    structure = "2:4" if fmt == "sparse-24-bitmask" else "unstructured"
+    compressor = compressors.BaseCompressor.load_from_registry(
+        fmt, config=config.SparsityCompressionConfig.load_from_registry(
+            fmt, sparsity_structure=structure))
+    return compressor.compress(net.state_dict(), compression_targets={"fc1", "fc2"})
 
 
 @pytest.mark.parametrize("pattern,fmt", [("2:4", "sparse-24-bitmask"),
@@ -74,27 +69,70 @@ def test_reads_the_reference_library_checkpoints(pattern, fmt):
         torch.testing.assert_close(model(x), dense(x), rtol=1e-5, atol=1e-5)
 
 
+def _sparsified_net(pattern):
+    net = Net(0)
+    kwargs = {} if pattern == "2:4" else {"sparsity": 0.7}
+    sparse_ext.sparsify(net, pattern=pattern, include=["fc1", "fc2"], **kwargs)
+    return net
+
+
 @pytest.mark.parametrize("pattern", ["2:4", "unstructured"])
 def test_writes_what_the_reference_library_decompresses(pattern):
     ct = pytest.importorskip("compressed_tensors.compressors.sparse_compressors.sparse_bitmask")
     ct24 = pytest.importorskip(
         "compressed_tensors.compressors.sparse_compressors.sparse_24_bitmask")
-    net = Net(0)
-    kwargs = {} if pattern == "2:4" else {"sparsity": 0.7}
-    sparse_ext.sparsify(net, pattern=pattern, include=["fc1", "fc2"], **kwargs)
+    net = _sparsified_net(pattern)
     state, fmt = to_compressed_tensors(net)
     assert fmt == ("sparse-24-bitmask" if pattern == "2:4" else "sparse-bitmask")
     for layer in ("fc1", "fc2"):
         module = getattr(net, layer)
+        parts = {p: state[f"{layer}.{p}"] for p in ("shape", "compressed", "bitmask",
+                                                     "row_offsets") if f"{layer}.{p}" in state}
         if fmt == "sparse-24-bitmask":
-            dense = ct24.Sparse24BitMaskTensor.from_compressed_data(
-                state[f"{layer}.shape"], state[f"{layer}.compressed"],
-                state[f"{layer}.bitmask"]).decompress()
+            dense = ct24.Sparse24BitMaskTensor.from_compressed_data(**parts).decompress()
         else:
-            p = f"{layer}.weight"
-            dense = ct.BitmaskTensor(state[f"{p}.shape"].tolist(), state[f"{p}.compressed"],
-                                     state[f"{p}.bitmask"], state[f"{p}.row_offsets"]).decompress()
+            dense = ct.BitmaskTensor(**parts).decompress()
         torch.testing.assert_close(dense, module.weight_format().to_dense())
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "unstructured"])
+def test_the_reference_model_compressor_decompresses_a_saved_folder(tmp_path, pattern):
+    """The whole-model path the ecosystem (transformers, vLLM) takes: ModelCompressor built from
+    the folder's quantization_config decompresses the safetensors into a dense model."""
+    model_compressor = pytest.importorskip("compressed_tensors.compressors")
+    net = _sparsified_net(pattern)
+    save_compressed_tensors(net, tmp_path, config={"architectures": ["Net"]})
+    config = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    compressor = model_compressor.ModelCompressor.from_compression_config(config)
+    assert compressor.sparsity_compressor is not None
+    dense = Net(3)
+    compressor.decompress(str(tmp_path), dense)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(dense(x), net(x), rtol=1e-5, atol=1e-5)
+
+
+def test_missing_package_is_named(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "compressed_tensors", None)
+    with pytest.raises(ImportError, match="pip install --no-deps compressed-tensors"):
+        to_compressed_tensors(_sparsified_net("2:4"))
+
+
+def test_older_layout_with_weight_suffix_still_reads():
+    """Checkpoints of older compressed-tensors releases name the parts <layer>.weight.<part>."""
+    dense = _pruned_dense("unstructured")
+    state = {}
+    for name, tensor in _reference_compress(dense, "sparse-bitmask").items():
+        layer, _, part = name.rpartition(".")
+        renamed = f"{layer}.weight.{part}" if layer in ("fc1", "fc2") and part in (
+            "shape", "compressed", "bitmask", "row_offsets") else name
+        state[renamed] = tensor
+    model = load_compressed_tensors(Net(1), state)
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), dense(x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("pattern", ["2:4", "unstructured", "4x1"])

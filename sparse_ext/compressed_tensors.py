@@ -1,23 +1,20 @@
 """compressed-tensors interop: sparse checkpoints of the field's tools in and out, no dense detour.
 
-Models pruned with llm-compressor are published in the ``compressed-tensors`` format. Its two
-sparse compressors store, per linear layer (bit order little-endian within each byte, rows padded
-to whole bytes):
+Models pruned with llm-compressor are published in the ``compressed-tensors`` format; its two
+sparse compressors, ``sparse-bitmask`` (any pattern: the nonzeros, a bitmask and row offsets) and
+``sparse-24-bitmask`` (the two kept values of every group of four and their bitmask), store each
+linear layer's weight as a few tensors. The ``compressed-tensors`` package defines that layout and
+does the (un)packing here: it is an optional extra (``pip install --no-deps compressed-tensors``;
+without ``--no-deps`` pip may replace the installed torch), imported only when these functions
+run.
 
-  ``sparse-bitmask``      ``<layer>.weight.shape``  the dense [rows, cols]
-                          ``<layer>.weight.compressed``  the nonzeros, row-major (1-D)
-                          ``<layer>.weight.bitmask``  uint8 [rows, ceil(cols / 8)]: which are kept
-                          ``<layer>.weight.row_offsets``  where each row starts in ``compressed``
-  ``sparse-24-bitmask``   ``<layer>.shape``, ``<layer>.compressed`` [rows, cols / 2] (the two kept
-                          values of every group of four), ``<layer>.bitmask`` as above
-
-:func:`load_compressed_tensors` turns each such layer of a (dense) model into a ``SparseLinear``
-straight from those tensors: 2:4 layers become the N:M format with the bitmask's positions as
-their metadata (no dense matrix at all), bitmask layers the unstructured format (one layer's
-dense matrix at a time, never the model's). :func:`save_compressed_tensors` writes a sparsified
-model back (2:4 layers as ``sparse-24-bitmask`` when every sparse layer is 2:4, else everything
-as ``sparse-bitmask``), with the ``quantization_config`` entry of a Hugging Face ``config.json``.
-The library itself is not needed for either direction.
+:func:`load_compressed_tensors` turns each compressed layer of a (dense) model into a
+``SparseLinear`` straight from those tensors: 2:4 layers become the N:M format with the bitmask's
+positions as their metadata (no dense matrix at all), bitmask layers the unstructured format (one
+layer's dense matrix at a time, never the model's). :func:`save_compressed_tensors` writes a
+sparsified model back with the package's own compressors (2:4 layers as ``sparse-24-bitmask`` when
+every sparse layer is 2:4, else everything as ``sparse-bitmask``) and the ``quantization_config``
+entry the package's ``ModelCompressor`` reads from a Hugging Face ``config.json``.
 """
 import json
 import os
@@ -38,20 +35,19 @@ BITMASK_24 = "sparse-24-bitmask"
 _PARTS = ("shape", "compressed", "bitmask", "row_offsets")
 
 
-def _unpack_bits(bitmask: torch.Tensor, cols: int) -> torch.Tensor:
-    """uint8 [rows, ceil(cols/8)] little-endian bits -> bool [rows, cols]."""
-    shifts = torch.arange(8, dtype=torch.uint8)
-    bits = (bitmask.to(torch.uint8)[..., None] >> shifts) & 1
-    return bits.reshape(bitmask.shape[0], -1)[:, :cols].bool()
-
-
-def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """bool [rows, cols] -> uint8 [rows, ceil(cols/8)], little-endian within each byte."""
-    rows, cols = mask.shape
-    padded = torch.zeros(rows, -(-cols // 8) * 8, dtype=torch.uint8)
-    padded[:, :cols] = mask.to(torch.uint8)
-    weights = (1 << torch.arange(8, dtype=torch.int32)).to(torch.uint8)
-    return (padded.reshape(rows, -1, 8) * weights).sum(-1, dtype=torch.int32).to(torch.uint8)
+def _package():
+    """The compressed-tensors package, or an ImportError that says how to install it."""
+    try:
+        import compressed_tensors
+        from compressed_tensors.compressors.sparse_compressors import (  # noqa: F401
+            sparse_24_bitmask, sparse_bitmask)
+        from compressed_tensors.utils import helpers  # noqa: F401
+    except ImportError as e:
+        raise ImportError(
+            "compressed-tensors interop needs the compressed-tensors package: "
+            "pip install --no-deps compressed-tensors (--no-deps keeps the installed torch)"
+        ) from e
+    return compressed_tensors
 
 
 def _compressed_layers(state: Dict[str, torch.Tensor]) -> Dict[str, Tuple[str, Dict]]:
@@ -76,13 +72,19 @@ def _is_24(parts) -> bool:
 
 def _sparse_linear(dense: nn.Linear, parts) -> nn.Module:
     """A SparseLinear holding the compressed weight, with ``dense``'s bias."""
+    from compressed_tensors.utils.helpers import unpack_bitmasks
+
     from .nn import SparseLinear
 
     rows, cols = (int(v) for v in parts["shape"].flatten().tolist())
     if (rows, cols) != (dense.out_features, dense.in_features):
         raise ValueError(f"compressed weight is [{rows}, {cols}], the model's layer is "
                          f"[{dense.out_features}, {dense.in_features}]")
-    keep = _unpack_bits(parts["bitmask"], cols)
+    expected = (rows, -(-cols // 8))
+    if tuple(parts["bitmask"].shape) != expected:
+        raise ValueError(f"compressed weight's bitmask is {list(parts['bitmask'].shape)}, "
+                         f"expected {list(expected)} for a [{rows}, {cols}] weight")
+    keep = unpack_bitmasks(parts["bitmask"].to(torch.uint8), [rows, cols])
     values = parts["compressed"]
     bias = dense.bias.detach() if dense.bias is not None else None
     if _is_24(parts) and cols % 4 == 0 and bool((keep.reshape(rows, -1, 4).sum(-1) == 2).all()):
@@ -104,25 +106,31 @@ def _sparse_linear(dense: nn.Linear, parts) -> nn.Module:
     return sparse
 
 
+def _check_config(folder: str) -> None:
+    """Refuses quantized or unknown formats named in a folder's config.json."""
+    config = os.path.join(folder, "config.json")
+    if not os.path.exists(config):
+        return
+    with open(config) as f:
+        q = json.load(f).get("quantization_config") or {}
+    fmt = (q.get("sparsity_config") or {}).get("format")
+    if q.get("config_groups") or q.get("format") not in (None, "dense", BITMASK, BITMASK_24):
+        raise NotImplementedError("quantized compressed-tensors checkpoints are not supported; "
+                                  "sparse_ext reads the sparse formats only")
+    if fmt not in (None, "dense", BITMASK, BITMASK_24):
+        raise NotImplementedError(f"compressed-tensors sparsity format {fmt!r} is not supported "
+                                  f"(sparse-bitmask, sparse-24-bitmask are)")
+
+
 def load_compressed_tensors(model: nn.Module, source, strict: bool = True) -> nn.Module:
     """Loads a compressed-tensors checkpoint (a ``save_pretrained`` folder, a ``.safetensors``
     file or a state dict) into ``model`` (dense, same architecture): every compressed linear
     layer becomes a ``SparseLinear`` holding its weight, everything else loads as usual.
     Quantized compressed-tensors formats are refused. Returns ``model``."""
+    _package()
     path = None if isinstance(source, dict) else os.fspath(source)
     if path is not None and os.path.isdir(path):
-        config = os.path.join(path, "config.json")
-        if os.path.exists(config):
-            with open(config) as f:
-                q = json.load(f).get("quantization_config") or {}
-            fmt = (q.get("sparsity_config") or {}).get("format")
-            if q.get("config_groups") or q.get("format") not in (None, "dense", BITMASK,
-                                                                 BITMASK_24):
-                raise NotImplementedError("quantized compressed-tensors checkpoints are not "
-                                          "supported; sparse_ext reads the sparse formats only")
-            if fmt not in (None, "dense", BITMASK, BITMASK_24):
-                raise NotImplementedError(f"compressed-tensors sparsity format {fmt!r} is not "
-                                          f"supported (sparse-bitmask, sparse-24-bitmask are)")
+        _check_config(path)
     state = read_state_dict(source)
     plain = dict(state)
     for layer, (prefix, parts) in _compressed_layers(state).items():
@@ -139,40 +147,63 @@ def load_compressed_tensors(model: nn.Module, source, strict: bool = True) -> nn
     return model
 
 
-def _layer_tensors(name: str, module, fmt: str) -> Dict[str, torch.Tensor]:
-    weight = module.weight_format()
-    dense = weight.to_dense().cpu()
-    keep = weight.mask().cpu() & (dense != 0)
-    rows, cols = dense.shape
-    if fmt == BITMASK_24:
-        keep = weight.mask().cpu()  # two slots per group, zeros included, as the format wants
-        return {f"{name}.shape": torch.tensor([rows, cols]).reshape(-1, 1),
-                f"{name}.compressed": dense[keep].reshape(rows, cols // 2),
-                f"{name}.bitmask": _pack_bits(keep)}
-    counts = keep.sum(1)
-    return {f"{name}.weight.shape": torch.tensor([rows, cols]),
-            f"{name}.weight.compressed": dense[keep],
-            f"{name}.weight.bitmask": _pack_bits(keep),
-            f"{name}.weight.row_offsets": torch.cumsum(counts, 0) - counts}
-
-
-def to_compressed_tensors(model: nn.Module) -> Tuple[Dict[str, torch.Tensor], str]:
-    """(state dict in compressed-tensors layout, its sparsity format) for a sparsified model."""
+def _sparse_layers(model: nn.Module) -> Dict[str, nn.Module]:
     from .nn import SparseLinear
 
-    sparse = {n: m for n, m in model.named_modules() if isinstance(m, SparseLinear)}
+    return {n: m for n, m in model.named_modules() if isinstance(m, SparseLinear)}
+
+
+def _format_of(sparse: Dict[str, nn.Module]) -> str:
     all_24 = bool(sparse) and all(m.pattern == "2:4" and m.in_features % 4 == 0
                                   for m in sparse.values())
-    fmt = BITMASK_24 if all_24 else BITMASK
+    return BITMASK_24 if all_24 else BITMASK
+
+
+def _quantization_config(fmt: str, sparse: Dict[str, nn.Module]) -> dict:
+    """The ``quantization_config`` entry ``ModelCompressor`` reads: the package's sparsity config
+    for ``fmt`` targeting exactly the sparse layers."""
+    package = _package()
+    from compressed_tensors.base import (COMPRESSION_VERSION_NAME, QUANTIZATION_METHOD_NAME,
+                                         SPARSITY_CONFIG_NAME)
+    from compressed_tensors.config import SparsityCompressionConfig
+
+    weights = [m.weight_format() for m in sparse.values()]
+    total = sum(w.out_features * w.in_features for w in weights)
+    kept = sum(w.nnz for w in weights)
+    config = SparsityCompressionConfig.load_from_registry(
+        fmt, targets=sorted(sparse), ignore=[],
+        global_sparsity=(1.0 - kept / total) if total else 0.0,
+        sparsity_structure="2:4" if fmt == BITMASK_24 else "unstructured")
+    return {QUANTIZATION_METHOD_NAME: "compressed-tensors",
+            COMPRESSION_VERSION_NAME: package.__version__,
+            SPARSITY_CONFIG_NAME: config.model_dump()}
+
+
+def _compress(model: nn.Module) -> Tuple[Dict[str, torch.Tensor], str, dict]:
+    """(compressed state dict, format, quantization_config): each sparse layer's weight goes
+    through the package's compressor, one layer's dense matrix at a time."""
+    from compressed_tensors.compressors import ModelCompressor
+
+    sparse = _sparse_layers(model)
+    fmt = _format_of(sparse)
+    config = _quantization_config(fmt, sparse)
+    compressor = ModelCompressor.from_compression_config(config).sparsity_compressor
     state = {}
     for key, tensor in model.state_dict().items():
         layer = key.rpartition(".")[0]
         if layer not in sparse:
             state[key] = tensor.detach().cpu().contiguous()
     for name, module in sparse.items():
-        state.update(_layer_tensors(name, module, fmt))
+        dense = module.weight_format().to_dense().detach().cpu()
+        state.update(compressor.compress_weight(name, dense))
         if module.bias is not None:
             state[f"{name}.bias"] = module.bias.detach().cpu().contiguous()
+    return state, fmt, config
+
+
+def to_compressed_tensors(model: nn.Module) -> Tuple[Dict[str, torch.Tensor], str]:
+    """(state dict in compressed-tensors layout, its sparsity format) for a sparsified model."""
+    state, fmt, _ = _compress(model)
     return state, fmt
 
 
@@ -184,17 +215,13 @@ def save_compressed_tensors(model: nn.Module, folder, config: Optional[dict] = N
     from safetensors.torch import save_file
 
     os.makedirs(folder, exist_ok=True)
-    state, fmt = to_compressed_tensors(model)
+    state, fmt, quantization_config = _compress(model)
     path = os.path.join(folder, "model.safetensors")
     save_file({k: v.contiguous() for k, v in state.items()}, path, metadata={"format": "pt"})
     if config is None and hasattr(getattr(model, "config", None), "to_dict"):
         config = model.config.to_dict()
     config = dict(config or {})
-    config["quantization_config"] = {
-        "quant_method": "compressed-tensors", "format": "dense",
-        "sparsity_config": {"format": fmt, "sparsity_structure": "2:4" if fmt == BITMASK_24
-                            else "unstructured", "targets": ["Linear"], "ignore": []},
-    }
+    config["quantization_config"] = quantization_config
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f, indent=2, default=str)
     return path
