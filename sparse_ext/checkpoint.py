@@ -11,16 +11,21 @@ layer's metadata in the checkpoint, then loads every tensor.
     fresh = AutoModel.from_pretrained("base")              # dense, same architecture
     sparse_ext.load_sparse(fresh, "out")                   # now sparse, with the saved weights
 
+MoE layers travel too: HF MoE blocks that the checkpoint holds as ``MoELayer`` are swapped, and
+pruned experts rebuilt, before the tensors load.
+
 ``sparse_ext.densify(model)`` before saving gives a checkpoint any dense model loads instead.
 """
 import glob
 import json
 import os
+import re
 from typing import Mapping, Union
 
 import torch
 from torch import nn
 
+from .moe_swap import prepare_moe_for_state
 from .nn._stored import decode_extra_state
 from .sparsify_select import as_linear, sparse_types
 
@@ -58,6 +63,34 @@ def read_state_dict(source: Union[str, os.PathLike, Mapping[str, torch.Tensor]])
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def _hf_renamed(model: nn.Module, state: dict) -> dict:
+    """``state`` with the key renames a Hugging Face model applies when it loads a checkpoint
+    (``save_pretrained`` writes some modules under legacy names, e.g. Mixtral's ``mlp`` as
+    ``block_sparse_moe``); unchanged for other models. Only renames apply: tensors a conversion
+    would merge or split are left as they are."""
+    try:
+        from transformers.conversion_mapping import WeightRenaming, get_model_conversion_mapping
+    except ImportError:
+        return state
+    if not hasattr(model, "config"):
+        return state
+    renames = []
+    for rule in get_model_conversion_mapping(model):
+        if isinstance(rule, WeightRenaming):
+            targets = rule.target_patterns
+            for i, source_pattern in enumerate(rule.source_patterns):
+                target = targets[i] if len(targets) == len(rule.source_patterns) else targets[0]
+                renames.append((re.compile(source_pattern), target))
+    if not renames:
+        return state
+    renamed = {}
+    for key, tensor in state.items():
+        for pattern, target in renames:
+            key = pattern.sub(target, key)
+        renamed[key] = tensor
+    return renamed
+
+
 def _sparse_module_for(module: nn.Module, meta: dict) -> nn.Module:
     """A sparse module of the checkpoint's format and pattern in place of dense ``module``; its
     weights are placeholders that loading replaces."""
@@ -81,10 +114,11 @@ def _sparse_module_for(module: nn.Module, meta: dict) -> nn.Module:
 
 
 def load_sparse(model: nn.Module, source, strict: bool = True) -> nn.Module:
-    """Turns every layer that ``source`` stores sparse into the matching sparse module, then
-    loads ``source`` into ``model`` (``strict`` as in ``load_state_dict``). Layers already sparse
+    """Turns every layer that ``source`` stores sparse into the matching sparse module (and every
+    MoE block it stores as a ``MoELayer`` into one), then loads ``source`` into ``model`` (``strict`` as in ``load_state_dict``). Layers already sparse
     are left to ``load_state_dict``. Returns ``model``."""
-    state = read_state_dict(source)
+    state = _hf_renamed(model, read_state_dict(source))
+    prepare_moe_for_state(model, state)
     sparse = sparse_types()
     for key in [k for k in state if k == _EXTRA or k.endswith("." + _EXTRA)]:
         name = key[:-len(_EXTRA)].rstrip(".")

@@ -43,7 +43,7 @@ from .prune import _check_sparsity, global_masks, parse_pattern
 from .sparsify_report import LayerReport, SparsifyReport  # noqa: F401  (exported here)
 from .sparsify_report import moe_report_rows
 from .sparsify_select import (Candidate, Patterns, as_linear, conv_class, linear_weight,
-                              parse_min_features, select_layers, sparse_types)
+                              matches, parse_min_features, select_layers, sparse_types)
 
 __all__ = ["LayerReport", "SparsifyReport", "densify", "sparsify"]
 
@@ -97,7 +97,8 @@ def sparsify(model: nn.Module, sparsity: Union[None, float, Mapping[str, float]]
              calibration=None,
              refine: Optional[str] = None,
              allocation: str = "uniform",
-             moe: bool = False) -> Tuple[nn.Module, SparsifyReport]:
+             moe: bool = False,
+             prune_experts: bool = False) -> Tuple[nn.Module, SparsifyReport]:
     """Swaps eligible ``nn.Linear`` (and ``nn.Conv2d`` when ``sparse_ext.SparseConv2d`` exists)
     layers of ``model`` in place for sparse ones; returns ``(model, report)``.
 
@@ -129,9 +130,13 @@ def sparsify(model: nn.Module, sparsity: Union[None, float, Mapping[str, float]]
         a few hundred samples in all; run under ``torch.no_grad``.
       refine: ``"dsnot"`` to refine Wanda's masks by prune-and-grow swaps that lower each row's
         reconstruction error (N:M groups stay N:M).
-      moe: swap every Hugging Face sparse MoE block (Mixtral, Qwen2-MoE) for a
+      moe: swap every Hugging Face sparse MoE block (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) for a
         ``sparse_ext.MoELayer`` first (same weights; sparse dispatch, dense experts). Without it
         such blocks are left as they are; either way the report has a row for each.
+      prune_experts: with ``moe=True``, also prune every expert matrix on its own with the same
+        ``sparsity`` / ``pattern`` and ``method`` (``"magnitude"`` or ``"random"``; a sparsity
+        dict is matched against the block's name) into ``MoELayer.sparse_experts``;
+        ``include`` / ``exclude`` apply to the linear layers only.
       allocation: how one float ``sparsity`` is spread over the layers with a calibrated method:
         ``"uniform"`` (default), ``"erk"`` (small layers denser) or ``"owl"`` (layers with more
         activation outliers denser); the overall sparsity stays ``sparsity``.
@@ -166,7 +171,8 @@ def sparsify(model: nn.Module, sparsity: Union[None, float, Mapping[str, float]]
     min_features = parse_min_features(min_features)
 
     report = SparsifyReport(global_pruning=global_pruning)
-    moe_rows = moe_report_rows(model, swap=moe)
+    moe_rows = moe_report_rows(model, swap=moe, prune=_expert_pruner(
+        moe, prune_experts, pattern, sparsity, per_layer, method, generator))
     report.layers, candidates = select_layers(model, pattern, sparsity, per_layer, include,
                                               exclude, min_features)
     report.layers = moe_rows + report.layers
@@ -225,6 +231,32 @@ def sparsify(model: nn.Module, sparsity: Union[None, float, Mapping[str, float]]
     return (replaced_root if replaced_root is not None else model), report
 
 
+def _expert_pruner(moe: bool, prune_experts: bool, pattern: str, sparsity, per_layer, method: str,
+                   generator):
+    """``prune(name, layer)`` for ``moe_report_rows``, or None when experts stay dense."""
+    if not prune_experts:
+        return None
+    if not moe:
+        raise ValueError("prune_experts=True needs moe=True: experts are pruned inside the "
+                         "MoELayer that replaces each Hugging Face MoE block")
+    if method not in ("magnitude", "random"):
+        raise ValueError(f"prune_experts prunes by method='magnitude' or 'random', got "
+                         f"{method!r}: the calibrated methods do not see expert inputs; prune "
+                         f"the linears with it and the experts in a second call, or call "
+                         f"MoELayer.sparsify_experts yourself")
+
+    def prune(name: str, layer: nn.Module) -> bool:
+        value = sparsity
+        if per_layer is not None:
+            value = next((v for key, v in per_layer.items() if matches(name, [key])), None)
+            if value is None:
+                return False
+        layer.sparsify_experts(value, pattern, method, generator)
+        return True
+
+    return prune
+
+
 def _keep_dense_where_slower(model: nn.Module, candidates: List[Candidate],
                              converted: Dict[str, nn.Module], example_inputs) -> None:
     """Times every converted layer against its dense original; drops the slower conversions
@@ -249,11 +281,16 @@ def _keep_dense_where_slower(model: nn.Module, candidates: List[Candidate],
 
 def densify(model: nn.Module) -> nn.Module:
     """Replaces every sparse_ext module in ``model`` by its dense equivalent (``to_dense()``), in
-    place. Pruned weights stay zero: ``densify(sparsify(m)[0])`` computes what the sparse model did.
+    place, and gives every ``MoELayer`` with pruned experts dense ``w1`` / ``w2`` again. Pruned
+    weights stay zero: ``densify(sparsify(m)[0])`` computes what the sparse model did.
     Returns ``model`` (or the dense layer when ``model`` itself is a sparse module)."""
     types = sparse_types()
     if isinstance(model, types):
         return _dense_equivalent(model)
+    for mod in model.modules():
+        densify_experts = getattr(mod, "densify_experts", None)  # MoELayer's pruned experts
+        if densify_experts is not None:
+            densify_experts()
     for name, mod in list(model.named_modules()):
         if name and isinstance(mod, types):
             _set_module(model, name, _dense_equivalent(mod))

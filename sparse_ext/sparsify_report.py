@@ -1,6 +1,6 @@
 """What ``sparsify`` did, layer by layer: :class:`LayerReport` rows in a :class:`SparsifyReport`."""
 from dataclasses import asdict, dataclass, field
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 from torch import nn
 
@@ -177,9 +177,12 @@ def _note(row: LayerReport) -> str:
     return ", ".join(notes)
 
 
-def moe_report_rows(model: nn.Module, swap: bool) -> List[LayerReport]:
+def moe_report_rows(model: nn.Module, swap: bool,
+                    prune: Optional[Callable[[str, nn.Module], bool]] = None) -> List[LayerReport]:
     """A row per Hugging Face sparse MoE block of ``model``, swapping each for a MoELayer first
-    when ``swap`` (its experts stay dense: their bytes count as dense in every total)."""
+    when ``swap``; ``prune(name, layer)`` then prunes the swapped layer's experts (returns whether
+    it did). Experts left dense count as dense bytes in every total; pruned experts make the row a
+    sparse one (shape ``(E, F1 + F, H)``: its element count is the experts' weights)."""
     from .moe_swap import find_moe_blocks, swap_moe
 
     blocks = find_moe_blocks(model)
@@ -196,4 +199,17 @@ def moe_report_rows(model: nn.Module, swap: bool) -> List[LayerReport]:
                     else "MoE block left as it is: sparsify(moe=True) swaps it for MoELayer")))
     if swap:
         swap_moe(model)
+    for row in rows:
+        if not swap:
+            continue
+        layer = model.get_submodule(row.name)
+        row.shape = (layer.num_local_experts, layer.w1.shape[1] + layer.ffn_size,
+                     layer.hidden_size)
+        if prune is None or not prune(row.name, layer):
+            continue
+        experts = layer.sparse_experts
+        row.status, row.pattern = "sparse", experts.pattern
+        row.sparsity, row.sparse_bytes = experts.sparsity, experts.weight_nbytes
+        row.dense_bytes = experts.dense_nbytes
+        row.reason = f"MoELayer, {experts.num_experts} experts pruned one by one"
     return rows

@@ -208,6 +208,8 @@ def select_layers(model: nn.Module, pattern: str, sparsity: Optional[float],
     candidates: List[Candidate] = []
     for name, mod in model.named_modules():
         if isinstance(mod, sparse_types()):
+            if id(mod) in owned:
+                continue  # a MoELayer's pruned expert: the MoE block's row covers it
             rows.append(sparse_module_row(name, mod, "already sparse",
                                           "already sparse (left as it is)"))
             continue

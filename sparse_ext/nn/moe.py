@@ -10,6 +10,9 @@ Semantics (see docs/moe.md):
   ``routed_scaling_factor``.
 * experts: SwiGLU ``down(act(gate(x)) * up(x))`` by default (``gated=False``: ``down(act(up(x)))``),
   weights ``w1 [E, 2F, H]`` (gate rows then up rows, the HF fused layout) and ``w2 [E, H, F]``.
+  :meth:`MoELayer.sparsify_experts` prunes them into ``sparse_experts`` (one sparse linear per
+  expert matrix, see ``moe_experts.py``); ``w1`` / ``w2`` are then None until
+  :meth:`MoELayer.densify_experts`.
 * dropless by default; with ``capacity_factor`` each expert takes at most
   ``ceil(capacity_factor * T * k / E)`` (token, slot) pairs in slot-major token order
   (Switch / GShard); dropped pairs contribute zero (the token keeps only its residual path).
@@ -39,6 +42,7 @@ from torch import nn
 
 from .. import ops
 from ._stored import check_loaded_shapes
+from .moe_experts import SparseExperts
 
 _ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 
@@ -162,6 +166,7 @@ class MoELayer(nn.Module):
         f1 = 2 * ffn_size if gated else ffn_size
         self.w1 = nn.Parameter(torch.empty(self.num_local_experts, f1, hidden_size, **kw))
         self.w2 = nn.Parameter(torch.empty(self.num_local_experts, hidden_size, ffn_size, **kw))
+        self.sparse_experts: Optional[SparseExperts] = None
         if selection_bias:
             self.register_buffer("selection_bias", torch.zeros(num_experts, **kw))
         else:
@@ -175,7 +180,10 @@ class MoELayer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self):
-        """nn.Linear's default init for every expert projection."""
+        """nn.Linear's default init for every expert projection (dense experts only)."""
+        if self.w1 is None:
+            raise RuntimeError("reset_parameters needs dense experts: call densify_experts() "
+                               "first")
         with torch.no_grad():
             b1 = 1.0 / math.sqrt(self.hidden_size)
             b2 = 1.0 / math.sqrt(self.ffn_size)
@@ -215,8 +223,7 @@ class MoELayer(nn.Module):
         row_token, offsets, inverse = ops.moe_permute(indices, self.num_experts,
                                                       self.capacity(x2.shape[0]))
         if self.process_group is None:
-            y = ops.moe_expert_mlp(x2, row_token, offsets, self.w1, self.w2, self.activation,
-                                   self.gated)
+            y = self._run_experts(x2, row_token, offsets)
         else:
             y = self._expert_parallel(x2, row_token, offsets)
         out = ops.moe_combine(y, weights, inverse)
@@ -227,6 +234,40 @@ class MoELayer(nn.Module):
                     x2.to(self.shared_expert_gate.weight.dtype))) * shared
             out = out + shared.to(out.dtype)
         return out.to(x.dtype).reshape(shape)
+
+    def _run_experts(self, x2, row_token, offsets):
+        """The local experts over the permuted rows: the grouped kernels on dense experts, each
+        expert's sparse products on pruned ones."""
+        if self.sparse_experts is None:
+            return ops.moe_expert_mlp(x2, row_token, offsets, self.w1, self.w2, self.activation,
+                                      self.gated)
+        xc = x2 if x2.dtype == torch.float64 else x2.float()
+        return self.sparse_experts(xc, row_token, offsets, _torch_act(self.activation),
+                                   self.gated)
+
+    # ---- sparse experts -----------------------------------------------------------------------
+    def sparsify_experts(self, sparsity: Optional[float] = None, pattern: str = "unstructured",
+                         method: str = "magnitude",
+                         generator: Optional[torch.Generator] = None) -> "MoELayer":
+        """Prunes every local expert's ``w1`` and ``w2`` matrix on its own (the arguments of
+        ``SparseLinear.from_dense``) into ``sparse_experts``; ``w1`` / ``w2`` become None.
+        Returns ``self``."""
+        if self.sparse_experts is not None:
+            raise RuntimeError("the experts are sparse already: densify_experts() first to "
+                               "prune them again")
+        self.sparse_experts = SparseExperts.from_dense(self.w1, self.w2, sparsity, pattern,
+                                                       method, generator).train(self.training)
+        self.w1 = None
+        self.w2 = None
+        return self
+
+    def densify_experts(self) -> "MoELayer":
+        """Dense ``w1`` / ``w2`` again from ``sparse_experts`` (pruned weights stay zero)."""
+        if self.sparse_experts is not None:
+            w1, w2 = self.sparse_experts.to_dense()
+            self.w1, self.w2 = nn.Parameter(w1), nn.Parameter(w2)
+            self.sparse_experts = None
+        return self
 
     def _expert_parallel(self, x2, row_token, offsets):
         """Sends each kept row to the rank owning its expert, runs the local experts, sends back."""
@@ -257,8 +298,7 @@ class MoELayer(nn.Module):
         local_offsets[1:] = torch.cumsum(rc.sum(0), 0)
         order = order.to(recv.device)
         local_offsets = local_offsets.to(recv.device)
-        y_local = ops.moe_expert_mlp(recv, order, local_offsets, self.w1, self.w2,
-                                     self.activation, self.gated)
+        y_local = self._run_experts(recv, order, local_offsets)
         inv_order = torch.empty_like(order)
         inv_order[order] = torch.arange(order.shape[0], device=order.device)
         y_src = y_local.index_select(0, inv_order)
@@ -348,7 +388,7 @@ class MoELayer(nn.Module):
                 f"num_experts={self.num_experts}, top_k={self.top_k}, activation={self.activation!r}, "
                 f"gated={self.gated}, norm_topk_prob={self.norm_topk_prob}, scoring={self.scoring!r}, "
                 f"capacity_factor={self.capacity_factor}, local_experts={self.num_local_experts}, "
-                f"dtype={self.w1.dtype}")
+                f"dtype={self.router.weight.dtype}")
 
 
 def _router_logits_tap(gate: nn.Module) -> Optional[nn.Module]:
