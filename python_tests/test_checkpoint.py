@@ -1,5 +1,5 @@
-"""Sparse checkpoints are tensors only: safetensors, torch.load(weights_only=True) and Hugging Face
-save_pretrained take them; checkpoints whose metadata is a dict (older files) still load."""
+"""Sparse checkpoints are tensors only: safetensors, torch.load(weights_only=True),
+torch.distributed.checkpoint and Hugging Face save_pretrained take them; checkpoints whose metadata is a dict (older files) still load."""
 import io
 
 import pytest
@@ -47,6 +47,22 @@ def test_state_dict_is_tensors_and_round_trips_through_safetensors(name, tmp_pat
     torch.testing.assert_close(target(x), source(x))
     if name.startswith("conv"):
         assert target.activation == "relu" and target.stride == (2, 2)
+
+
+@pytest.mark.parametrize("name", MODULES)
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_distributed_checkpoint_round_trip(name, tmp_path):
+    """torch.distributed.checkpoint saves and loads in place (single process, no group): the
+    target must hold tensors of the saved sizes, as any DCP load requires; the same pattern and
+    sparsity give that."""
+    dcp = pytest.importorskip("torch.distributed.checkpoint")
+    source, target = MODULES[name](0), MODULES[name](1)
+    dcp.save(source.state_dict(), checkpoint_id=str(tmp_path))
+    state = target.state_dict()
+    dcp.load(state, checkpoint_id=str(tmp_path))
+    target.load_state_dict(state)
+    x = _input(name)
+    torch.testing.assert_close(target(x), source(x))
 
 
 @pytest.mark.parametrize("name", MODULES)
