@@ -3,18 +3,18 @@
 Models pruned with llm-compressor are published in the ``compressed-tensors`` format; its two
 sparse compressors, ``sparse-bitmask`` (any pattern: the nonzeros, a bitmask and row offsets) and
 ``sparse-24-bitmask`` (the two kept values of every group of four and their bitmask), store each
-linear layer's weight as a few tensors. The ``compressed-tensors`` package defines that layout and
-does the (un)packing here: it is an optional extra (``pip install --no-deps compressed-tensors``;
-without ``--no-deps`` pip may replace the installed torch), imported only when these functions
-run.
+linear layer's weight as a few tensors (layout: ``compressed_tensors_codec.py``). Where the
+installed ``compressed-tensors`` package still has those compressors (up to 0.14) it does the
+(un)packing and writes the config; newer releases dropped them, and a built-in codec writing the
+same bytes takes over, so neither direction needs the package.
 
 :func:`load_compressed_tensors` turns each compressed layer of a (dense) model into a
 ``SparseLinear`` straight from those tensors: 2:4 layers become the N:M format with the bitmask's
 positions as their metadata (no dense matrix at all), bitmask layers the unstructured format (one
 layer's dense matrix at a time, never the model's). :func:`save_compressed_tensors` writes a
-sparsified model back with the package's own compressors (2:4 layers as ``sparse-24-bitmask`` when
-every sparse layer is 2:4, else everything as ``sparse-bitmask``) and the ``quantization_config``
-entry the package's ``ModelCompressor`` reads from a Hugging Face ``config.json``.
+sparsified model back (2:4 layers as ``sparse-24-bitmask`` when every sparse layer is 2:4, else
+everything as ``sparse-bitmask``) with the ``quantization_config`` entry the package's
+``ModelCompressor`` reads from a Hugging Face ``config.json``.
 """
 import json
 import os
@@ -24,30 +24,14 @@ import torch
 from torch import nn
 
 from .checkpoint import read_state_dict
+from .compressed_tensors_codec import BITMASK, BITMASK_24, codec
 from .formats import NMWeight
 from .formats.nm import nm_pack_indices
 from .sparsify_select import as_linear
 
 __all__ = ["load_compressed_tensors", "save_compressed_tensors", "to_compressed_tensors"]
 
-BITMASK = "sparse-bitmask"
-BITMASK_24 = "sparse-24-bitmask"
 _PARTS = ("shape", "compressed", "bitmask", "row_offsets")
-
-
-def _package():
-    """The compressed-tensors package, or an ImportError that says how to install it."""
-    try:
-        import compressed_tensors
-        from compressed_tensors.compressors.sparse_compressors import (  # noqa: F401
-            sparse_24_bitmask, sparse_bitmask)
-        from compressed_tensors.utils import helpers  # noqa: F401
-    except ImportError as e:
-        raise ImportError(
-            "compressed-tensors interop needs the compressed-tensors package: "
-            "pip install --no-deps compressed-tensors (--no-deps keeps the installed torch)"
-        ) from e
-    return compressed_tensors
 
 
 def _compressed_layers(state: Dict[str, torch.Tensor]) -> Dict[str, Tuple[str, Dict]]:
@@ -72,8 +56,6 @@ def _is_24(parts) -> bool:
 
 def _sparse_linear(dense: nn.Linear, parts) -> nn.Module:
     """A SparseLinear holding the compressed weight, with ``dense``'s bias."""
-    from compressed_tensors.utils.helpers import unpack_bitmasks
-
     from .nn import SparseLinear
 
     rows, cols = (int(v) for v in parts["shape"].flatten().tolist())
@@ -84,7 +66,7 @@ def _sparse_linear(dense: nn.Linear, parts) -> nn.Module:
     if tuple(parts["bitmask"].shape) != expected:
         raise ValueError(f"compressed weight's bitmask is {list(parts['bitmask'].shape)}, "
                          f"expected {list(expected)} for a [{rows}, {cols}] weight")
-    keep = unpack_bitmasks(parts["bitmask"].to(torch.uint8), [rows, cols])
+    keep = codec().unpack(parts["bitmask"], rows, cols)
     values = parts["compressed"]
     bias = dense.bias.detach() if dense.bias is not None else None
     if _is_24(parts) and cols % 4 == 0 and bool((keep.reshape(rows, -1, 4).sum(-1) == 2).all()):
@@ -127,7 +109,6 @@ def load_compressed_tensors(model: nn.Module, source, strict: bool = True) -> nn
     file or a state dict) into ``model`` (dense, same architecture): every compressed linear
     layer becomes a ``SparseLinear`` holding its weight, everything else loads as usual.
     Quantized compressed-tensors formats are refused. Returns ``model``."""
-    _package()
     path = None if isinstance(source, dict) else os.fspath(source)
     if path is not None and os.path.isdir(path):
         _check_config(path)
@@ -159,35 +140,26 @@ def _format_of(sparse: Dict[str, nn.Module]) -> str:
     return BITMASK_24 if all_24 else BITMASK
 
 
-def _quantization_config(fmt: str, sparse: Dict[str, nn.Module]) -> dict:
-    """The ``quantization_config`` entry ``ModelCompressor`` reads: the package's sparsity config
-    for ``fmt`` targeting exactly the sparse layers."""
-    package = _package()
-    from compressed_tensors.base import (COMPRESSION_VERSION_NAME, QUANTIZATION_METHOD_NAME,
-                                         SPARSITY_CONFIG_NAME)
-    from compressed_tensors.config import SparsityCompressionConfig
-
+def _quantization_config(fmt: str, sparse: Dict[str, nn.Module], coder) -> dict:
+    """The ``quantization_config`` entry ``ModelCompressor`` reads: the sparsity config for
+    ``fmt`` targeting exactly the sparse layers."""
     weights = [m.weight_format() for m in sparse.values()]
     total = sum(w.out_features * w.in_features for w in weights)
     kept = sum(w.nnz for w in weights)
-    config = SparsityCompressionConfig.load_from_registry(
-        fmt, targets=sorted(sparse), ignore=[],
-        global_sparsity=(1.0 - kept / total) if total else 0.0,
-        sparsity_structure="2:4" if fmt == BITMASK_24 else "unstructured")
-    return {QUANTIZATION_METHOD_NAME: "compressed-tensors",
-            COMPRESSION_VERSION_NAME: package.__version__,
-            SPARSITY_CONFIG_NAME: config.model_dump()}
+    config = {"quant_method": "compressed-tensors",
+              "sparsity_config": coder.sparsity_config(
+                  fmt, sorted(sparse), (1.0 - kept / total) if total else 0.0)}
+    if coder.version is not None:
+        config["version"] = coder.version
+    return config
 
 
 def _compress(model: nn.Module) -> Tuple[Dict[str, torch.Tensor], str, dict]:
-    """(compressed state dict, format, quantization_config): each sparse layer's weight goes
-    through the package's compressor, one layer's dense matrix at a time."""
-    from compressed_tensors.compressors import ModelCompressor
-
+    """(compressed state dict, format, quantization_config), one layer's dense matrix at a
+    time."""
+    coder = codec()
     sparse = _sparse_layers(model)
     fmt = _format_of(sparse)
-    config = _quantization_config(fmt, sparse)
-    compressor = ModelCompressor.from_compression_config(config).sparsity_compressor
     state = {}
     for key, tensor in model.state_dict().items():
         layer = key.rpartition(".")[0]
@@ -195,10 +167,10 @@ def _compress(model: nn.Module) -> Tuple[Dict[str, torch.Tensor], str, dict]:
             state[key] = tensor.detach().cpu().contiguous()
     for name, module in sparse.items():
         dense = module.weight_format().to_dense().detach().cpu()
-        state.update(compressor.compress_weight(name, dense))
+        state.update(coder.compress(name, dense, fmt))
         if module.bias is not None:
             state[f"{name}.bias"] = module.bias.detach().cpu().contiguous()
-    return state, fmt, config
+    return state, fmt, _quantization_config(fmt, sparse, coder)
 
 
 def to_compressed_tensors(model: nn.Module) -> Tuple[Dict[str, torch.Tensor], str]:
