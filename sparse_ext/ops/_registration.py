@@ -13,6 +13,21 @@ lib = torch.ops.sparse_ext
 for _name in sorted({n.split("::")[1].split(".")[0] for n in torch._C._dispatch_get_all_op_names()
                      if n.startswith("sparse_ext::")}):
     getattr(lib, _name)
+
+
+def call_differentiable(op, *args):
+    """``op(*args)`` for an op whose autograd is registered in Python, skipping that autograd
+    kernel when no gradient can flow (grad mode off, or no tensor argument requires grad): the
+    Python kernel costs about 10 us per call even under ``no_grad`` (measured on a 64x64 2:4
+    GEMV: 22 us through it, 12 us below it), as much as a decode-size product itself. Traced
+    code (torch.compile) always takes the registered path."""
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
+            isinstance(a, torch.Tensor) and a.requires_grad for a in args)):
+        return op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
 MAX_WEIGHT_DIM = 2**31 - 1  # the kernels index rows and columns with 32-bit integers
 MAX_EXPERTS = 2**20  # kMoeMaxExperts in csrc/ops/moe_args.h
 

@@ -3,7 +3,8 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from ._registration import check_weight_dim, check_width, lib, register_fake
+from ._registration import (call_differentiable, check_weight_dim, check_width, lib,
+                            register_fake)
 
 if TYPE_CHECKING:
     from ..formats import CSRWeight
@@ -55,17 +56,19 @@ def sparse_conv2d(x: torch.Tensor, weight: "CSRWeight", bias: Optional[torch.Ten
     if taps < 1 or weight.in_features % taps:
         raise ValueError(f"a weight with {weight.in_features} columns cannot hold a "
                          f"{kernel_size[0]}x{kernel_size[1]} kernel (in_channels * kh * kw columns)")
-    return lib.sparse_conv2d(x, weight.offsets, weight.indices, weight.values, bias,
-                             weight.out_features, weight.in_features // taps, kernel_size,
-                             _pair(stride, "stride"), _pair(padding, "padding"),
-                             _pair(dilation, "dilation"), weight.block_rows, lo, hi)
+    return call_differentiable(lib.sparse_conv2d, x, weight.offsets, weight.indices,
+                               weight.values, bias, weight.out_features,
+                               weight.in_features // taps, kernel_size, _pair(stride, "stride"),
+                               _pair(padding, "padding"), _pair(dilation, "dilation"),
+                               weight.block_rows, lo, hi)
 
 
 def sparse_conv2d_op(x, offsets, indices, values, bias, out_channels, in_channels, kernel_size,
                      stride, padding, dilation, block_rows, out_min, out_max):
     """The raw op with every argument explicit (lists for the pairs); modules cache them."""
-    return lib.sparse_conv2d(x, offsets, indices, values, bias, out_channels, in_channels,
-                             kernel_size, stride, padding, dilation, block_rows, out_min, out_max)
+    return call_differentiable(lib.sparse_conv2d, x, offsets, indices, values, bias,
+                               out_channels, in_channels, kernel_size, stride, padding, dilation,
+                               block_rows, out_min, out_max)
 
 
 @register_fake("sparse_ext::sparse_conv2d")

@@ -3,7 +3,7 @@ from typing import Optional
 
 import torch
 
-from ._registration import MAX_EXPERTS, lib, register_fake
+from ._registration import MAX_EXPERTS, call_differentiable, lib, register_fake
 
 
 def moe_route(router_logits: torch.Tensor, top_k: int, scoring: str = "softmax",
@@ -15,8 +15,8 @@ def moe_route(router_logits: torch.Tensor, top_k: int, scoring: str = "softmax",
     for float64 logits) in descending order, ties broken by the lower expert index
     (``torch.topk`` order). ``selection_bias`` is added to the scores for selection only.
     """
-    return lib.moe_route(router_logits, top_k, scoring, renormalize, selection_bias, num_groups,
-                         topk_groups)
+    return call_differentiable(lib.moe_route, router_logits, top_k, scoring, renormalize,
+                               selection_bias, num_groups, topk_groups)
 
 
 def moe_permute(topk_indices: torch.Tensor, num_experts: int, capacity: int = -1):
@@ -28,13 +28,14 @@ def moe_expert_mlp(x: torch.Tensor, row_token: torch.Tensor, expert_offsets: tor
                    w1: torch.Tensor, w2: torch.Tensor, activation: str = "silu",
                    gated: bool = True) -> torch.Tensor:
     """Expert MLP over permuted rows: ``y[p] = mlp_e(x[row_token[p]])`` for the segment e of p."""
-    return lib.moe_expert_mlp(x, row_token, expert_offsets, w1, w2, activation, gated)
+    return call_differentiable(lib.moe_expert_mlp, x, row_token, expert_offsets, w1, w2,
+                               activation, gated)
 
 
 def moe_combine(expert_out: torch.Tensor, topk_weights: torch.Tensor,
                 inverse: torch.Tensor) -> torch.Tensor:
     """``out[t] = sum_j topk_weights[t, j] * expert_out[inverse[t, j]]`` (fixed order)."""
-    return lib.moe_combine(expert_out, topk_weights, inverse)
+    return call_differentiable(lib.moe_combine, expert_out, topk_weights, inverse)
 
 
 def _moe_compute_dtype(t):

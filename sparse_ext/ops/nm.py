@@ -3,7 +3,8 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from ._registration import check_weight_dim, check_width, lib, register_fake
+from ._registration import (call_differentiable, check_weight_dim, check_width, lib,
+                            register_fake)
 
 if TYPE_CHECKING:
     from ..formats import NMWeight
@@ -11,8 +12,8 @@ if TYPE_CHECKING:
 
 def nm_linear(x: torch.Tensor, weight: "NMWeight", bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x @ W^T + bias`` for ``x [..., in_features]`` and an ``NMWeight`` W."""
-    return lib.nm_linear(x, weight.values, weight.metadata, bias, weight.in_features, weight.n,
-                         weight.m)
+    return call_differentiable(lib.nm_linear, x, weight.values, weight.metadata, bias,
+                               weight.in_features, weight.n, weight.m)
 
 
 @register_fake("sparse_ext::nm_linear")

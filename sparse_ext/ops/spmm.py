@@ -3,7 +3,8 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from ._registration import check_weight_dim, check_width, lib, register_fake
+from ._registration import (call_differentiable, check_weight_dim, check_width, lib,
+                            register_fake)
 
 if TYPE_CHECKING:
     from ..formats import CSRWeight
@@ -13,8 +14,8 @@ K_BLOCK = 256  # kSpmmKBlock (csrc/kernels/spmm/spmm.h): one byte per column ind
 
 def spmm(x: torch.Tensor, weight: "CSRWeight", bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x @ W^T + bias`` for ``x [..., in_features]`` and a ``CSRWeight`` W."""
-    return lib.spmm(x, weight.offsets, weight.indices, weight.values, bias,
-                    weight.out_features, weight.in_features, weight.block_rows)
+    return call_differentiable(lib.spmm, x, weight.offsets, weight.indices, weight.values, bias,
+                               weight.out_features, weight.in_features, weight.block_rows)
 
 
 @register_fake("sparse_ext::spmm")
