@@ -46,8 +46,16 @@ class SparseConv2d(SparseWeightModule):
     """``act(conv2d(x, W, bias))`` with W sparse, NCHW (channels_last input accepted), groups=1.
 
     Parameters: ``values`` (kept weights, trainable; the pattern is fixed) and ``bias``; buffers:
-    the structure of W's format (``offsets``, ``indices``). ``activation`` is None, ``"relu"``, ``"relu6"`` or a
-    ``(min, max)`` clamp fused into the kernel's store.
+    the structure of W's format (``offsets``, ``indices``). ``activation`` is None, ``"relu"``,
+    ``"relu6"`` or a ``(min, max)`` clamp fused into the kernel's store.
+
+    Args:
+        weight: a ``CSRWeight`` ``[out_channels, in_channels * kh * kw]`` (nn.Conv2d's weight
+            reshaped), block rows R in {1, 2, 4, 8}.
+        in_channels: C_in; ``kernel_size``, ``stride``, ``padding`` (int, pair or ``"same"``),
+            ``dilation``: as ``nn.Conv2d`` takes them (groups = 1, zero padding).
+        bias: ``[out_channels]`` or None; ``pattern``: as for ``SparseLinear``;
+        activation: the fused activation above (ValueError for anything else).
     """
 
     def __init__(self, weight: SparseWeight, in_channels: int, kernel_size, stride=1, padding=0,
@@ -78,9 +86,21 @@ class SparseConv2d(SparseWeightModule):
                    pattern: str = "unstructured", method: str = "magnitude",
                    mask: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
                    activation=None) -> "SparseConv2d":
-        """Prunes ``conv`` (by ``mask``, or to ``sparsity`` with ``pattern`` "unstructured" or "RxC"
-        and ``method`` "magnitude" / "random"). Block rows R in {2, 4, 8} become output-channel
-        groups sharing a pattern (the kernels' NR)."""
+        """A SparseConv2d with ``conv``'s weight pruned, its geometry and bias.
+
+        Args:
+            conv: an ``nn.Conv2d`` with groups = 1 and ``padding_mode="zeros"`` (not modified).
+            sparsity: fraction of weights to zero, in [0, 1) (unless ``mask`` is given).
+            pattern: ``"unstructured"`` or ``"Rx1"`` with R in {2, 4, 8}: R output channels
+                share their kept (input channel, tap) positions (the kernels' NR; group
+                sparsity).
+            method: ``"magnitude"`` or ``"random"`` (with ``generator``).
+            mask: bool, ``conv.weight``'s shape or ``[out_channels, in_channels * kh * kw]``.
+            activation: None, ``"relu"``, ``"relu6"`` or ``(min, max)``, fused into the store.
+
+        Raises TypeError for a non-``nn.Conv2d``, ValueError for groups != 1, another padding
+        mode or a bad sparsity / mask, NotImplementedError for a pattern without a conv
+        kernel (N:M)."""
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
         if conv.groups != 1:

@@ -14,6 +14,13 @@ class SparseLinear(SparseWeightModule):
     Build one with :meth:`from_dense`. Parameters: ``values`` (kept weights) and ``bias``;
     buffers: the structure of W's format (``offsets`` and ``indices`` for unstructured and block
     patterns, ``metadata`` for N:M).
+
+    Args:
+        weight: a :class:`~sparse_ext.formats.SparseWeight` (``CSRWeight`` or ``NMWeight``) of
+            shape ``[out_features, in_features]``; validated here (ValueError naming the buffer).
+        bias: ``[out_features]`` or None; copied.
+        pattern: the pattern name the weight was built with (default: the weight's own); it must
+            describe the weight, else ValueError.
     """
 
     def __init__(self, weight: SparseWeight, bias: Optional[torch.Tensor] = None,
@@ -28,7 +35,24 @@ class SparseLinear(SparseWeightModule):
                    pattern: str = "unstructured", method: str = "magnitude",
                    mask: Optional[torch.Tensor] = None,
                    generator: Optional[torch.Generator] = None) -> "SparseLinear":
-        """Prunes ``linear`` (by ``mask``, or to ``sparsity`` with ``pattern`` and ``method``)."""
+        """A SparseLinear with ``linear``'s weight pruned and its bias.
+
+        Args:
+            linear: the ``nn.Linear`` to prune (float32, bfloat16 or float64; not modified).
+            sparsity: fraction of weights to zero, in [0, 1); needed unless ``pattern`` is N:M
+                (whose sparsity is 1 - N/M) or ``mask`` is given.
+            pattern: ``"unstructured"`` (default), ``"RxC"`` row blocks (``"4x1"``, ``"8x1"``:
+                R consecutive output rows share their kept columns) or ``"N:M"`` (``"2:4"``,
+                ``"1:4"``, ``"2:8"``, ...: N kept in every group of M inputs).
+            method: ``"magnitude"`` (keep the largest, per row for N:M and per layer otherwise)
+                or ``"random"`` (with ``generator``).
+            mask: bool ``[out_features, in_features]``, True = keep; overrides ``sparsity`` and
+                ``method`` and must fit ``pattern`` (ValueError naming the first group that
+                does not).
+            generator: ``torch.Generator`` for ``method="random"``.
+
+        Raises TypeError for a non-``nn.Linear``, ValueError for a bad sparsity, pattern or
+        mask, NotImplementedError for a pattern this build has no kernel for."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         weight = build_weight(linear.weight.detach(), pattern, mask=mask, sparsity=sparsity,
