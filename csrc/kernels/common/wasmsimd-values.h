@@ -23,7 +23,8 @@ inline v128_t muladd(v128_t acc, v128_t a, v128_t b) {
 
 inline float hsum(v128_t v) {
   const v128_t pairs = wasm_f32x4_add(v, wasm_i32x4_shuffle(v, v, 2, 3, 0, 1));
-  return wasm_f32x4_extract_lane(wasm_f32x4_add(pairs, wasm_i32x4_shuffle(pairs, pairs, 1, 0, 3, 2)), 0);
+  const v128_t all = wasm_f32x4_add(pairs, wasm_i32x4_shuffle(pairs, pairs, 1, 0, 3, 2));
+  return wasm_f32x4_extract_lane(all, 0);
 }
 
 // 4 consecutive values as floats (bf16 widens to the high half of a 32-bit lane).

@@ -110,7 +110,8 @@ void gemv_rvec(const SpmmWeight& w, const float* x, int64_t g0, int64_t g1, floa
           acc[v] = muladd(acc[v], load4_values<VT>(w.values, j * R + 4 * v), xa);
       }
     }
-    for (int v = 0; v < V; ++v) wasm_v128_store(y + g * R + 4 * v, wasm_f32x4_add(acc[v], acc[V + v]));
+    for (int v = 0; v < V; ++v)
+      wasm_v128_store(y + g * R + 4 * v, wasm_f32x4_add(acc[v], acc[V + v]));
   }
 }
 
