@@ -246,6 +246,9 @@ int main() {
     check_silu(e, rng);
     check_silu_non_finite(e);
   }
+#if defined(__wasm_simd128__)
+  sparse_ext_test::expect_covered("wasmsimd");
+#endif
   check_route(rng);
   check_permute_combine(rng);
   check_activation();
