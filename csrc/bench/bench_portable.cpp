@@ -4,7 +4,7 @@
 //
 //   bench_portable [--block-rows R] [--min-seconds S] [--quick]
 //
-// Per shape (C_in x C_out x pixels) and sparsity it times, as the median of repeats:
+// Per shape (C_in x C_out x pixels) and sparsity it times, as the median of interleaved repeats:
 //   dense   Y[C_out, P] = W X, W packed once (not timed) into MR-row panels, X packed per call
 //           into 8-pixel strips (timed); register tile MR channels x 8 pixels, broadcast weights.
 //           WebAssembly: MR = 4 with SIMD128 intrinsics. Native: MR = 8 with C++ vector extensions
@@ -185,21 +185,31 @@ Sparse prune(std::vector<float>& W, int64_t M, int64_t K, int64_t R, double spar
 }
 
 // ---- timing -------------------------------------------------------------------------------------
-template <typename Fn>
-double median_ms(Fn fn, double min_seconds) {
+// Median ms of each of three functions, timed in interleaved rounds (dense, conv, spmm, dense, ...)
+// so that a change of machine load during the measurement hits all three alike. At least 5
+// rounds, then until `min_seconds` have passed (at most 1000 rounds).
+template <typename A, typename B, typename C>
+void median_ms(A a, B b, C c, double min_seconds, double out[3]) {
   using clock = std::chrono::steady_clock;
-  fn();  // warm-up
-  std::vector<double> ms;
+  a(), b(), c();  // warm-up
+  std::vector<double> ms[3];
   const auto start = clock::now();
-  while (ms.size() < 5 ||
-         (std::chrono::duration<double>(clock::now() - start).count() < min_seconds &&
-          ms.size() < 1000)) {
+  auto time = [](auto fn) {
     const auto t0 = clock::now();
     fn();
-    ms.push_back(std::chrono::duration<double, std::milli>(clock::now() - t0).count());
+    return std::chrono::duration<double, std::milli>(clock::now() - t0).count();
+  };
+  while (ms[0].size() < 5 ||
+         (std::chrono::duration<double>(clock::now() - start).count() < min_seconds &&
+          ms[0].size() < 1000)) {
+    ms[0].push_back(time(a));
+    ms[1].push_back(time(b));
+    ms[2].push_back(time(c));
   }
-  std::sort(ms.begin(), ms.end());
-  return ms[ms.size() / 2];
+  for (int i = 0; i < 3; ++i) {
+    std::sort(ms[i].begin(), ms[i].end());
+    out[i] = ms[i][ms[i].size() / 2];
+  }
 }
 
 double max_rel_error(const float* a, const float* ref, size_t n) {
@@ -224,7 +234,7 @@ const ConvUkernels* conv_for(int64_t R, int64_t pixels) {
 
 int main(int argc, char** argv) {
   int64_t R = 1;
-  double min_seconds = 0.3;
+  double min_seconds = 1.0;
   bool quick = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -247,7 +257,7 @@ int main(int argc, char** argv) {
   const SpmmUkernels* sk = lookup_along_chain(
       active_isa(), [&](Isa isa) { return spmm_ukernels(isa, ValueType::kF32, R); });
   const DenseTile dense_tile = dense_tile_fn();
-  std::printf("tier %s, one thread, median of repeats (>= %.2f s each), block rows %ld\n",
+  std::printf("tier %s, one thread, interleaved medians (>= %.2f s a row), block rows %ld\n",
               isa_name(active_isa()), min_seconds, static_cast<long>(R));
   std::printf("baseline: %s\n", kDenseLabel);
   std::printf("conv: 1x1 conv ukernel on NCHW; spmm: %s / %s driver on pre-packed activations\n",
@@ -302,9 +312,9 @@ int main(int argc, char** argv) {
                      static_cast<long>(K), static_cast<long>(M), static_cast<long>(P), ec, es);
         return 1;
       }
-      const double td = median_ms(run_dense, min_seconds);
-      const double tc = median_ms(run_conv, min_seconds);
-      const double ts = median_ms(run_spmm, min_seconds);
+      double t[3];
+      median_ms(run_dense, run_conv, run_spmm, min_seconds, t);
+      const double td = t[0], tc = t[1], ts = t[2];
       char label[32];
       std::snprintf(label, sizeof label, "%ldx%ldx%ld", static_cast<long>(K), static_cast<long>(M),
                     static_cast<long>(P));
