@@ -45,7 +45,8 @@ def pip_cuda_include_dirs():
 
 def sources(with_cuda):
     cpp = glob.glob(os.path.join(ROOT, "csrc", "**", "*.cpp"), recursive=True)
-    cpp = [p for p in cpp if os.sep + "tests" + os.sep not in p]
+    # C++ tests and benchmarks are programs with their own main() (built by CMakeLists.txt).
+    cpp = [p for p in cpp if not any(os.sep + d + os.sep in p for d in ("tests", "bench"))]
     if not with_cuda:
         cpp = [p for p in cpp if os.sep + "cuda" + os.sep not in p]
     cu = glob.glob(os.path.join(ROOT, "csrc", "cuda", "**", "*.cu"), recursive=True) if with_cuda else []

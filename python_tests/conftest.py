@@ -15,7 +15,7 @@ import sparse_ext  # noqa: E402
 
 sparse_ext.set_tuning(False)
 
-ALL_ISAS = ["scalar", "avx2", "avx512", "neon"]
+ALL_ISAS = ["scalar", "avx2", "avx512", "neon", "wasmsimd"]
 
 
 @pytest.fixture(params=ALL_ISAS)

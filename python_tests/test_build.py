@@ -53,7 +53,7 @@ def test_no_march_native_in_default_build():
 
 # Tiers from best to worst: the default must be the best one the CPU runs, or every test that
 # does not pick an ISA would quietly run a slower (or the scalar) path.
-ISA_TIERS = ["avx512", "avx2", "neon", "scalar"]
+ISA_TIERS = ["avx512", "avx2", "neon", "wasmsimd", "scalar"]
 
 
 def test_default_isa_is_best_supported():
@@ -85,7 +85,7 @@ def test_env_var_invalid_value_warns_and_falls_back():
 def test_set_isa_rejects_unknown_and_unsupported():
     with pytest.raises(RuntimeError, match="unknown ISA"):
         se.set_isa("sse9")
-    unsupported = [n for n in ("avx2", "neon") if n not in se.supported_isas()]
+    unsupported = [n for n in ("avx2", "neon", "wasmsimd") if n not in se.supported_isas()]
     if unsupported:
         with pytest.raises(RuntimeError, match="not supported"):
             se.set_isa(unsupported[0])

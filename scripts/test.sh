@@ -9,6 +9,8 @@ cmake --build build/cmake -j"$(nproc)" > build/cmake-build.log 2>&1 || { tail -5
 ctest --test-dir build/cmake --output-on-failure
 # The same C++ tests cross-compiled for aarch64 and run under qemu (NEON ukernels vs scalar).
 bash scripts/test_aarch64.sh
+# The same C++ tests built for WebAssembly SIMD128 with Emscripten and run under node.
+bash scripts/test_wasm.sh
 # The CUDA sources compiled with nvcc (standalone, sm_80 + sm_90a) and the whole extension built
 # against a CUDA build of torch in a cached venv; every op must have a CUDA kernel. No GPU needed.
 bash scripts/test_cuda_build.sh

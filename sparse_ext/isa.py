@@ -3,7 +3,8 @@
 Chosen once at import from the CPU's features (the best of avx512, avx2, neon, scalar);
 ``SPARSE_EXT_ISA=scalar|avx2|avx512|neon`` forces one, and ``set_isa`` / ``use_isa`` switch at run
 time (tests use that to cover every compiled path). A family without ukernels for the chosen tier
-runs the best tier below it (avx512 -> avx2 -> scalar, neon -> scalar).
+runs the best tier below it (avx512 -> avx2 -> scalar, neon -> scalar). The kernel library's
+``wasmsimd`` tier exists only in its WebAssembly build (docs/portable.md), never in this module.
 """
 import warnings
 

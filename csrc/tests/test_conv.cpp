@@ -326,6 +326,9 @@ int main() {
 #if defined(__aarch64__) && defined(SPARSE_EXT_HAVE_NEON_KERNELS)
   sparse_ext_test::expect_covered("neon");
 #endif
+#if defined(__wasm_simd128__)
+  sparse_ext_test::expect_covered("wasmsimd");
+#endif
   if (isa_supported(Isa::kAvx512)) sparse_ext_test::expect_covered("avx512");
   check_geometry();
   return sparse_ext_test::finish("test_conv");

@@ -267,6 +267,9 @@ int main() {
 #if defined(__aarch64__) && defined(SPARSE_EXT_HAVE_NEON_KERNELS)
   sparse_ext_test::expect_covered("neon");
 #endif
+#if defined(__wasm_simd128__)
+  sparse_ext_test::expect_covered("wasmsimd");
+#endif
   if (isa_supported(Isa::kAvx512)) sparse_ext_test::expect_covered("avx512");
   for (const auto& p : patterns) check_f64(6, 45, 3, p[0], p[1], rng);
   check_validation();

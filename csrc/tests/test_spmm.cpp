@@ -247,6 +247,7 @@ void check_fallback_chain() {
   SE_EXPECT(isa_fallback(Isa::kAvx512) == Isa::kAvx2, "avx512 must fall back to avx2");
   SE_EXPECT(isa_fallback(Isa::kAvx2) == Isa::kScalar, "avx2 must fall back to scalar");
   SE_EXPECT(isa_fallback(Isa::kNeon) == Isa::kScalar, "neon must fall back to scalar");
+  SE_EXPECT(isa_fallback(Isa::kWasmSimd) == Isa::kScalar, "wasmsimd must fall back to scalar");
   for (ValueType vt : {ValueType::kF32, ValueType::kBF16})
     for (int64_t R : {1, 2, 4, 8}) {
       const SpmmUkernels* avx2 = spmm_ukernels(Isa::kAvx2, vt, R);
@@ -279,6 +280,9 @@ int main() {
   }
 #if defined(__aarch64__) && defined(SPARSE_EXT_HAVE_NEON_KERNELS)
   sparse_ext_test::expect_covered("neon");
+#endif
+#if defined(__wasm_simd128__)
+  sparse_ext_test::expect_covered("wasmsimd");
 #endif
   if (isa_supported(Isa::kAvx512)) sparse_ext_test::expect_covered("avx512");
   check_fallback_chain();

@@ -45,6 +45,7 @@ Isa best_isa() {
   if (isa_supported(Isa::kAvx512)) return Isa::kAvx512;
   if (isa_supported(Isa::kAvx2)) return Isa::kAvx2;
   if (isa_supported(Isa::kNeon)) return Isa::kNeon;
+  if (isa_supported(Isa::kWasmSimd)) return Isa::kWasmSimd;
   return Isa::kScalar;
 }
 
@@ -54,7 +55,7 @@ Isa initial_isa() {
   Isa requested;
   if (!isa_from_name(env, &requested)) {
     env_error_text() = std::string("SPARSE_EXT_ISA='") + env +
-                       "' is not one of scalar, avx2, avx512, neon; using the best supported ISA";
+                       "' is not one of scalar, avx2, avx512, neon, wasmsimd; using the best supported ISA";
     return best_isa();
   }
   if (!isa_supported(requested)) {
@@ -78,6 +79,7 @@ const char* isa_name(Isa isa) {
     case Isa::kAvx2: return "avx2";
     case Isa::kAvx512: return "avx512";
     case Isa::kNeon: return "neon";
+    case Isa::kWasmSimd: return "wasmsimd";
   }
   return "unknown";
 }
@@ -117,6 +119,7 @@ bool isa_from_name(const char* name, Isa* out) {
   if (std::strcmp(name, "avx2") == 0) { *out = Isa::kAvx2; return true; }
   if (std::strcmp(name, "avx512") == 0) { *out = Isa::kAvx512; return true; }
   if (std::strcmp(name, "neon") == 0) { *out = Isa::kNeon; return true; }
+  if (std::strcmp(name, "wasmsimd") == 0) { *out = Isa::kWasmSimd; return true; }
   return false;
 }
 
@@ -127,6 +130,12 @@ bool isa_supported(Isa isa) {
     case Isa::kAvx512: return cpu_has_avx512();
     case Isa::kNeon:
 #if defined(__aarch64__) && defined(SPARSE_EXT_HAVE_NEON_KERNELS)
+      return true;
+#else
+      return false;
+#endif
+    case Isa::kWasmSimd:
+#if defined(__wasm_simd128__)
       return true;
 #else
       return false;

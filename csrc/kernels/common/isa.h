@@ -1,6 +1,7 @@
 // Runtime instruction-set selection shared by every kernel family.
 // The scalar reference path is always compiled; vector paths are compiled with per-file target
-// pragmas and picked once from the CPU's features (or forced by SPARSE_EXT_ISA).
+// pragmas and picked once from the CPU's features (or forced by SPARSE_EXT_ISA). WebAssembly has
+// no run-time feature probe: wasmsimd is supported when the whole build targets SIMD128.
 #pragma once
 
 #include <cstdint>
@@ -9,16 +10,17 @@ namespace sparse_ext {
 
 // avx512 means AVX-512 F + BW + VL + DQ with AVX2 + FMA (every AVX-512 server CPU has all of them);
 // the optional extensions are feature bits (cpu_has_feature), not tiers.
-enum class Isa : int { kScalar = 0, kAvx2 = 1, kNeon = 2, kAvx512 = 3 };
+enum class Isa : int { kScalar = 0, kAvx2 = 1, kNeon = 2, kAvx512 = 3, kWasmSimd = 4 };
 
 // Every tier, for registries and tests to expand.
-constexpr Isa kAllIsas[] = {Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kNeon};
+constexpr Isa kAllIsas[] = {Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kNeon, Isa::kWasmSimd};
 
 const char* isa_name(Isa isa);
-// Parses "scalar" | "avx2" | "avx512" | "neon"; returns false for any other text.
+// Parses "scalar" | "avx2" | "avx512" | "neon" | "wasmsimd"; returns false for any other text.
 bool isa_from_name(const char* name, Isa* out);
 
-// The next tier down: avx512 -> avx2 -> scalar, neon -> scalar (scalar is the last).
+// The next tier down: avx512 -> avx2 -> scalar, neon -> scalar, wasmsimd -> scalar (scalar is the
+// last).
 Isa isa_fallback(Isa isa);
 
 // The first non-null lookup(tier) along `isa`'s fallback chain, so that a family without a

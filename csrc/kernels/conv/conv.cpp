@@ -210,6 +210,7 @@ const ConvUkernels* conv_ukernels(Isa isa, int64_t block_rows) {
     case Isa::kAvx2: return conv_ukernels_avx2(block_rows);
     case Isa::kAvx512: return conv_ukernels_avx512(block_rows);
     case Isa::kNeon: return conv_ukernels_neon(block_rows);
+    case Isa::kWasmSimd: return conv_ukernels_wasmsimd(block_rows);
     default: return nullptr;
   }
 }

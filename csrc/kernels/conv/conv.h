@@ -85,6 +85,7 @@ const ConvUkernels* conv_ukernels_scalar(int64_t block_rows);
 const ConvUkernels* conv_ukernels_avx512(int64_t block_rows);
 const ConvUkernels* conv_ukernels_avx2(int64_t block_rows);
 const ConvUkernels* conv_ukernels_neon(int64_t block_rows);
+const ConvUkernels* conv_ukernels_wasmsimd(int64_t block_rows);
 
 struct ConvRegistryEntry {
   Isa isa;

@@ -331,6 +331,7 @@ const MoeUkernels* moe_ukernels(Isa isa, ValueType wt) {
     case Isa::kScalar: return moe_ukernels_scalar(wt);
     case Isa::kAvx2: return moe_ukernels_avx2(wt);
     case Isa::kAvx512: return moe_ukernels_avx512(wt);
+    case Isa::kWasmSimd: return moe_ukernels_wasmsimd(wt);
     default: return nullptr;
   }
 }

@@ -142,6 +142,7 @@ const MoeUkernels* moe_ukernels(Isa isa, ValueType wt);
 const MoeUkernels* moe_ukernels_scalar(ValueType wt);
 const MoeUkernels* moe_ukernels_avx2(ValueType wt);
 const MoeUkernels* moe_ukernels_avx512(ValueType wt);
+const MoeUkernels* moe_ukernels_wasmsimd(ValueType wt);  // nullptr stub without SIMD128
 // The AVX2 GEMM entries (moe-gemm-avx2.cpp, x86-64 builds only), MoeGemvUkernel contract.
 void moe_gemm_f32_6x16_avx2(const void* w, int64_t K, int64_t r0, int64_t r1, const float* x,
                             int64_t ldx, int64_t tokens, float* y, int64_t ldy);

@@ -157,6 +157,7 @@ const NmUkernels* nm_ukernels(Isa isa, ValueType value_type) {
     case Isa::kAvx2: return nm_ukernels_avx2(value_type);
     case Isa::kAvx512: return nm_ukernels_avx512(value_type);
     case Isa::kNeon: return nm_ukernels_neon(value_type);
+    case Isa::kWasmSimd: return nm_ukernels_wasmsimd(value_type);
     default: return nullptr;
   }
 }

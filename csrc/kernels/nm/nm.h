@@ -131,6 +131,7 @@ const NmUkernels* nm_ukernels_scalar(ValueType value_type);
 const NmUkernels* nm_ukernels_avx2(ValueType value_type);
 const NmUkernels* nm_ukernels_avx512(ValueType value_type);  // the GEMV only
 const NmUkernels* nm_ukernels_neon(ValueType value_type);  // nullptr stub off aarch64
+const NmUkernels* nm_ukernels_wasmsimd(ValueType value_type);  // nullptr stub without SIMD128
 
 struct NmRegistryEntry {
   Isa isa;

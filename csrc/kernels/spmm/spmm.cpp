@@ -127,6 +127,7 @@ const SpmmUkernels* spmm_ukernels(Isa isa, ValueType value_type, int64_t block_r
     case Isa::kAvx2: return spmm_ukernels_avx2(value_type, block_rows);
     case Isa::kAvx512: return spmm_ukernels_avx512(value_type, block_rows);
     case Isa::kNeon: return spmm_ukernels_neon(value_type, block_rows);
+    case Isa::kWasmSimd: return spmm_ukernels_wasmsimd(value_type, block_rows);
     default: return nullptr;
   }
 }

@@ -95,12 +95,13 @@ struct SpmmRegistryEntry {
 int spmm_registry_size();
 const SpmmRegistryEntry& spmm_registry_entry(int i);
 
-// Per-ISA tables (defined in spmm-scalar.cpp, spmm-avx2.cpp, spmm-neon.cpp; a non-matching
-// architecture's table is a nullptr stub).
+// Per-ISA tables (defined in spmm-scalar.cpp, spmm-avx2.cpp, spmm-neon.cpp, spmm-wasmsimd.cpp; a
+// non-matching architecture's table is a nullptr stub).
 const SpmmUkernels* spmm_ukernels_scalar(ValueType value_type, int64_t block_rows);
 const SpmmUkernels* spmm_ukernels_avx2(ValueType value_type, int64_t block_rows);
 const SpmmUkernels* spmm_ukernels_avx512(ValueType value_type, int64_t block_rows);
 const SpmmUkernels* spmm_ukernels_neon(ValueType value_type, int64_t block_rows);
+const SpmmUkernels* spmm_ukernels_wasmsimd(ValueType value_type, int64_t block_rows);
 
 // Driver for a range of row groups: y[n, m] = sum_k W[m, k] x[n, k] + bias[m] for all N tokens and
 // rows m of groups [g0, g1). Picks GEMV for N == 1 and the tile kernel otherwise.
