@@ -50,8 +50,8 @@ if [ "${SANITIZE:-0}" != 0 ]; then
 fi
 mkdir -p build
 # Debian's package ships a prebuilt, frozen system-library cache (/usr/share/emscripten/cache),
-# so nothing is compiled on first use; an emsdk install builds its cache once (minutes), into
-# EM_CACHE when set.
+# so nothing is compiled on first use (the first emcc run here took 3 s); an emsdk install
+# instead builds missing libraries into its cache (EM_CACHE) the first time they are needed.
 cmake -S . -B "$build" "${config[@]}" \
   -DCMAKE_TOOLCHAIN_FILE="$PWD/cmake/wasm-toolchain.cmake" > build/cmake-wasm.log 2>&1 ||
   { cat build/cmake-wasm.log; exit 1; }
