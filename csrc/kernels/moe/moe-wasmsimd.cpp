@@ -99,6 +99,7 @@ inline void gemv_rows(const void* w, int64_t K, int64_t r, const float* x, int64
 template <ValueType WT>
 void gemv_2x4(const void* w, int64_t K, int64_t r0, int64_t r1, const float* x, int64_t ldx,
               int64_t tokens, float* y, int64_t ldy) {
+  if (tokens == 0) return;  // nothing to write; y may be empty (null), no pointer math on it
   int64_t r = r0;
   if (tokens == 1) {
     for (; r + 4 <= r1; r += 4) gemv_1tok<WT, 4>(w, K, r, x, y + (r - r0));
@@ -152,6 +153,7 @@ inline void gemm_tile(const float* panel, int64_t kc, const float* x, int64_t ld
 template <ValueType WT>
 void gemm_4x8(const void* w, int64_t K, int64_t r0, int64_t r1, const float* x, int64_t ldx,
               int64_t tokens, float* y, int64_t ldy) {
+  if (tokens == 0) return;  // nothing to write; y may be empty (null), no pointer math on it
   if (K == 0) {
     for (int64_t n = 0; n < tokens; ++n)
       for (int64_t r = r0; r < r1; ++r) y[n * ldy + (r - r0)] = 0.f;
