@@ -2,6 +2,7 @@
 // top-k, permute / combine / scatter invariants, and rejection of bad inputs.
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <numeric>
 #include <string>
 #include <vector>
@@ -78,6 +79,36 @@ void check_silu_non_finite(const MoeRegistryEntry& e) {
                             std::fabs(a - b) <= 1e-6f * (1.f + std::fabs(b));
           SE_EXPECT(same, "%s n=%ld g[%ld]=%g: lane %ld gives %g, reference %g",
                     e.kernels->silu_name, (long)n, (long)at, special, (long)i, a, b);
+        }
+      }
+    }
+  }
+}
+
+// Gates at and past exp's overflow (std::exp(-g) = inf from g < -88.7228) times non-finite or
+// zero up-projections in the same lane: silu(g) must be the reference's -0 there (so 0 * inf is
+// NaN), a tiny finite value just before it (so tiny * inf is -inf). Exact NaN / inf / sign
+// agreement in every lane position.
+void check_silu_exp_overflow(const MoeRegistryEntry& e) {
+  const float gates[] = {-88.5f, -88.72283f, -88.72284f, -89.f, -100.f, -1e30f};
+  const float ups[] = {INFINITY, -INFINITY, 0.f, 1.f};
+  for (int64_t n : {5, 19}) {
+    for (int64_t at = 0; at < n; at += 3) {
+      for (float gate : gates) {
+        for (float up : ups) {
+          std::vector<float> g(static_cast<size_t>(n), -0.25f), u(g.size(), 3.f), h(g.size()),
+              ref(g.size());
+          g[static_cast<size_t>(at)] = gate;
+          u[static_cast<size_t>(at)] = up;
+          e.kernels->silu(g.data(), u.data(), n, h.data());
+          moe_activate<float>(MoeActivation::kSilu, g.data(), u.data(), n, ref.data());
+          const float a = h[static_cast<size_t>(at)], b = ref[static_cast<size_t>(at)];
+          const bool same = std::isnan(a) ? std::isnan(b)
+                            : std::isinf(b) ? a == b
+                            : !std::isnan(b) && std::signbit(a) == std::signbit(b) &&
+                                  std::fabs(a - b) <= 1e-6f * (1.f + std::fabs(b));
+          SE_EXPECT(same, "%s n=%ld lane %ld: silu(%g) * %g gives %g, reference %g",
+                    e.kernels->silu_name, (long)n, (long)at, gate, up, a, b);
         }
       }
     }
@@ -224,6 +255,11 @@ int main() {
   for (int i = 0; i < moe_registry_size(); ++i) {
     const MoeRegistryEntry& e = moe_registry_entry(i);
     if (!isa_supported(e.isa)) continue;
+    if (e.cpu_feature != nullptr && !cpu_has_feature(e.cpu_feature)) {
+      std::printf("test_moe: SKIPPED %s (this CPU lacks %s)\n", e.kernels->gemv_name,
+                  e.cpu_feature);
+      continue;
+    }
     sparse_ext_test::note_covered(isa_name(e.isa), e.kernels->gemv_name);
     sparse_ext_test::note_covered(isa_name(e.isa), e.kernels->silu_name);
     sparse_ext_test::note_covered(isa_name(e.isa), e.kernels->gemm_name);
@@ -245,9 +281,13 @@ int main() {
         check_gemv(e, gemm, s[0], s[1], s[2], /*pad=*/(shape_index++ % 3) != 0, rng);
     check_silu(e, rng);
     check_silu_non_finite(e);
+    check_silu_exp_overflow(e);
   }
 #if defined(__wasm_simd128__)
   sparse_ext_test::expect_covered("wasmsimd");
+#endif
+#if defined(__aarch64__) && defined(SPARSE_EXT_HAVE_NEON_KERNELS)
+  sparse_ext_test::expect_covered("neon");
 #endif
   check_route(rng);
   check_permute_combine(rng);

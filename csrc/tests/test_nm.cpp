@@ -243,7 +243,10 @@ void check_validation() {
 
 int main() {
   Rng rng(42);
-  const int64_t patterns[][2] = {{2, 4}, {1, 4}, {3, 4}, {2, 8}, {1, 8}, {5, 8}, {4, 16}, {1, 16}, {15, 16}};
+  // Every N:M family the NEON table-lookup GEMV serves (N:4, even N:8, 4|N:16) and some it leaves
+  // to the lane-insert GEMV (odd N:8, other N:16).
+  const int64_t patterns[][2] = {{2, 4}, {1, 4}, {3, 4}, {2, 8}, {4, 8}, {6, 8}, {1, 8}, {5, 8},
+                                 {4, 16}, {8, 16}, {12, 16}, {1, 16}, {15, 16}};
   // rows x cols x tokens: rows not a multiple of the kernels' row tiles (4) or of the driver's
   // 16-row one-panel chunks (37); cols not a multiple of M or 32; rows with fewer than 16 slots
   // (cols 3 and 33); several K-blocks with a partial last one (700).

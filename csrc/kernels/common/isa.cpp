@@ -8,6 +8,9 @@
 #if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)
 #include <cpuid.h>
 #endif
+#if defined(__aarch64__) && defined(__linux__)
+#include <sys/auxv.h>
+#endif
 
 namespace sparse_ext {
 namespace {
@@ -108,6 +111,10 @@ bool cpu_has_feature(const char* name) {
   if (n == "amx_tile") return tiles && (d0 >> 24 & 1);
   if (n == "amx_bf16") return tiles && (d0 >> 22 & 1);
   if (n == "amx_int8") return tiles && (d0 >> 25 & 1);
+#elif defined(__aarch64__) && defined(__linux__)
+  // FEAT_BF16 (BFDOT, BFMMLA, BFCVT): HWCAP2_BF16, bit 14 of AT_HWCAP2 (the kernel's ABI value,
+  // spelled out for libcs whose headers predate it).
+  if (std::strcmp(name, "bf16") == 0) return (getauxval(AT_HWCAP2) >> 14) & 1;
 #else
   (void)name;
 #endif

@@ -34,8 +34,9 @@ auto lookup_along_chain(Isa isa, Lookup lookup) -> decltype(lookup(isa)) {
   }
 }
 
-// Optional x86 extensions for kernels that need more than their tier: "avx512_bf16",
-// "avx512_fp16", "avx_vnni", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8". False elsewhere.
+// Optional extensions for kernels that need more than their tier: x86 "avx512_bf16",
+// "avx512_fp16", "avx_vnni", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8"; aarch64 Linux
+// "bf16" (FEAT_BF16). False for any other name or architecture.
 bool cpu_has_feature(const char* name);
 
 // Whether this build contains kernels for `isa` and the running CPU can execute them.

@@ -15,6 +15,7 @@
 
 #include "../common/bf16.h"
 #include "../common/value_type.h"  // for common/avx2-values.h (included under the pragma)
+#include "moe-exp.h"
 #include "moe.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -203,8 +204,10 @@ void gemv_3x4(const void* w, int64_t K, int64_t r0, int64_t r1, const float* x, 
 }
 
 // exp(x) for 8 lanes: Cephes range reduction x = n ln2 + r, degree-5 polynomial in r (~1 ulp),
-// 2^n through the exponent bits; inputs clamped to +-88.376 (no inf/NaN from the polynomial).
+// 2^n through the exponent bits; inputs clamped to +-88.376 (no inf/NaN from the polynomial), then
+// +inf where the reference's expf overflows (x > kExpfMaxArg).
 inline __m256 exp8(__m256 x) {
+  const __m256 overflow = _mm256_cmp_ps(x, _mm256_set1_ps(kExpfMaxArg), _CMP_GT_OQ);
   x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.3762626647949f)),
                     _mm256_set1_ps(88.3762626647949f));
   const __m256 fx = _mm256_floor_ps(
@@ -220,7 +223,8 @@ inline __m256 exp8(__m256 x) {
   y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
   const __m256i pow2 = _mm256_slli_epi32(
       _mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(pow2));
+  return _mm256_blendv_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(pow2)), _mm256_set1_ps(INFINITY),
+                          overflow);
 }
 
 // h[i] = silu(g[i]) * u[i] (or silu(g[i]) when u == null).  g, u, h float [n].
@@ -230,11 +234,9 @@ void swiglu_avx2(const float* g, const float* u, int64_t n, float* h) {
   for (; i + 8 <= n; i += 8) {
     const __m256 gv = _mm256_loadu_ps(g + i);
     const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+    // exp8 overflows where the reference's does, so silu(-inf) is -inf / inf = NaN and gates
+    // below -88.73 give -0, as in the reference and in torch.
     __m256 s = _mm256_div_ps(gv, _mm256_add_ps(one, e));
-    // silu(-inf) is -inf / inf = NaN in the reference and in torch; the clamped exp keeps the
-    // denominator finite, so those lanes are set to NaN.
-    s = _mm256_blendv_ps(s, _mm256_set1_ps(NAN),
-                         _mm256_cmp_ps(gv, _mm256_set1_ps(-INFINITY), _CMP_EQ_OQ));
     if (u != nullptr) s = _mm256_mul_ps(s, _mm256_loadu_ps(u + i));
     _mm256_storeu_ps(h + i, s);
   }

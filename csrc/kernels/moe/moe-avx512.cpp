@@ -13,6 +13,7 @@
 
 #include "../common/bf16.h"
 #include "../common/value_type.h"  // for common/avx512-values.h (included under the pragma)
+#include "moe-exp.h"
 #include "moe.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -266,8 +267,10 @@ void gemv(const void* w, int64_t K, int64_t r0, int64_t r1, const float* x, int6
 }
 
 // exp(x) for 16 lanes: the AVX2 file's Cephes reduction and polynomial (~1 ulp), with 2^n applied
-// by vscalefps; inputs clamped to +-88.376 as there.
+// by vscalefps; inputs clamped to +-88.376 as there, then +inf where the reference's expf
+// overflows (x > kExpfMaxArg).
 inline __m512 exp16(__m512 x) {
+  const __mmask16 overflow = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kExpfMaxArg), _CMP_GT_OQ);
   x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-88.3762626647949f)),
                     _mm512_set1_ps(88.3762626647949f));
   const __m512 fx = _mm512_roundscale_ps(
@@ -282,7 +285,7 @@ inline __m512 exp16(__m512 x) {
   y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
   y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
   y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(y, fx);
+  return _mm512_mask_mov_ps(_mm512_scalef_ps(y, fx), overflow, _mm512_set1_ps(INFINITY));
 }
 
 // h[i] = silu(g[i]) * u[i] (or silu(g[i]) when u == null).  g, u, h float [n]; the last block is
@@ -293,11 +296,9 @@ void swiglu_avx512(const float* g, const float* u, int64_t n, float* h) {
     const __mmask16 mask = first_lanes(std::min<int64_t>(16, n - i));
     const __m512 gv = _mm512_maskz_loadu_ps(mask, g + i);
     const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+    // exp16 overflows where the reference's does, so silu(-inf) is -inf / inf = NaN and gates
+    // below -88.73 give -0, as in the reference and in torch.
     __m512 s = _mm512_div_ps(gv, _mm512_add_ps(one, e));
-    // The clamped exp keeps 1 + e finite, so silu(-inf) would come out -inf where the reference
-    // (and torch) computes -inf / inf = NaN: those lanes are set to NaN.
-    s = _mm512_mask_mov_ps(s, _mm512_cmp_ps_mask(gv, _mm512_set1_ps(-INFINITY), _CMP_EQ_OQ),
-                           _mm512_set1_ps(NAN));
     if (u != nullptr) s = _mm512_mul_ps(s, _mm512_maskz_loadu_ps(mask, u + i));
     _mm512_mask_storeu_ps(h + i, mask, s);
   }

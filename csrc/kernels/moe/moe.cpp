@@ -324,7 +324,10 @@ template void moe_activate_backward<double>(MoeActivation, const double*, const 
                                             const double*, int64_t, double*, double*);
 
 // ---- Registry ----------------------------------------------------------------------------------
-const MoeUkernels* moe_ukernels(Isa isa, ValueType wt) {
+namespace {
+
+// A tier's baseline table (no optional CPU feature).
+const MoeUkernels* tier_ukernels(Isa isa, ValueType wt) {
   // Expert weights are stored as f32 or bf16 only; the per-ISA tables know no other type.
   if (wt != ValueType::kF32 && wt != ValueType::kBF16) return nullptr;
   switch (isa) {
@@ -332,8 +335,17 @@ const MoeUkernels* moe_ukernels(Isa isa, ValueType wt) {
     case Isa::kAvx2: return moe_ukernels_avx2(wt);
     case Isa::kAvx512: return moe_ukernels_avx512(wt);
     case Isa::kWasmSimd: return moe_ukernels_wasmsimd(wt);
+    case Isa::kNeon: return moe_ukernels_neon(wt);
     default: return nullptr;
   }
+}
+
+}  // namespace
+
+const MoeUkernels* moe_ukernels(Isa isa, ValueType wt) {
+  if (isa == Isa::kNeon && cpu_has_feature("bf16"))
+    if (const MoeUkernels* k = moe_ukernels_neon_bf16(wt)) return k;
+  return tier_ukernels(isa, wt);
 }
 
 namespace {
@@ -341,7 +353,10 @@ namespace {
 const UkernelRegistry<MoeRegistryEntry>& registry() {
   static const UkernelRegistry<MoeRegistryEntry> entries([](auto add) {
     for (Isa isa : kAllIsas)
-      for (ValueType wt : {ValueType::kF32, ValueType::kBF16}) add({isa, wt, moe_ukernels(isa, wt)});
+      for (ValueType wt : {ValueType::kF32, ValueType::kBF16}) {
+        add({isa, wt, tier_ukernels(isa, wt), nullptr});
+        if (isa == Isa::kNeon) add({isa, wt, moe_ukernels_neon_bf16(wt), "bf16"});
+      }
   });
   return entries;
 }

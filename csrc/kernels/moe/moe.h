@@ -137,12 +137,18 @@ struct MoeUkernels {
 };
 
 // The ukernels for an ISA and weight type (kF32 or kBF16), or nullptr when the ISA is not compiled
-// in or the type is kF64.
+// in or the type is kF64. Where a tier has a variant for an optional CPU feature (neon: "bf16")
+// and the running CPU has it, that variant.
 const MoeUkernels* moe_ukernels(Isa isa, ValueType wt);
 const MoeUkernels* moe_ukernels_scalar(ValueType wt);
 const MoeUkernels* moe_ukernels_avx2(ValueType wt);
 const MoeUkernels* moe_ukernels_avx512(ValueType wt);
 const MoeUkernels* moe_ukernels_wasmsimd(ValueType wt);  // nullptr stub without SIMD128
+// Plain ASIMD (every aarch64 CPU); nullptr off aarch64.
+const MoeUkernels* moe_ukernels_neon(ValueType wt);
+// FEAT_BF16 (BFMMLA) variant of the neon tier, kBF16 weights only (nullptr for kF32 and off
+// aarch64); call it only where cpu_has_feature("bf16").
+const MoeUkernels* moe_ukernels_neon_bf16(ValueType wt);
 // The AVX2 GEMM entries (moe-gemm-avx2.cpp, x86-64 builds only), MoeGemvUkernel contract.
 void moe_gemm_f32_6x16_avx2(const void* w, int64_t K, int64_t r0, int64_t r1, const float* x,
                             int64_t ldx, int64_t tokens, float* y, int64_t ldy);
@@ -154,10 +160,23 @@ void moe_gemm_f32_8x48_avx512(const void* w, int64_t K, int64_t r0, int64_t r1, 
 void moe_gemm_bf16_8x48_avx512(const void* w, int64_t K, int64_t r0, int64_t r1, const float* x,
                                int64_t ldx, int64_t tokens, float* y, int64_t ldy);
 
+// The NEON entries (moe-neon.cpp, moe-gemm-neon.cpp; aarch64 builds only), MoeGemvUkernel and
+// MoeSiluUkernel contracts; the FEAT_BF16 variant (moe-neon-bf16.cpp) reuses the first two.
+void moe_gemv_bf16_4x4_neon(const void* w, int64_t K, int64_t r0, int64_t r1, const float* x,
+                            int64_t ldx, int64_t tokens, float* y, int64_t ldy);
+void moe_swiglu_neon(const float* g, const float* u, int64_t n, float* h);
+void moe_gemm_f32_8x12_neon(const void* w, int64_t K, int64_t r0, int64_t r1, const float* x,
+                            int64_t ldx, int64_t tokens, float* y, int64_t ldy);
+void moe_gemm_bf16_8x12_neon(const void* w, int64_t K, int64_t r0, int64_t r1, const float* x,
+                             int64_t ldx, int64_t tokens, float* y, int64_t ldy);
+
 struct MoeRegistryEntry {
   Isa isa;
   ValueType weight_type;
   const MoeUkernels* kernels;
+  // Optional CPU feature the kernels need beyond the tier (cpu_has_feature name, e.g. "bf16"), or
+  // nullptr. Tests skip, and say so, an entry whose feature the CPU lacks.
+  const char* cpu_feature;
 };
 int moe_registry_size();
 const MoeRegistryEntry& moe_registry_entry(int i);
