@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "../common/bf16.h"
+#include "moe-exp.h"
 #include "moe.h"
 
 #if defined(__wasm_simd128__)
@@ -187,8 +188,10 @@ void gemm_4x8(const void* w, int64_t K, int64_t r0, int64_t r1, const float* x, 
 // ---- SwiGLU -------------------------------------------------------------------------------------
 // exp(x) for 4 lanes: Cephes range reduction x = n ln2 + r (ln2 split in two so n * hi is exact
 // without FMA), degree-5 polynomial in r (~1 ulp), 2^n through the exponent bits; inputs clamped
-// to +-88.376 (no inf from the polynomial; NaN stays NaN through f32x4.min / max).
+// to +-88.376 (no inf from the polynomial; NaN stays NaN through f32x4.min / max), then +inf where
+// the reference's expf overflows (x > kExpfMaxArg).
 inline v128_t exp4(v128_t x) {
+  const v128_t overflow = wasm_f32x4_gt(x, wasm_f32x4_splat(kExpfMaxArg));
   x = wasm_f32x4_min(wasm_f32x4_max(x, wasm_f32x4_splat(-88.3762626647949f)),
                      wasm_f32x4_splat(88.3762626647949f));
   const v128_t fx = wasm_f32x4_floor(
@@ -204,20 +207,18 @@ inline v128_t exp4(v128_t x) {
   p = muladd(wasm_f32x4_add(x, wasm_f32x4_splat(1.f)), p, wasm_f32x4_mul(x, x));
   const v128_t pow2 =
       wasm_i32x4_shl(wasm_i32x4_add(wasm_i32x4_trunc_sat_f32x4(fx), wasm_i32x4_splat(127)), 23);
-  return wasm_f32x4_mul(p, pow2);
+  return wasm_v128_bitselect(wasm_f32x4_splat(INFINITY), wasm_f32x4_mul(p, pow2), overflow);
 }
 
 // h[i] = silu(g[i]) * u[i] (or silu(g[i]) when u == null).  g, u, h float [n].
 void swiglu(const float* g, const float* u, int64_t n, float* h) {
-  const v128_t one = wasm_f32x4_splat(1.f), nan = wasm_f32x4_splat(NAN);
-  const v128_t minus_inf = wasm_f32x4_splat(-INFINITY);
+  const v128_t one = wasm_f32x4_splat(1.f);
   int64_t i = 0;
   for (; i + 4 <= n; i += 4) {
     const v128_t gv = wasm_v128_load(g + i);
+    // exp4 overflows where the reference's does, so silu(-inf) is -inf / inf = NaN and gates
+    // below -88.73 give -0, as in the reference and in torch.
     v128_t s = wasm_f32x4_div(gv, wasm_f32x4_add(one, exp4(wasm_f32x4_neg(gv))));
-    // silu(-inf) is -inf / inf = NaN in the reference and in torch; the clamped exp keeps the
-    // denominator finite, so those lanes are set to NaN.
-    s = wasm_v128_bitselect(nan, s, wasm_f32x4_eq(gv, minus_inf));
     if (u != nullptr) s = wasm_f32x4_mul(s, wasm_v128_load(u + i));
     wasm_v128_store(h + i, s);
   }
