@@ -397,3 +397,29 @@ def _check_streaming_outputs():
         bias = torch.randn(16)
         torch.testing.assert_close(ops.sparse_conv2d(x, csr, bias, activation="relu").double(),
                                    reference(x, dense, bias, 1, 0, 1, "relu"), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("k,p,d,R,hw", [(3, 1, 1, 1, (9, 11)), (3, 0, 1, 2, (8, 8)),
+                                        (5, 2, 1, 4, (7, 13)), (3, 2, 2, 8, (12, 9)),
+                                        (2, 1, 1, 1, (6, 7)), (3, 1, 1, 1, (1, 1)),
+                                        (3, 3, 1, 1, (6, 6))])
+def test_stride1_input_gradient_through_the_forward_kernels(isa, k, p, d, R, hw):
+    """fp32 input gradients of stride-1 convs run as a forward conv of grad_out with the flipped,
+    transposed weight (the tier's kxk ukernels); padding past the dilated kernel's reach (the
+    last case) keeps the reference loop. Both must equal the float64 reference."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 24, k, padding=p, dilation=d)
+    pattern = "unstructured" if R == 1 else f"{R}x1"
+    w = sparse_ext.SparseConv2d.from_dense(conv, sparsity=0.7, pattern=pattern).weight_format()
+    with torch.no_grad():
+        w.values[0] = float("inf")  # must not meet a pixel outside the image
+    out = [(hw[i] + 2 * p - d * (k - 1)) for i in range(2)]
+    g = torch.randn(2, 24, *out)
+    args = (24, 16, list(hw), [k, k], [1, 1], [p, p], [d, d], R)
+    got = torch.ops.sparse_ext.sparse_conv2d_grad_input(g, w.offsets, w.indices, w.values, *args)
+    ref = torch.ops.sparse_ext.sparse_conv2d_grad_input(g.double(), w.offsets, w.indices,
+                                                         w.values.double(), *args)
+    assert got.dtype == torch.float32 and got.shape == ref.shape
+    assert torch.equal(torch.isfinite(got), torch.isfinite(ref))
+    finite = torch.isfinite(ref)
+    torch.testing.assert_close(got.double()[finite], ref[finite], rtol=1e-5, atol=1e-5)

@@ -202,6 +202,28 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& offsets,
   return y.to(x.scalar_type());
 }
 
+// dx of a stride-1 conv as the forward conv of dy with the flipped, transposed weight
+// (conv_flip_transpose), so the tier's vector kxk ukernels and threading serve the backward;
+// undefined when the geometry does not allow it (a padding beyond the dilated kernel's reach).
+// dy float [B, C_out, out_h, out_w] contiguous, v float [nnz * R].
+at::Tensor grad_input_as_forward_conv(const SpmmWeight& w, const ConvShape& s,
+                                      const at::Tensor& offsets, const at::Tensor& indices,
+                                      const at::Tensor& dy, const at::Tensor& v) {
+  const int64_t pad_h = s.dil_h * (s.kernel_h - 1) - s.pad_h;
+  const int64_t pad_w = s.dil_w * (s.kernel_w - 1) - s.pad_w;
+  if (s.stride_h != 1 || s.stride_w != 1 || pad_h < 0 || pad_w < 0) return at::Tensor();
+  const int64_t kb_t = (w.rows * s.kernel_h * s.kernel_w + kSpmmKBlock - 1) / kSpmmKBlock;
+  at::Tensor offsets_t = at::empty({s.in_channels * kb_t + 1}, offsets.options());
+  at::Tensor indices_t = at::empty({w.nnz * w.block_rows}, indices.options());
+  at::Tensor perm = at::empty({w.nnz * w.block_rows}, offsets.options().dtype(at::kLong));
+  conv_flip_transpose(w, s, offsets_t.data_ptr<int32_t>(), indices_t.data_ptr<uint8_t>(),
+                      perm.data_ptr<int64_t>());
+  const double inf = std::numeric_limits<double>::infinity();
+  return sparse_conv2d_cpu(dy, offsets_t, indices_t, v.reshape(-1).index_select(0, perm),
+                           c10::nullopt, s.in_channels, w.rows, {s.kernel_h, s.kernel_w}, {1, 1},
+                           {pad_h, pad_w}, {s.dil_h, s.dil_w}, 1, -inf, inf);
+}
+
 at::Tensor sparse_conv2d_grad_input_cpu(const at::Tensor& grad_out, const at::Tensor& offsets,
                                         const at::Tensor& indices, const at::Tensor& values,
                                         int64_t out_channels, int64_t in_channels, at::IntArrayRef input_size,
@@ -223,6 +245,10 @@ at::Tensor sparse_conv2d_grad_input_cpu(const at::Tensor& grad_out, const at::Te
   const at::Tensor dy = grad_out.to(ct).contiguous();
   const at::Tensor v = values.to(ct).contiguous();
   w.values = v.data_ptr();
+  if (!f64 && B > 0 && in_channels > 0) {
+    const at::Tensor dx = grad_input_as_forward_conv(w, s, offsets, indices, dy, v);
+    if (dx.defined()) return dx.to(grad_out.scalar_type());
+  }
   at::Tensor dx = at::zeros({B, in_channels, s.in_h, s.in_w}, dy.options());
   const int64_t P = s.out_h * s.out_w, Q = s.in_h * s.in_w;
   if (B == 0 || in_channels == 0) return dx.to(grad_out.scalar_type());

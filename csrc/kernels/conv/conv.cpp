@@ -153,6 +153,32 @@ void conv_grad_input_ref(const SpmmWeight& w, const ConvShape& s, const T* dy, i
   });
 }
 
+void conv_flip_transpose(const SpmmWeight& w, const ConvShape& s, int32_t* offsets_t,
+                         uint8_t* indices_t, int64_t* perm) {
+  const int64_t R = w.block_rows, KK = s.kernel_h * s.kernel_w;
+  const int64_t cols_t = w.rows * KK, KB_t = (cols_t + kSpmmKBlock - 1) / kSpmmKBlock;
+  struct Entry {
+    int64_t row, col, source;
+  };
+  std::vector<Entry> entries;
+  entries.reserve(static_cast<size_t>(w.nnz * R));
+  for_entries(w, 0, w.groups(), [&](int64_t g, int64_t j, int64_t col) {
+    const int64_t ci = col / KK, flipped = KK - 1 - col % KK;  // (KH-1-kh) * KW + (KW-1-kw)
+    for (int64_t r = 0; r < R; ++r)
+      entries.push_back({ci, (g * R + r) * KK + flipped, j * R + r});
+  });
+  std::sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) {
+    return a.row != b.row ? a.row < b.row : a.col < b.col;
+  });
+  std::fill(offsets_t, offsets_t + s.in_channels * KB_t + 1, 0);
+  for (const Entry& e : entries) ++offsets_t[e.row * KB_t + e.col / kSpmmKBlock + 1];
+  for (int64_t i = 0; i < s.in_channels * KB_t; ++i) offsets_t[i + 1] += offsets_t[i];
+  for (size_t e = 0; e < entries.size(); ++e) {
+    indices_t[e] = static_cast<uint8_t>(entries[e].col % kSpmmKBlock);
+    perm[e] = entries[e].source;
+  }
+}
+
 template <typename T>
 void conv_grad_values_ref(const SpmmWeight& w, const ConvShape& s, const T* dy, const T* x,
                           int64_t g0, int64_t g1, T* dv) {

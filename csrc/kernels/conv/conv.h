@@ -116,6 +116,16 @@ void conv_build_taps(const SpmmWeight& w, const ConvShape& s, ConvTap* taps);
 // column lies past the image).
 void conv_phase_split(const float* x, const ConvShape& s, float* xq);
 
+// The input gradient of a stride-1 conv is itself a forward conv of dy (C_out channels) with the
+// weight W' [C_in, C_out * KH * KW], W'[ci, (co, kh, kw)] = W[co, ci, KH-1-kh, KW-1-kw], block rows
+// 1, the same dilation and padding d * (K - 1) - p; this builds W''s structure so the vector kxk
+// ukernels serve the backward too.
+//   offsets_t int32 [C_in * KB' + 1], KB' = ceil(C_out * KH * KW / 256)
+//   indices_t uint8 [w.nnz * R]   perm int64 [w.nnz * R]: W''s value e is w.values[perm[e]]
+// Columns ascend within every row.
+void conv_flip_transpose(const SpmmWeight& w, const ConvShape& s, int32_t* offsets_t,
+                         uint8_t* indices_t, int64_t* perm);
+
 // ---- Scalar references over the ORIGINAL geometry (no phases), any value type T in {float,
 // double}; used for float64 (gradcheck), the backward ops and as the tests' ground truth. ----
 //   x  T [C_in, in_h, in_w], y T [C_out, out_h, out_w]; groups [g0, g1).
