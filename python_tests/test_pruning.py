@@ -254,6 +254,34 @@ def test_sparsify_calibration_hf_bert_dict_inputs():
     assert cos > 0.8
 
 
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_sparsify_calibration_hf_mixtral_dict_inputs(method):
+    """A tiny randomly initialised Mixtral: dict batches through the calibrated methods under
+    no_grad, the MoE blocks swapped (and the attention and head linears pruned)."""
+    transformers = pytest.importorskip("transformers")
+    import sparse_ext
+
+    cfg = transformers.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                                     num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, num_local_experts=4,
+                                     num_experts_per_tok=2)
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(cfg).eval()
+    batches = [{"input_ids": torch.randint(0, 64, (2, 10)),
+                "attention_mask": torch.ones(2, 10, dtype=torch.long)} for _ in range(3)]
+    with torch.no_grad():
+        ref = model(**batches[0]).logits
+        _, report = sparse_ext.sparsify(model, sparsity=0.5, method=method, calibration=batches,
+                                        moe=True, min_features=0)
+        out = model(**batches[0]).logits
+    assert [r.status for r in report.moe_blocks] == ["moe", "moe"]
+    assert len(report.sparsified) == 9  # 4 attention projections x 2 layers + lm_head
+    assert all(r.error is not None for r in report.sparsified)
+    assert torch.isfinite(out).all()
+    cos = torch.nn.functional.cosine_similarity(out.flatten(1), ref.flatten(1)).mean()
+    assert cos > 0.5
+
+
 def test_sparsify_calibration_argument_errors():
     import sparse_ext
 
